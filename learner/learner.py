@@ -1,0 +1,193 @@
+"""The Learner actor: transformers + PEFT LoRA inside a DeepSpeed engine.
+
+It trains the adapter with the importance-corrected policy gradient (learner/loss.py) and,
+after each optimiser step, ships the adapter's tensors to every sampler as one versioned,
+authenticated message (rollout/channel.py), returning once all of them acknowledged.
+DeepSpeed runs with the gloo backend on CPU (NCCL on GPU); the optimiser is torch's AdamW
+handed to DeepSpeed, which avoids compiling DeepSpeed's own CPU Adam op.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from learner.loss import denominator, policy_gradient_loss
+from rollout.channel import AdapterSender, encode
+
+log = logging.getLogger(__name__)
+
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sequence_logprobs(model, seqs: list[dict], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each completion under `model`, at the sampling temperature.
+
+    seqs: [{"prompt_ids": [...], "tokens": [...]}]. Returns (logprobs_B_T, mask_B_T) over the
+    completion tokens, right-padded. Dividing logits by the temperature matches vLLM's
+    processed log-probs, which are taken after temperature.
+    """
+    ids = [s["prompt_ids"] + s["tokens"] for s in seqs]
+    width = max(len(i) for i in ids)
+    input_ids = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+    attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    logits = model(input_ids=input_ids, attention_mask=attention).logits.float() / temperature
+    logp_all = torch.log_softmax(logits[:, :-1], dim=-1)
+    logp_all = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # logp of token t+1 given :t+1
+    T = max(len(s["tokens"]) for s in seqs)
+    mask = torch.zeros(len(seqs), T)
+    rows = []
+    for b, s in enumerate(seqs):
+        start, n = len(s["prompt_ids"]) - 1, len(s["tokens"])
+        rows.append(torch.nn.functional.pad(logp_all[b, start:start + n], (0, T - n)))
+        mask[b, :n] = 1
+    return torch.stack(rows), mask
+
+
+class Learner:
+    def __init__(self, model_path: str, cfg: dict, secret: bytes, seed: int):
+        """cfg: the resolved config as a dict (plain values cross the Ray boundary);
+        secret: the run's adapter-channel key, handed out by the driver through Ray."""
+        import deepspeed
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.model_path, self.secret = cfg, model_path, secret
+        torch.manual_seed(seed)
+        dtype = getattr(torch, cfg["model"]["dtype"])
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        lora = cfg["lora"]
+        self.peft_config = LoraConfig(
+            r=lora["rank"], lora_alpha=lora["alpha"], target_modules=list(lora["target_modules"]),
+            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, self.peft_config)
+        # One process group per learner; the rendezvous address is this node's (world size 1 here).
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        lcfg, rcfg = cfg["learner"], cfg["rollout"]
+        self.micro = lcfg["micro_batch_size"]
+        batch = rcfg["prompts_per_step"] * rcfg["group_size"]
+        self.gas = -(-batch // self.micro)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lcfg["lr"], weight_decay=lcfg["weight_decay"])
+        ds_config = {
+            "train_micro_batch_size_per_gpu": self.micro,
+            "gradient_accumulation_steps": self.gas,
+            "gradient_clipping": lcfg["grad_clip"],
+            "zero_optimization": {"stage": lcfg["zero_stage"]},
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "steps_per_print": 10**9,
+        }
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.sender = AdapterSender()
+        self.version = 0
+        self.step = 0
+
+    # -- the adapter ------------------------------------------------------------------
+    def _adapter_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.engine.module)
+        return sorted((k, v.detach().contiguous().cpu()) for k, v in state.items())
+
+    def manifest(self) -> dict:
+        """Tensor name -> [safetensors dtype, shape]: what samplers check messages against."""
+        return {k: [ST_DTYPES[v.dtype], list(v.shape)] for k, v in self._adapter_tensors()}
+
+    def peft_config_dict(self) -> dict:
+        d = self.peft_config.to_dict()
+        return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
+
+    def connect(self, endpoints: list[str]):
+        self.sender.connect(endpoints)
+
+    def publish(self) -> dict:
+        """Send the current adapter as version `self.version` to every sampler; wait for all acks."""
+        start = time.perf_counter()
+        tensors = [(k, ST_DTYPES[v.dtype], tuple(v.shape), v.view(torch.uint8).numpy().tobytes())
+                   for k, v in self._adapter_tensors()]
+        frames = encode(self.version, self.step, tensors, self.peft_config_dict(), self.secret)
+        metrics = self.sender.publish(frames, self.version, self.cfg["sync"]["ack_timeout_s"])
+        metrics["sync/latency_ms"] = 1e3 * (time.perf_counter() - start)  # serialise included
+        metrics["sync/version"] = self.version
+        return metrics
+
+    # -- training ---------------------------------------------------------------------
+    def logprobs(self, seqs: list[dict]) -> list[list[float]]:
+        """Per-token completion log-probs under the current adapter (no grad)."""
+        self.engine.eval()
+        with torch.no_grad():
+            lp, mask = sequence_logprobs(self.engine.module, seqs, self.cfg["rollout"]["temperature"])
+        return [row[: int(m.sum())].tolist() for row, m in zip(lp, mask)]
+
+    def train_step(self, seqs: list[dict]) -> dict:
+        """One optimiser step over all completions: [{"prompt_ids", "tokens", "sampler_logprobs", "advantage"}]."""
+        start = time.perf_counter()
+        self.engine.train()
+        lcfg, temperature = self.cfg["loss"], self.cfg["rollout"]["temperature"]
+        num_tokens = sum(len(s["tokens"]) for s in seqs)
+        denom = denominator(lcfg["normalizer"], len(seqs), num_tokens)
+        totals = {"ratio_sum": 0.0, "ratio_max": 0.0, "limited": 0.0, "tokens": 0.0, "loss": 0.0}
+        chunks = [seqs[i:i + self.micro] for i in range(0, len(seqs), self.micro)]
+        if len(chunks) != self.gas:
+            raise ValueError(f"expected {self.gas} micro-batches of {self.micro}, got {len(chunks)}")
+        grad_norm = None
+        for i, chunk in enumerate(chunks):
+            lp, mask = sequence_logprobs(self.engine.module, chunk, temperature)
+            T = lp.shape[1]
+            old = torch.tensor([s["sampler_logprobs"] + [0.0] * (T - len(s["sampler_logprobs"])) for s in chunk])
+            adv = torch.tensor([s["advantage"] for s in chunk])
+            loss, stats = policy_gradient_loss(lp, old, adv, mask, denom, lcfg["ratio_cap"], lcfg["clip_eps"])
+            # The loss is already normalised over the whole step: no extra 1/GAS scaling.
+            self.engine.backward(loss, scale_wrt_gas=False)
+            if i == len(chunks) - 1:
+                grad_norm = self._grad_norm()
+            self.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
+            totals["loss"] += loss.item()
+            totals["ratio_max"] = max(totals["ratio_max"], stats["ratio_max"].item())
+            for k in ("ratio_sum", "limited", "tokens"):
+                totals[k] += stats[k].item()
+        self.step += 1
+        self.version += 1
+        elapsed = time.perf_counter() - start
+        if grad_norm is None:  # ZeRO 1/2 keep gradients in their own partitions
+            grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "learner/loss": totals["loss"],
+            "learner/ratio_mean": totals["ratio_sum"] / max(totals["tokens"], 1),
+            "learner/ratio_max": totals["ratio_max"],
+            "learner/truncated_frac": totals["limited"] / max(totals["tokens"], 1),
+            "learner/grad_norm": None if grad_norm is None else float(grad_norm),  # before clipping
+            "learner/tokens_per_s": totals["tokens"] / elapsed,
+            "time/learn": elapsed,
+        }
+
+    def _grad_norm(self) -> float | None:
+        grads = [p.grad for p in self.engine.module.parameters() if p.requires_grad and p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
+
+    def adapter_files(self) -> dict[str, bytes]:
+        """The adapter in PEFT layout (file name -> bytes), loadable by PeftModel and vLLM."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.module.save_pretrained(tmp)
+            return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+    def close(self):
+        self.sender.close()

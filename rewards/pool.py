@@ -1,0 +1,295 @@
+"""A process pool that scores (completion, answer) pairs with a hard deadline per item.
+
+Why a pool of our own: math-verify's timeouts use `signal.alarm`, which raises when called
+off the main thread (threaded or async Ray actors) and cannot interrupt C-level work (a 2 s
+timeout still running after 25 s was reproduced). Here the reward function runs in spawned
+worker processes; the caller only waits on pipes, so `score` is safe from any thread and
+uses no signals. A worker that misses its deadline is killed and replaced.
+
+Accounting, per batch: a timeout scores 0.0 and counts in `reward/timeout_frac`; an
+exception in the function, or a worker that dies (segfault, `os._exit`), scores 0.0 and
+counts in `reward/error_frac`; the first error of each batch is logged with its traceback.
+Nothing is dropped silently.
+
+Invariants: each worker holds at most one task; each task carries its item index and the
+worker echoes it, so a result is never attributed to another item; a deadline starts when
+the item is sent to a worker that has finished starting up, so a slow spawn never eats an
+item's time.
+
+Spawn start-up cost: a spawned child imports the fn's module, and also re-imports the
+parent's `__main__` script when the parent was started as `python some_script.py` (not with
+`-m`). Keep a driver script's heavy imports inside functions, or accept a slower start.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from threading import Lock
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RewardPool"]
+
+# A worker must import the fn's module and answer "ready" within this many seconds; one that
+# does not is a broken environment, not a slow item, so `score` raises.
+_STARTUP_TIMEOUT_S = 120.0
+# After terminate (SIGTERM), how long to wait before SIGKILL.
+_TERMINATE_GRACE_S = 0.5
+
+
+def _resolve(spec: str) -> Callable[[str, str], float]:
+    """Import "package.module:function" and return the function."""
+    module_name, _, attr = _check_spec(spec)
+    fn = getattr(importlib.import_module(module_name), attr)
+    if not callable(fn):
+        raise TypeError(f"reward fn spec {spec!r} names a non-callable {type(fn).__name__}")
+    return fn
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, spec: str) -> None:
+    """Worker loop: receive `(index, completion, answer)`, send `(index, ok, value)`.
+
+    `value` is the score when ok, else the formatted traceback. `None` asks the worker to exit.
+    """
+    # Scoring is single-threaded; do not let a numeric library start a thread per core.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    # Ctrl-C goes to the whole process group; the parent decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        fn = _resolve(spec)
+    except BaseException:
+        conn.send(("init_error", traceback.format_exc()))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        index, completion, answer = task
+        try:
+            value = float(fn(completion, answer))
+            if not math.isfinite(value):
+                raise ValueError(f"reward fn returned non-finite score {value}")
+        except Exception:
+            conn.send((index, False, traceback.format_exc()))
+        else:
+            conn.send((index, True, value))
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+    ready: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+    # (item index, deadline) of the task in flight; None when idle.
+    task: tuple[int, float] | None = None
+
+
+class RewardPool:
+    """Score `(completion, answer)` pairs with `fn` in spawned processes, a deadline per item.
+
+    `fn` is an import spec "package.module:function", resolved inside the workers; the
+    function takes `(completion, answer)` and returns a float. `timeout_s` is the wall-clock
+    limit per item, counted from when the item reaches an idle worker. Workers start at
+    construction. `score` may be called from any thread; calls are serialised.
+    """
+
+    def __init__(self, fn: str, num_workers: int = 2, timeout_s: float = 5.0):
+        _check_spec(fn)
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.fn = fn
+        self.num_workers = num_workers
+        self.timeout_s = float(timeout_s)
+        self._ctx = multiprocessing.get_context("spawn")
+        self._lock = Lock()
+        self._closed = False
+        self._workers = [self._start_worker() for _ in range(num_workers)]
+
+    def __enter__(self) -> RewardPool:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def score(self, items: list[tuple[str, str]]) -> tuple[list[float], dict[str, float]]:
+        """Scores of `items` in order, and `{"reward/timeout_frac", "reward/error_frac"}`."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("RewardPool.score called after close()")
+            try:
+                return self._score(list(items))
+            except BaseException:
+                # A task still in flight would answer into the next batch: drop its worker.
+                for slot, w in enumerate(self._workers):
+                    if w.task:
+                        self._replace(slot)
+                raise
+
+    def close(self) -> None:
+        """Stop all workers; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for w in self._workers:
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + 1.0
+            for w in self._workers:
+                w.process.join(max(0.0, deadline - time.monotonic()))
+                self._stop(w)
+            self._workers = []
+
+    # -- internals; called with self._lock held ------------------------------------------
+
+    def _score(self, items: list[tuple[str, str]]) -> tuple[list[float], dict[str, float]]:
+        n = len(items)
+        scores = [0.0] * n
+        done = [False] * n
+        pending = deque(range(n))
+        timeouts: list[int] = []
+        errors: list[tuple[int, str]] = []
+
+        def finish(index: int, ok: bool, value) -> None:
+            # A result for an item that is already settled would be a bookkeeping bug.
+            assert not done[index], f"item {index} settled twice"
+            done[index] = True
+            if ok:
+                scores[index] = value
+            else:
+                errors.append((index, value))
+
+        while pending or any(w.task for w in self._workers):
+            for slot, w in enumerate(self._workers):
+                if pending and w.ready and w.task is None:
+                    index = pending.popleft()
+                    completion, answer = items[index]
+                    try:
+                        w.conn.send((index, completion, answer))
+                    except OSError:
+                        # Died while idle: the item never ran, so it goes back to the queue.
+                        pending.appendleft(index)
+                        self._replace(slot)
+                        continue
+                    w.task = (index, time.monotonic() + self.timeout_s)
+
+            now = time.monotonic()
+            wake = [w.task[1] for w in self._workers if w.task]
+            wake += [w.started_at + _STARTUP_TIMEOUT_S for w in self._workers if not w.ready]
+            readable = multiprocessing.connection.wait(
+                [w.conn for w in self._workers if w.task or not w.ready],
+                timeout=max(0.0, min(wake) - now) if wake else None,
+            )
+            for slot, w in enumerate(self._workers):
+                if w.conn in readable:
+                    self._receive(slot, finish)
+
+            now = time.monotonic()
+            for slot, w in enumerate(self._workers):
+                if w.task and now >= w.task[1]:
+                    index = w.task[0]
+                    done[index] = True
+                    timeouts.append(index)
+                    self._replace(slot)
+                elif not w.ready and now >= w.started_at + _STARTUP_TIMEOUT_S:
+                    raise RuntimeError(
+                        f"reward worker for {self.fn!r} did not start within {_STARTUP_TIMEOUT_S} s"
+                    )
+
+        assert all(done), "every item is settled exactly once"
+        self._log_batch(n, timeouts, errors)
+        return scores, {
+            "reward/timeout_frac": len(timeouts) / n if n else 0.0,
+            "reward/error_frac": len(errors) / n if n else 0.0,
+        }
+
+    def _receive(self, slot: int, finish: Callable[[int, bool, object], None]) -> None:
+        """Handle one readable worker: its start-up message, its result, or its death."""
+        w = self._workers[slot]
+        try:
+            message = w.conn.recv()
+        except (EOFError, OSError):
+            w.process.join(_TERMINATE_GRACE_S)  # EOF can arrive just before the exit is reaped
+            code = w.process.exitcode
+            if w.task:
+                finish(w.task[0], False, f"reward worker died (exit code {code}) scoring this item")
+            elif not w.ready:
+                raise RuntimeError(f"reward worker for {self.fn!r} died on start-up (exit code {code})")
+            self._replace(slot)
+            return
+        if not w.ready:
+            status, detail = message
+            if status != "ready":
+                raise RuntimeError(f"reward worker cannot load {self.fn!r}:\n{detail}")
+            w.ready = True
+            return
+        index, ok, value = message
+        assert w.task and w.task[0] == index, f"worker answered item {index}, expected {w.task}"
+        w.task = None
+        finish(index, ok, value)
+
+    def _log_batch(self, n: int, timeouts: list[int], errors: list[tuple[int, str]]) -> None:
+        if timeouts:
+            logger.warning(
+                "reward fn %s: %d/%d items timed out after %.1f s (scored 0.0); items %s",
+                self.fn, len(timeouts), n, self.timeout_s, sorted(timeouts)[:10],
+            )
+        if errors:
+            index, detail = min(errors)
+            logger.warning(
+                "reward fn %s: %d/%d items raised or crashed (scored 0.0); first, item %d:\n%s",
+                self.fn, len(errors), n, index, detail.rstrip(),
+            )
+
+    def _start_worker(self) -> _Worker:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=_worker_main, args=(child_conn, self.fn), name="reward-worker", daemon=True
+        )
+        process.start()
+        # Only the child may hold its end: then the child's death reads as EOF here.
+        child_conn.close()
+        return _Worker(process=process, conn=parent_conn)
+
+    def _replace(self, slot: int) -> None:
+        self._stop(self._workers[slot])
+        self._workers[slot] = self._start_worker()
+
+    @staticmethod
+    def _stop(w: _Worker) -> None:
+        if w.process.is_alive():
+            w.process.terminate()
+            w.process.join(_TERMINATE_GRACE_S)
+        if w.process.is_alive():
+            w.process.kill()
+            w.process.join()
+        w.conn.close()
+        w.process.close()
+
+
+def _check_spec(spec: str) -> tuple[str, str, str]:
+    parts = spec.partition(":")
+    if not all(parts):
+        raise ValueError(f"reward fn spec {spec!r} must look like 'package.module:function'")
+    return parts

@@ -1,0 +1,248 @@
+"""The one typed config tree of a run.
+
+Every field carries a one-line doc (units, and what 0 or None means). YAML files in
+`configs/` set only what differs from these defaults; the command line adds dotted
+`key=value` overrides on top. Unknown keys and values of the wrong type raise a
+`ConfigError` that names the key. Light module: no torch, vLLM, DeepSpeed or Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config tree."""
+
+
+def doc(default, text: str, **kw):
+    """A dataclass field with its one-line doc kept in the field's metadata."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("use a tuple for sequence defaults")
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = doc("tiny", 'HF model path or hub id; "tiny" builds (and caches) the local CPU model.')
+    dtype: str = doc("float32", "Weights dtype for sampler and learner: float32 | bfloat16 | float16.")
+    max_model_len: int = doc(256, "Longest prompt + completion, in tokens.")
+    cache_dir: str = doc("", 'Where the "tiny" model is cached; "" means ~/.cache/rl-lora.')
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = doc(1, "LoRA rank r.")
+    alpha: float = doc(32.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    target_modules: tuple[str, ...] = doc(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "Linear layers that get an adapter (attention and MLP by default).",
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = doc("arithmetic", 'Training prompts: "arithmetic" (generated) or a .jsonl/.parquet path.')
+    eval: str = doc("arithmetic", 'Held-out prompts: "arithmetic" (a disjoint generated split) or a path.')
+    prompt_key: str = doc("prompt", "Field of a file row that holds the problem text.")
+    answer_key: str = doc("answer", "Field of a file row that holds the gold answer.")
+    template: str = doc("Question: {prompt}\nAnswer:", "Prompt template; {prompt} is the problem text.")
+    eval_size: int = doc(200, "Held-out prompts per evaluation; 0 means all of the eval split.")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_samplers: int = doc(1, "Sampler actors, each owning one vLLM engine.")
+    prompts_per_step: int = doc(8, "Prompts (groups) per training step.")
+    group_size: int = doc(8, "Completions sampled per prompt (G).")
+    temperature: float = doc(1.0, "Sampling temperature; the learner divides its logits by the same value.")
+    top_p: float = doc(1.0, "Nucleus sampling; < 1 truncates the sampler distribution (the ratio corrects it).")
+    max_tokens: int = doc(48, "Longest completion, in tokens.")
+    kv_cache_gb: float = doc(0.25, "KV cache per sampler in GiB; 0 means vLLM sizes it from gpu_memory_utilization.")
+    gpu_memory_utilization: float = doc(0.9, "vLLM's share of GPU memory (used when kv_cache_gb is 0).")
+    enforce_eager: bool = doc(True, "Run vLLM eagerly: no torch.compile or CUDA graphs (fast start, slower steps).")
+    num_cpus: float = doc(1.0, "CPUs reserved in Ray for each sampler actor.")
+    num_gpus: float = doc(0.0, "GPUs per sampler actor (0 on CPU).")
+    max_staleness: int = doc(0, "Adapter versions a rollout may lag the learner; versions kept resident = this + 1.")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    ratio_cap: float | None = doc(None, "Truncate the importance ratio at this value (TIS, e.g. 2.0); None: no cap.")
+    clip_eps: float | None = doc(None, "PPO-style clipping of the ratio to [1-eps, 1+eps]; None: no clipping.")
+    std_normalize: bool = doc(False, "Divide group-centred advantages by the group's reward std.")
+    normalizer: str = doc(
+        "sequences",
+        "Divisor of the token sum: sequences (number of completions) | tokens (number of tokens) | none.",
+    )
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    lr: float = doc(1e-3, "Adam learning rate (LoRA wants ~10x the full fine-tuning rate).")
+    weight_decay: float = doc(0.0, "AdamW weight decay.")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 means no clipping.")
+    micro_batch_size: int = doc(16, "Completions per forward/backward pass; the step accumulates over all.")
+    zero_stage: int = doc(0, "DeepSpeed ZeRO stage (0, 1 or 2).")
+    num_cpus: float = doc(1.0, "CPUs reserved in Ray for the learner actor.")
+    num_gpus: float = doc(0.0, "GPUs for the learner actor (0 on CPU).")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    fn: str = doc("rewards.math:math_reward_or_raise", 'Reward function as "module:function".')
+    num_workers: int = doc(2, "Grader processes.")
+    timeout_s: float = doc(5.0, "Hard deadline per completion; a late grade scores 0 and is counted.")
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    max_message_mb: float = doc(256.0, "Largest adapter message a sampler accepts, in MiB.")
+    ack_timeout_s: float = doc(60.0, "How long the learner waits for every sampler to acknowledge a version.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    steps: int = doc(60, "RL steps (one optimiser step each).")
+    seed: int = doc(0, "Seed for data order, sampling and initialisation.")
+    eval_every: int = doc(0, "Evaluate every N steps; 0 means only before and after training.")
+    output_dir: str = doc("runs", "Parent folder of run directories.")
+    name: str = doc("", 'Run directory name under output_dir; "" means a timestamp.')
+    progress: bool = doc(True, "Show a progress bar with the current reward.")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = doc(ModelConfig(), "The base model.")
+    lora: LoraConfig = doc(LoraConfig(), "The trained adapter.")
+    data: DataConfig = doc(DataConfig(), "Prompts and gold answers.")
+    rollout: RolloutConfig = doc(RolloutConfig(), "Sampling with vLLM.")
+    loss: LossConfig = doc(LossConfig(), "The policy-gradient objective.")
+    learner: LearnerConfig = doc(LearnerConfig(), "Optimisation with DeepSpeed.")
+    reward: RewardConfig = doc(RewardConfig(), "Grading.")
+    sync: SyncConfig = doc(SyncConfig(), "The adapter channel.")
+    run: RunConfig = doc(RunConfig(), "The loop and the run directory.")
+
+    def __post_init__(self):
+        check(self.lora.rank >= 1, "lora.rank must be >= 1")
+        check(self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype must be float32|bfloat16|float16")
+        check(self.rollout.group_size >= 2, "rollout.group_size must be >= 2 (advantages are group-centred)")
+        check(self.rollout.temperature > 0, "rollout.temperature must be > 0")
+        check(0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
+        check(self.loss.normalizer in ("sequences", "tokens", "none"), "loss.normalizer must be sequences|tokens|none")
+        check(self.loss.ratio_cap is None or self.loss.ratio_cap >= 1, "loss.ratio_cap must be >= 1 or null")
+        check(self.loss.clip_eps is None or self.loss.clip_eps > 0, "loss.clip_eps must be > 0 or null")
+        check(self.learner.zero_stage in (0, 1, 2), "learner.zero_stage must be 0, 1 or 2")
+        check(self.run.steps >= 0, "run.steps must be >= 0")
+        check(":" in self.reward.fn, 'reward.fn must look like "module:function"')
+
+
+def check(ok: bool, message: str):
+    if not ok:
+        raise ConfigError(message)
+
+
+def _coerce(value, tp, key: str):
+    """Return value as type tp, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_coerce(v, inner, key) for v in value)
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-3" as a string
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value):
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides (values parsed as YAML)."""
+    tree: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    where = f" (in {path})" if path else ""
+    try:
+        return _build(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain YAML-able data."""
+
+    def plain(x):
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def describe(cls=Config, prefix: str = "") -> list[str]:
+    """One line per leaf field: key, type, default and doc (for --help)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, prefix + f.name + ".")
+        else:
+            type_name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+            lines.append(f"{prefix}{f.name} ({type_name}, default {f.default!r}): {f.metadata['doc']}")
+    return lines

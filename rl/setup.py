@@ -1,0 +1,104 @@
+"""What the driver builds before its loop: run directory, model, data splits and actors."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rl import arithmetic
+from rl.config import Config, to_dict
+
+
+def make_run_dir(cfg: Config) -> Path:
+    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.output_dir).expanduser().resolve() / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return run_dir
+
+
+def resolve_model(cfg: Config) -> str:
+    if cfg.model.path != "tiny":
+        return cfg.model.path
+    from rl.tiny_model import build_tiny_model
+
+    return build_tiny_model(cfg.model.cache_dir)
+
+
+@dataclass
+class Split:
+    """Prompt rows ({"prompt", "answer", "prompt_ids"}) and a seeded, resumable epoch order."""
+
+    rows: list[dict]
+    seed: int = 0
+    position: int = 0  # rows handed out so far, across epochs
+    _order: list[int] = field(default_factory=list)
+
+    def next_batch(self, n: int) -> list[dict]:
+        batch = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.rows))
+            if i == 0 or not self._order:
+                self._order = list(range(len(self.rows)))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+            batch.append(self.rows[self._order[i]])
+            self.position += 1
+        return batch
+
+
+def _rows(source: str, split: str, count: int, cfg: Config) -> list[dict]:
+    if source == "arithmetic":
+        return [{"prompt": p["prompt"], "answer": p["answer"]} for p in arithmetic.problems(split, count, cfg.run.seed)]
+    from rl.data import load_rows
+
+    rows = load_rows(source, cfg.data.prompt_key, cfg.data.answer_key)
+    return rows[:count] if count else rows
+
+
+def load_splits(cfg: Config, model_path: str) -> tuple[Split, Split, object]:
+    """Train and held-out splits with prompts rendered by the template and tokenized once."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train = _rows(cfg.data.train, "train", 5000, cfg)
+    evals = _rows(cfg.data.eval, "eval", cfg.data.eval_size, cfg)
+    for row in train + evals:
+        row["prompt_ids"] = tokenizer(cfg.data.template.format(prompt=row["prompt"]))["input_ids"]
+    too_long = [r for r in train + evals if len(r["prompt_ids"]) + cfg.rollout.max_tokens > cfg.model.max_model_len]
+    if too_long:
+        raise ValueError(f"{len(too_long)} prompts exceed model.max_model_len - rollout.max_tokens "
+                         f"({cfg.model.max_model_len} - {cfg.rollout.max_tokens}), e.g. {too_long[0]['prompt'][:80]!r}")
+    return Split(train, seed=cfg.run.seed), Split(evals), tokenizer
+
+
+def build_actors(cfg: Config, model_path: str, secret: bytes):
+    """The learner, then the samplers (which need the learner's manifest), connected."""
+    import ray
+
+    from learner.learner import Learner
+    from rollout.sampler import Sampler
+
+    plain = to_dict(cfg)
+    learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)(Learner).remote(
+        model_path, plain, secret, cfg.run.seed)
+    manifest = ray.get(learner.manifest.remote())
+    sampler_cls = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)(Sampler)
+    samplers = [sampler_cls.remote(model_path, plain, secret, manifest, cfg.run.seed + i)
+                for i in range(cfg.rollout.num_samplers)]
+    ray.get(learner.connect.remote(ray.get([s.endpoint.remote() for s in samplers])))
+    return learner, samplers
+
+
+def write_adapter(learner, run_dir: Path) -> Path:
+    """Fetch the adapter's PEFT files from the learner (maybe on another node) into run_dir/adapter."""
+    import ray
+
+    out = run_dir / "adapter"
+    out.mkdir(exist_ok=True)
+    for name, data in ray.get(learner.adapter_files.remote()).items():
+        (out / name).write_bytes(data)
+    return out

@@ -1,0 +1,236 @@
+"""The adapter channel: both ends, and the message they exchange over ZeroMQ.
+
+A message is three frames, never pickle:
+
+    header   JSON: magic, version, step, peft_config, payload_bytes, payload_sha256,
+             tensors [{name, dtype, shape, offset, nbytes}]
+    payload  every tensor's raw little-endian bytes, back to back, in header order
+    mac      HMAC-SHA256 of the header under the run's secret (the header holds the
+             payload's SHA-256, so the MAC binds the payload too)
+
+The learner (`AdapterSender`) connects one DEALER socket to each sampler's ROUTER
+(`AdapterReceiver`, bound to the node's own address, never to all interfaces). PUB/SUB
+would drop messages sent before a subscriber joins, so every version is acknowledged: the
+receiver validates, hands the adapter to its loader, and answers `{"ok": true, ...}`, or
+`{"ok": false, "reason": ...}` while it keeps serving its last good version.
+
+Light module: no torch. The payload layout is safetensors' own, so the receiver writes an
+`adapter_model.safetensors` by prefixing a header to the payload, without decoding tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+MAGIC = "rl-lora-adapter/1"
+DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2}  # the allow-list of tensor dtypes
+MAX_HEADER_BYTES = 16 << 20
+
+
+class ChannelError(ValueError):
+    """A message refused by the receiver, or a version a sampler did not acknowledge."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    version: int
+    step: int
+    peft_config: dict
+    tensors: list  # [{name, dtype, shape, offset, nbytes}], in payload order
+    payload: bytes
+
+
+def encode(version: int, step: int, tensors: list[tuple[str, str, tuple, bytes]], peft_config: dict,
+           secret: bytes) -> list[bytes]:
+    """Frames for one adapter version; tensors are (name, dtype, shape, raw bytes)."""
+    meta, chunks, offset = [], [], 0
+    for name, dtype, shape, data in tensors:
+        meta.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": offset, "nbytes": len(data)})
+        chunks.append(data)
+        offset += len(data)
+    payload = b"".join(chunks)
+    header = json.dumps({
+        "magic": MAGIC, "version": version, "step": step, "peft_config": peft_config,
+        "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(), "tensors": meta,
+    }).encode()
+    return [header, payload, hmac.new(secret, header, hashlib.sha256).digest()]
+
+
+def decode(frames: list[bytes], secret: bytes, manifest: dict, max_bytes: int, last_version: int) -> Adapter:
+    """Validate frames against the run's secret and the learner's manifest, or raise ChannelError.
+
+    manifest maps tensor name -> [dtype, shape]; it must match the message exactly.
+    """
+    if len(frames) != 3:
+        raise ChannelError(f"expected 3 frames (header, payload, mac), got {len(frames)}")
+    header_b, payload, mac = frames
+    if len(header_b) > MAX_HEADER_BYTES or len(payload) > max_bytes:
+        raise ChannelError(f"message too large: {len(header_b) + len(payload)} bytes, limit {max_bytes}")
+    if not hmac.compare_digest(hmac.new(secret, header_b, hashlib.sha256).digest(), mac):
+        raise ChannelError("bad MAC: sender does not hold the run's secret, or the header was altered")
+    try:
+        h = json.loads(header_b)
+        version, step, tensors = int(h["version"]), int(h["step"]), h["tensors"]
+        peft_config, size, digest = h["peft_config"], int(h["payload_bytes"]), h["payload_sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ChannelError(f"malformed header: {e!r}") from None
+    if h.get("magic") != MAGIC:
+        raise ChannelError(f"unknown message format {h.get('magic')!r}, expected {MAGIC}")
+    if version <= last_version:
+        raise ChannelError(f"stale or replayed version {version}: already serving {last_version}")
+    if len(payload) != size:
+        raise ChannelError(f"truncated payload: {len(payload)} bytes, header says {size}")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise ChannelError("payload digest mismatch: payload corrupted in transit")
+    try:
+        end = _check_layout(tensors, manifest)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ChannelError(f"malformed tensor entry: {e!r}") from None
+    if end != size:
+        raise ChannelError(f"tensors cover {end} bytes of a {size}-byte payload")
+    return Adapter(version, step, peft_config, tensors, payload)
+
+
+def _check_layout(tensors: list, manifest: dict) -> int:
+    """Raise ChannelError unless each tensor matches the manifest and follows the previous one."""
+    names = [t["name"] for t in tensors]
+    if len(names) != len(manifest) or set(names) != set(manifest):
+        missing, extra = set(manifest) - set(names), set(names) - set(manifest)
+        raise ChannelError(f"tensor names differ from the manifest: missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(map(str, extra))[:3]}")
+    end = 0
+    for t in tensors:
+        name, dtype, shape = t["name"], t["dtype"], t["shape"]
+        if dtype not in DTYPE_BYTES:
+            raise ChannelError(f"{name}: dtype {dtype!r} not allowed (allowed: {sorted(DTYPE_BYTES)})")
+        if [dtype, list(shape)] != [manifest[name][0], list(manifest[name][1])]:
+            raise ChannelError(f"{name}: {dtype}{list(shape)} does not match the manifest's "
+                               f"{manifest[name][0]}{list(manifest[name][1])}")
+        count = 1
+        for d in shape:
+            count *= d
+        if t["offset"] != end or t["nbytes"] != count * DTYPE_BYTES[dtype]:
+            raise ChannelError(f"{name}: offset/size {t['offset']}/{t['nbytes']} inconsistent with the layout")
+        end += t["nbytes"]
+    return end
+
+
+def write_peft_dir(adapter: Adapter, path: Path, base_model: str) -> Path:
+    """Write the adapter in PEFT layout (what vLLM's add_lora and PeftModel load)."""
+    path.mkdir(parents=True, exist_ok=True)
+    st_header = {t["name"]: {"dtype": t["dtype"], "shape": t["shape"],
+                             "data_offsets": [t["offset"], t["offset"] + t["nbytes"]]} for t in adapter.tensors}
+    st_header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(st_header).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
+    with open(path / "adapter_model.safetensors", "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        f.write(adapter.payload)
+    config = {**adapter.peft_config, "base_model_name_or_path": base_model}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+class AdapterReceiver:
+    """A sampler's end: a ROUTER socket served by a thread; `load` is called per valid version."""
+
+    def __init__(self, host: str, secret: bytes, manifest: dict, max_bytes: int, load):
+        self._secret, self._manifest, self._max_bytes, self._load = secret, manifest, max_bytes, load
+        self.version = -1  # last version accepted and loaded
+        self.refused: list[str] = []  # reasons, newest last
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        # A hard wall against memory exhaustion; decode gives the clear reason below it.
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + MAX_HEADER_BYTES)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        port = self._sock.bind_to_random_port(f"tcp://{host}")
+        self.endpoint = f"tcp://{host}:{port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="adapter-receiver", daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                continue
+            peer, *frames = self._sock.recv_multipart(copy=True)
+            start = time.perf_counter()
+            try:
+                adapter = decode(frames, self._secret, self._manifest, self._max_bytes, self.version)
+                self._load(adapter)
+                self.version = adapter.version
+                reply = {"ok": True, "version": adapter.version, "load_ms": 1e3 * (time.perf_counter() - start)}
+            except Exception as e:  # a refused message must never stop the receiver
+                reason = str(e) if isinstance(e, ChannelError) else f"load failed: {e!r}"
+                log.warning("refused adapter message: %s (still serving version %d)", reason, self.version)
+                self.refused.append(reason)
+                reply = {"ok": False, "reason": reason, "version": self.version}
+            self._sock.send_multipart([peer, json.dumps(reply).encode()])
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close(0)
+        self._ctx.term()
+
+
+class AdapterSender:
+    """The learner's end: one DEALER per sampler; `publish` returns once all acknowledged."""
+
+    def __init__(self):
+        self._ctx = zmq.Context()
+        self._socks: dict[str, zmq.Socket] = {}
+
+    def connect(self, endpoints: list[str]):
+        for ep in endpoints:
+            if ep not in self._socks:
+                sock = self._ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(ep)
+                self._socks[ep] = sock
+
+    def publish(self, frames: list[bytes], version: int, timeout_s: float) -> dict:
+        """Send one version to every sampler; raise ChannelError unless all load it in time."""
+        start = time.perf_counter()
+        for sock in self._socks.values():
+            sock.send_multipart(frames, copy=False)
+        poller = zmq.Poller()
+        for sock in self._socks.values():
+            poller.register(sock, zmq.POLLIN)
+        pending, acks = dict(self._socks), {}
+        deadline = start + timeout_s
+        while pending:
+            left_ms = 1e3 * (deadline - time.perf_counter())
+            if left_ms <= 0:
+                raise ChannelError(f"version {version}: no acknowledgement within {timeout_s} s from {sorted(pending)}")
+            for sock, _ in poller.poll(left_ms):
+                reply = json.loads(sock.recv())
+                ep = next(e for e, s in pending.items() if s is sock)
+                if not reply.get("ok") or reply.get("version") != version:
+                    raise ChannelError(f"version {version} refused by {ep}: {reply.get('reason', reply)}")
+                acks[ep] = reply
+                del pending[ep]
+        return {
+            "sync/latency_ms": 1e3 * (time.perf_counter() - start),
+            "sync/load_ms": max(a["load_ms"] for a in acks.values()) if acks else 0.0,
+            "sync/bytes": sum(len(f) for f in frames),
+        }
+
+    def close(self):
+        for sock in self._socks.values():
+            sock.close(0)
+        self._ctx.term()

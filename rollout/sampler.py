@@ -1,0 +1,116 @@
+"""The Sampler actor: one vLLM engine with LoRA, fed adapters by the learner over ZeroMQ.
+
+It generates G completions per prompt and returns, per completion, the token ids, the
+sampler's per-token log-probs in vLLM's processed mode (after temperature, as the learner
+computes them) and the adapter version that produced them.
+
+Each adapter version is a new vLLM LoRA identity (name `v{version}`, id `version + 1`):
+vLLM caches adapters by id and its prefix cache by name, so reusing either would serve a
+stale adapter silently. `max_staleness + 1` versions stay resident (vLLM's `max_loras`);
+older ones are removed, with their files, once no request uses them. The engine is not
+thread-safe, so the receiver thread and `generate` take turns under one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from rollout.channel import Adapter, AdapterReceiver, write_peft_dir
+
+log = logging.getLogger(__name__)
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
+
+
+def node_ip() -> str:
+    """This node's address as Ray knows it: the channel binds there, never to all interfaces."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+class Sampler:
+    def __init__(self, model_path: str, cfg: dict, secret: bytes, manifest: dict, seed: int, host: str = ""):
+        from vllm import LLM
+
+        model, rollout, lora = cfg["model"], cfg["rollout"], cfg["lora"]
+        self.model_path, self.cfg = model_path, cfg
+        self.keep = rollout["max_staleness"] + 1
+        self.llm = LLM(
+            model=model_path,
+            dtype=model["dtype"],
+            max_model_len=model["max_model_len"],
+            seed=seed,
+            enable_lora=True,
+            max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= lora["rank"]),
+            max_loras=self.keep,
+            logprobs_mode="processed_logprobs",
+            kv_cache_memory_bytes=int(rollout["kv_cache_gb"] * 2**30) or None,
+            gpu_memory_utilization=rollout["gpu_memory_utilization"],
+            enforce_eager=rollout["enforce_eager"],
+            enable_prefix_caching=True,
+        )
+        self.lock = threading.Lock()
+        self.adapters: OrderedDict[int, object] = OrderedDict()  # version -> LoRARequest, oldest first
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.adapter_dir = Path(tempfile.mkdtemp(prefix="rl-lora-adapters-", dir=shm))
+        self.receiver = AdapterReceiver(host or node_ip(), secret, manifest,
+                                        int(cfg["sync"]["max_message_mb"] * 2**20), self._load)
+
+    def endpoint(self) -> str:
+        return self.receiver.endpoint
+
+    def version(self) -> int:
+        return self.receiver.version
+
+    def refused(self) -> list[str]:
+        return list(self.receiver.refused)
+
+    def _load(self, adapter: Adapter):
+        """Called by the receiver thread for each valid message; returns once vLLM serves it."""
+        from vllm.lora.request import LoRARequest
+
+        path = write_peft_dir(adapter, self.adapter_dir / f"v{adapter.version}", self.model_path)
+        request = LoRARequest(f"v{adapter.version}", adapter.version + 1, str(path))
+        with self.lock:
+            if not self.llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM did not load adapter version {adapter.version}")
+            self.adapters[adapter.version] = request
+            # Requests run under the lock, so none uses an evicted version.
+            while len(self.adapters) > self.keep:
+                old_version, old = self.adapters.popitem(last=False)
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+                shutil.rmtree(self.adapter_dir / f"v{old_version}", ignore_errors=True)
+
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
+                 top_p: float = 1.0, seed: int | None = None) -> dict:
+        """n completions per prompt on the newest adapter: {"version", "groups": [[{tokens, logprobs, text}]]}."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                logprobs=0, seed=seed)
+        with self.lock:
+            if not self.adapters:
+                raise RuntimeError("no adapter loaded yet: the learner publishes version 0 first")
+            version = next(reversed(self.adapters))
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params,
+                                        lora_request=self.adapters[version], use_tqdm=False)
+        groups = []
+        for out in outputs:
+            group = []
+            for c in out.outputs:
+                logprobs = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)]
+                group.append({"tokens": list(c.token_ids), "logprobs": logprobs, "text": c.text,
+                              "finished": c.finish_reason == "stop"})
+            groups.append(group)
+        return {"version": version, "groups": groups}
+
+    def close(self):
+        self.receiver.close()
+        shutil.rmtree(self.adapter_dir, ignore_errors=True)

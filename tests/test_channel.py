@@ -1,0 +1,93 @@
+"""The adapter message and both socket ends, without vLLM (the integration tests load real adapters)."""
+
+import json
+import struct
+
+import pytest
+import zmq
+
+from rollout.channel import AdapterReceiver, AdapterSender, ChannelError, decode, encode, write_peft_dir
+
+SECRET = b"s" * 32
+MANIFEST = {"a.lora_A.weight": ["F32", [1, 4]], "a.lora_B.weight": ["F32", [3, 1]]}
+
+
+def tensors(scale=1.0):
+    return [
+        ("a.lora_A.weight", "F32", (1, 4), struct.pack("<4f", *(scale * x for x in (1, 2, 3, 4)))),
+        ("a.lora_B.weight", "F32", (3, 1), struct.pack("<3f", 0.5, -0.5, 0.25)),
+    ]
+
+
+def frames(version=1, **kw):
+    return encode(version, version, kw.get("tensors", tensors()), {"r": 1, "lora_alpha": 32}, kw.get("secret", SECRET))
+
+
+def test_round_trip_and_peft_file(tmp_path):
+    a = decode(frames(3), SECRET, MANIFEST, 1 << 20, last_version=2)
+    assert (a.version, a.step, a.peft_config["r"]) == (3, 3, 1)
+    assert [t["offset"] for t in a.tensors] == [0, 16] and len(a.payload) == 28
+    from safetensors.numpy import load_file
+
+    write_peft_dir(a, tmp_path, "/base")
+    loaded = load_file(tmp_path / "adapter_model.safetensors")
+    assert loaded["a.lora_A.weight"].tolist() == [[1, 2, 3, 4]]
+    assert loaded["a.lora_B.weight"].ravel().tolist() == [0.5, -0.5, 0.25]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "/base"
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda f: [f[0], f[1][:-4], f[2]], "truncated payload"),
+    (lambda f: [f[0], f[1][:8] + b"\x00" * 4 + f[1][12:], f[2]], "digest mismatch"),
+    (lambda f: [f[0].replace(b'"version": 1', b'"version": 9'), f[1], f[2]], "bad MAC"),
+    (lambda f: frames(secret=b"x" * 32), "bad MAC"),
+    (lambda f: f[:2], "expected 3 frames"),
+    (lambda f: frames(tensors=[tensors()[0], ("a.lora_B.weight", "F32", (1, 3), tensors()[1][3])]), "does not match the manifest"),
+    (lambda f: frames(tensors=[tensors()[0], ("a.lora_B.weight", "I64", (3, 1), b"\x00" * 24)]), "not allowed"),
+    (lambda f: frames(tensors=tensors()[:1]), "names differ"),
+    (lambda f: frames(tensors=[tensors()[0], ("a.lora_B.weight", "F32", (3, 1), b"\x00" * 4000)]), "too large"),
+])
+def test_refusals(mutate, reason):
+    with pytest.raises(ChannelError, match=reason):
+        decode(mutate(frames()), SECRET, MANIFEST, 1024, last_version=0)
+
+
+def test_replayed_version_refused():
+    with pytest.raises(ChannelError, match="replayed"):
+        decode(frames(2), SECRET, MANIFEST, 1 << 20, last_version=2)
+
+
+def test_sockets_ack_and_keep_last_good_version():
+    loaded = []
+    rx = AdapterReceiver("127.0.0.1", SECRET, MANIFEST, 1 << 20, loaded.append)
+    tx = AdapterSender()
+    try:
+        assert rx.endpoint.startswith("tcp://127.0.0.1:")
+        tx.connect([rx.endpoint])
+        m = tx.publish(frames(1), 1, timeout_s=10)
+        assert m["sync/bytes"] > 28 and m["sync/latency_ms"] > 0
+        with pytest.raises(ChannelError, match="bad MAC"):
+            tx.publish(frames(2, secret=b"y" * 32), 2, timeout_s=10)
+        with pytest.raises(ChannelError, match="replayed"):
+            tx.publish(frames(1), 1, timeout_s=10)
+        assert [a.version for a in loaded] == [1] and rx.version == 1 and len(rx.refused) == 2
+        tx.publish(frames(2), 2, timeout_s=10)
+        assert rx.version == 2
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_unacknowledged_version_times_out():
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)  # a peer that never answers
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    tx = AdapterSender()
+    try:
+        tx.connect([f"tcp://127.0.0.1:{port}"])
+        with pytest.raises(ChannelError, match="no acknowledgement"):
+            tx.publish(frames(1), 1, timeout_s=0.5)
+    finally:
+        tx.close()
+        silent.close(0)
+        ctx.term()

@@ -1,0 +1,246 @@
+"""Math grading and the reward process pool.
+
+The grading table is checked in-process and again through `RewardPool` from a non-main
+thread, as training uses it. Pool tests use `tests.reward_fns`, whose functions hang, spin,
+raise or exit on request, and assert scores, timings and the timeout/error fractions.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from rewards.math import MAX_COMPLETION_CHARS, extract_answer, gold_answer, math_reward
+from rewards.pool import RewardPool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+GSM8K_GOLD = "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips altogether.\n#### 72"
+MATH_GOLD = r"We have $\frac{2}{4} = \boxed{\frac{1}{2}}$, so the probability is one half."
+
+# (completion, gold answer, expected score)
+GRADING_TABLE = [
+    # integers, signs, separators
+    (r"\boxed{72}", "72", 1.0),
+    (r"\boxed{71}", "72", 0.0),
+    (r"\boxed{-3}", "-3", 1.0),
+    (r"\boxed{3}", "-3", 0.0),
+    (r"\boxed{- 3}", "-3", 1.0),
+    (r"\boxed{1,234}", "1234", 1.0),
+    (r"\boxed{1234}", "1,234", 1.0),
+    (r"\boxed{1{,}234}", "1234", 1.0),
+    (r"\boxed{10\,000}", "10000", 1.0),
+    (r"\boxed{10\,000}", "0", 0.0),
+    (r"\boxed{3,000}", "3", 0.0),
+    # decimals and fractions
+    (r"\boxed{2.0}", "2", 1.0),
+    (r"\boxed{2.00001}", "2", 0.0),
+    (r"\boxed{3.14159}", "3.14", 0.0),
+    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+    (r"\boxed{1/2}", r"\frac{1}{2}", 1.0),
+    (r"\boxed{\dfrac{1}{2}}", "0.5", 1.0),
+    (r"\boxed{\frac{-1}{2}}", r"-\frac{1}{2}", 1.0),
+    (r"\boxed{1\frac{1}{2}}", "1.5", 1.0),
+    (r"\boxed{0.333}", r"\frac{1}{3}", 0.0),
+    # percentages and units
+    (r"\boxed{25\%}", "25", 1.0),
+    (r"\boxed{5\text{ cm}}", "5", 1.0),
+    (r"\boxed{\$18}", "18", 1.0),
+    (r"\boxed{7 \text{ apples}}", "7", 1.0),
+    # symbolic
+    (r"\boxed{\frac{\sqrt2}{2}}", r"\sqrt{2}/2", 1.0),
+    (r"\boxed{1+x^2}", "x^2+1", 1.0),
+    (r"\boxed{4!}", "24", 1.0),
+    (r"\boxed{x=2}", "2", 1.0),
+    # false positives math-verify must not give
+    (r"\boxed{4\sqrt{2}}", "4", 0.0),
+    (r"\boxed{2^{10}}", "2", 0.0),
+    (r"\boxed{5x}", "5", 0.0),
+    (r"\boxed{x^2 + \left( 4}", "4", 0.0),
+    # several answers in one box against a single number
+    (r"\boxed{2, 3}", "2", 0.0),
+    (r"\boxed{2 \text{ or } 3}", "2", 0.0),
+    (r"\boxed{2, 2}", "2", 0.0),
+    (r"\boxed{\pm 2}", "2", 0.0),
+    (r"\boxed{(1, 2)}", "1", 0.0),
+    # ... but sets are fine when the gold is a set
+    (r"\boxed{2, 1}", "1,2", 1.0),
+    # which answer is graded
+    (r"First \boxed{3}, then on reflection \boxed{5}.", "5", 1.0),
+    (r"First \boxed{5}, then on reflection \boxed{3}.", "5", 0.0),
+    (r"\boxed{5} and a truncated \boxed{3", "5", 1.0),
+    (r"\fbox{9}", "9", 1.0),
+    (r"\boxed{\boxed{5}}", "5", 1.0),
+    (r"\boxed{7.}", "7", 1.0),
+    # gold formats
+    (r"so \boxed{72}", GSM8K_GOLD, 1.0),
+    (r"so \boxed{24}", GSM8K_GOLD, 0.0),
+    (r"\boxed{0.5}", MATH_GOLD, 1.0),
+    # fallbacks without a box
+    ("3 + 2 = 5. The answer is 5.", "5", 1.0),
+    ("The answer is 4.\nNo wait, the answer is $5$.", "5", 1.0),
+    ("**Final answer:** 12", "12", 1.0),
+    ("Adding gives 72.\n#### 72", "72", 1.0),
+    ("The answer is 4", "5", 0.0),
+    # no answer at all
+    ("I think it is 5", "5", 0.0),
+    ("", "5", 0.0),
+    (r"\boxed{}", "5", 0.0),
+]
+
+
+@pytest.mark.parametrize("completion, answer, expected", GRADING_TABLE)
+def test_grading_table(completion, answer, expected):
+    assert math_reward(completion, answer) == expected
+
+
+def test_table_is_big_and_balanced():
+    assert len(GRADING_TABLE) >= 40
+    assert 15 <= sum(expected for _, _, expected in GRADING_TABLE) <= len(GRADING_TABLE) - 15
+
+
+def test_extract_answer_rule():
+    assert extract_answer(r"a \boxed{1} b \boxed{\frac{1}{2}} c") == r"\frac{1}{2}"
+    assert extract_answer(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
+    assert extract_answer("The answer is: 42.\nThanks") == "42"
+    assert extract_answer("no answer here") is None
+    # Only the tail is read: a box before the last MAX_COMPLETION_CHARS characters is unseen.
+    assert extract_answer(r"\boxed{1}" + "x" * MAX_COMPLETION_CHARS) is None
+    assert extract_answer("x" * (2 * MAX_COMPLETION_CHARS) + r"\boxed{1}") == "1"
+
+
+def test_gold_answer_forms():
+    assert gold_answer(GSM8K_GOLD) == "72"
+    assert gold_answer(MATH_GOLD) == r"\frac{1}{2}"
+    assert gold_answer(" 17 ") == "17"
+
+
+def test_math_reward_is_total():
+    assert math_reward(None, "5") == 0.0
+    assert math_reward(r"\boxed{5}", 5) == 0.0
+    assert math_reward(r"\boxed{5}", "") == 0.0
+
+
+def test_light_imports():
+    code = (
+        "import sys, rewards.math, rewards.pool, rl.data; "
+        "heavy = [m for m in ('torch', 'vllm', 'ray', 'deepspeed') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def math_pool():
+    with RewardPool("rewards.math:math_reward_or_raise", num_workers=2, timeout_s=3.0) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def behave_pool():
+    with RewardPool("tests.reward_fns:behave", num_workers=2, timeout_s=1.0) as pool:
+        yield pool
+
+
+def _in_thread(fn):
+    """Run fn() in a fresh non-main thread and return its result (or re-raise its exception)."""
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(timeout=300)
+    assert not t.is_alive(), "scoring thread did not finish"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_table_through_pool_from_thread(math_pool):
+    items = [(completion, answer) for completion, answer, _ in GRADING_TABLE]
+    scores, metrics = _in_thread(lambda: math_pool.score(items))
+    assert scores == [expected for _, _, expected in GRADING_TABLE]
+    assert scores == [math_reward(c, a) for c, a in items]
+    assert metrics == {"reward/timeout_frac": 0.0, "reward/error_frac": 0.0}
+
+
+def test_pathological_completions_finish_at_deadline(math_pool):
+    math_pool.score([(r"\boxed{1}", "1")])  # workers started and warm
+    items = [
+        ("1" * 1_000_000, "5"),
+        (r"\boxed{" + "1" * 1_000_000 + "}", "5"),
+        (r"\boxed{" + "{" * 10_000 + "5" + "}" * 10_000 + "}", "5"),
+        (r"\boxed{" + "{" * 10_000 + "5", "5"),
+        (r"\boxed{" + "(" * 2_000 + "5" + ")" * 2_000 + "}", "5"),
+        (r"\boxed{9^{9^{9^{9^9}}}}", "5"),
+        (r"\boxed{10^{10^{10}}}", "5"),
+    ]
+    t0 = time.monotonic()
+    scores, metrics = _in_thread(lambda: math_pool.score(items))
+    elapsed = time.monotonic() - t0
+    assert scores == [0.0] * len(items)
+    assert elapsed < math_pool.timeout_s + 1.0, elapsed
+    # The two towers hang in sympy and are cut off; the rest are rejected without parsing
+    # (only the tail is read, unbalanced boxes are no answer, long answers score 0).
+    assert metrics["reward/timeout_frac"] == pytest.approx(2 / len(items))
+    assert metrics["reward/error_frac"] == 0.0
+    assert math_pool.score([(r"\boxed{72}", "72"), (r"\boxed{7}", "72")])[0] == [1.0, 0.0]
+
+
+def test_hanging_fn_is_cut_off_and_pool_recovers():
+    with RewardPool("tests.reward_fns:hang", num_workers=1, timeout_s=1.0) as pool:
+        assert pool.score([]) == ([], {"reward/timeout_frac": 0.0, "reward/error_frac": 0.0})
+        t0 = time.monotonic()
+        scores, metrics = _in_thread(lambda: pool.score([("anything", "1")]))
+        elapsed = time.monotonic() - t0
+        assert scores == [0.0]
+        assert metrics == {"reward/timeout_frac": 1.0, "reward/error_frac": 0.0}
+        assert 1.0 <= elapsed < 1.0 + 3.0, elapsed
+
+
+def test_mixed_failures_in_one_batch(behave_pool, caplog):
+    behave_pool.score([("ok", "0")])  # workers started
+    items = [("ok", "1"), ("hang", ""), ("ok", "2"), ("raise", "x"), ("exit", ""),
+             ("ok", "3"), ("spin", ""), ("ok", "4")]
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="rewards.pool"):
+        scores, metrics = _in_thread(lambda: behave_pool.score(items))
+    elapsed = time.monotonic() - t0
+    assert scores == [1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 0.0, 4.0]
+    assert metrics == {"reward/timeout_frac": 2 / 8, "reward/error_frac": 2 / 8}
+    assert elapsed < 2 * behave_pool.timeout_s + 3.0, elapsed
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "boom on 'x'" in messages  # the first error, with its exception text
+    assert "2/8 items timed out" in messages
+    # Every worker was replaced as needed: the next batch is complete and in order.
+    scores, metrics = behave_pool.score([("ok", str(i)) for i in range(40)])
+    assert scores == [float(i) for i in range(40)]
+    assert metrics == {"reward/timeout_frac": 0.0, "reward/error_frac": 0.0}
+
+
+def test_exit_and_raise_alone_count_as_errors(behave_pool):
+    scores, metrics = behave_pool.score([("exit", ""), ("ok", "5"), ("raise", "")])
+    assert scores == [0.0, 5.0, 0.0]
+    assert metrics == {"reward/timeout_frac": 0.0, "reward/error_frac": pytest.approx(2 / 3)}
+
+
+def test_bad_specs():
+    with pytest.raises(ValueError, match="package.module:function"):
+        RewardPool("tests.reward_fns.behave")
+    with RewardPool("tests.reward_fns:no_such_fn", num_workers=1) as pool:
+        with pytest.raises(RuntimeError, match="no_such_fn"):
+            pool.score([("ok", "1")])
+    pool = RewardPool("tests.reward_fns:behave", num_workers=1)
+    pool.close()
+    pool.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        pool.score([("ok", "1")])
