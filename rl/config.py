@@ -214,7 +214,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
         _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    where = f" (in {path})" if path else ""
+    where = f" (config {path}{' + command-line overrides' if overrides else ''})" if path else ""
     try:
         return _build(Config, tree)
     except ConfigError as e:

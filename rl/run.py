@@ -159,17 +159,21 @@ def evaluate(samplers, rewards, evals, max_tokens: int) -> dict:
 
 
 def parse_args(argv: list[str]) -> Config:
-    if "-h" in argv or "--help" in argv:
+    """[CONFIG.yaml] [dotted.key=value ...] [--print-config] | --help"""
+    flags = {a for a in argv if a.startswith("-")}
+    args = [a for a in argv if not a.startswith("-")]
+    if flags & {"-h", "--help"}:
         print(__doc__)
         print("Config keys (set in YAML or as dotted.key=value):\n  " + "\n  ".join(describe()))
         raise SystemExit(0)
-    path = argv[0] if argv and "=" not in argv[0] else None
-    overrides = argv[1:] if path else argv
+    if flags - {"--print-config"}:
+        raise SystemExit(f"unknown option {sorted(flags - {'--print-config'})[0]}; see --help")
+    path = args[0] if args and "=" not in args[0] else None
     try:
-        cfg = load_config(path, overrides)
-    except (ConfigError, FileNotFoundError) as e:
+        cfg = load_config(path, args[1:] if path else args)
+    except (ConfigError, OSError) as e:
         raise SystemExit(f"config error: {e}")
-    if "--print-config" in argv:
+    if "--print-config" in flags:
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))

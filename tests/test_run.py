@@ -1,0 +1,40 @@
+"""The default job, shortened, end to end: `python rl/run.py` as a user runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("reward/mean", "reward/accuracy", "learner/ratio_mean", "learner/ratio_max", "learner/truncated_frac",
+        "time/sample", "time/learn", "time/sync", "sync/bytes", "sync/latency_ms", "rollout/tokens_per_s",
+        "learner/tokens_per_s", "rollout/zero_signal_groups", "reward/timeout_frac", "reward/error_frac")
+
+
+def test_default_job_learns(tmp_path):
+    steps = 40
+    proc = subprocess.run(
+        [sys.executable, "rl/run.py", "configs/default.yaml", f"run.steps={steps}", "run.eval_every=20",
+         f"run.output_dir={tmp_path}", "run.name=e2e", "run.progress=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "e2e"
+    assert f"run directory: {run_dir}" in proc.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    for key in KEYS:
+        assert all(key in r for r in rows[1:]), key
+    before, after = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]
+    assert after >= before + 0.10, (before, after)
+    first = sum(r["reward/mean"] for r in rows[1:11]) / 10
+    last = sum(r["reward/mean"] for r in rows[-10:]) / 10
+    assert last > first, (first, last)
+    # Each step trained on the adapter the previous step published, and every sampler acknowledged it.
+    assert [r["rollout/adapter_version"] for r in rows[1:]] == list(range(steps))
+    assert all(0.99 < r["learner/ratio_mean"] < 1.01 for r in rows[1:])
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 1 and set(config["target_modules"]) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    assert (run_dir / "config.yaml").exists()
