@@ -32,39 +32,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python rl/run.p
 
 from rl.config import Config, ConfigError, describe, load_config, to_dict  # noqa: E402
 
-log = logging.getLogger("rl")
-
-
 def main(argv: list[str]) -> Path:
     cfg = parse_args(argv)
+    import ray
+
+    from rewards.pool import RewardPool
+    from rl.setup import build_actors, load_splits, make_run_dir, resolve_model, shutdown, write_adapter
+
+    ray.init()  # joins RAY_ADDRESS's cluster, or the job's; else starts a local instance
+    run_dir = make_run_dir(cfg)
+    print(f"run directory: {run_dir}", flush=True)
+    model_path = resolve_model(cfg)
+    train, evals = load_splits(cfg, model_path)
+    secret = secrets.token_bytes(32)  # the adapter channel's key, handed out through Ray only
+    learner, samplers = build_actors(cfg, model_path, secret)
+    rewards = RewardPool(cfg.reward.fn, cfg.reward.num_workers, cfg.reward.timeout_s)
+    try:
+        before, after = rl_loop(cfg, learner, samplers, rewards, train, evals, run_dir / "metrics.jsonl")
+        adapter = write_adapter(learner, run_dir)
+    finally:
+        rewards.close()
+        shutdown(learner, samplers)
+    print(f"eval/accuracy: {before:.3f} before training, {after:.3f} after {cfg.run.steps} steps")
+    print(f"adapter: {adapter}\nrun directory: {run_dir}", flush=True)
+    return run_dir
+
+
+def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, metrics_path: Path) -> tuple[float, float]:
+    """The loop; returns held-out accuracy before and after training."""
     import ray
     import torch
     from tqdm import tqdm
 
     from learner.loss import group_advantages
-    from rewards.pool import RewardPool
-    from rl.setup import build_actors, load_splits, make_run_dir, resolve_model, write_adapter
 
-    ray.init(log_to_driver=True)
-    run_dir = make_run_dir(cfg)
-    print(f"run directory: {run_dir}", flush=True)
-    model_path = resolve_model(cfg)
-    train, evals, tokenizer = load_splits(cfg, model_path)
-    secret = secrets.token_bytes(32)  # the adapter channel's key, handed out through Ray only
-    learner, samplers = build_actors(cfg, model_path, secret)
-    ray.get(learner.publish.remote())  # version 0: the zero adapter, so samplers serve from the start
-    rewards = RewardPool(cfg.reward.fn, cfg.reward.num_workers, cfg.reward.timeout_s)
     r = cfg.rollout
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
-
-    def log_metrics(metrics: dict):
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
-
-    first_eval = evaluate(samplers, rewards, evals, r.max_tokens)
-    log_metrics({"step": 0, **first_eval})
-    print(f"eval/accuracy before training: {first_eval['eval/accuracy']:.3f}", flush=True)
-    last_acc = first_eval["eval/accuracy"]
+    ray.get(learner.publish.remote())  # version 0, the zero adapter: samplers serve it from the start
+    sink = open(metrics_path, "a")
+    metrics = {"step": 0, **evaluate(samplers, rewards, evals, r.max_tokens)}
+    sink.write(json.dumps(metrics) + "\n")
+    before = last_acc = metrics["eval/accuracy"]
+    print(f"eval/accuracy before training: {before:.3f}", flush=True)
     bar = tqdm(range(1, cfg.run.steps + 1), disable=not cfg.run.progress, desc="rl", dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
@@ -81,7 +89,7 @@ def main(argv: list[str]) -> Path:
             for c, a in zip(group, adv_G)
         ]
         learn_metrics = ray.get(learner.train_step.remote(batch_B))
-        sync_metrics = ray.get(learner.publish.remote())
+        sync_metrics = ray.get(learner.publish.remote())  # returns once every sampler serves the new version
         metrics = {
             "step": step,
             **reward_metrics,
@@ -92,22 +100,15 @@ def main(argv: list[str]) -> Path:
             "time/score": t2 - t1,
             "time/sync": sync_metrics["sync/latency_ms"] / 1e3,
         }
-        if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.run.steps:
+        if step == cfg.run.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
             metrics.update(evaluate(samplers, rewards, evals, r.max_tokens))
-        if step == cfg.run.steps:
-            metrics.update(evaluate(samplers, rewards, evals, r.max_tokens))
+            last_acc = metrics["eval/accuracy"]
         metrics["time/step"] = time.perf_counter() - t0
-        log_metrics(metrics)
-        last_acc = metrics.get("eval/accuracy", last_acc)
+        sink.write(json.dumps(metrics) + "\n")
+        sink.flush()
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval_acc=f"{last_acc:.3f}")
-
-    adapter = write_adapter(learner, run_dir)
-    print(f"eval/accuracy: {first_eval['eval/accuracy']:.3f} before, {last_acc:.3f} after {cfg.run.steps} steps")
-    print(f"adapter: {adapter}\nrun directory: {run_dir}", flush=True)
-    metrics_file.close()
-    rewards.close()
-    ray.shutdown()
-    return run_dir
+    sink.close()
+    return before, last_acc
 
 
 def sample(samplers, prompt_ids_P: list[list[int]], n: int, temperature: float, top_p: float,

@@ -59,7 +59,7 @@ def _rows(source: str, split: str, count: int, cfg: Config) -> list[dict]:
     return rows[:count] if count else rows
 
 
-def load_splits(cfg: Config, model_path: str) -> tuple[Split, Split, object]:
+def load_splits(cfg: Config, model_path: str) -> tuple[Split, Split]:
     """Train and held-out splits with prompts rendered by the template and tokenized once."""
     from transformers import AutoTokenizer
 
@@ -72,7 +72,7 @@ def load_splits(cfg: Config, model_path: str) -> tuple[Split, Split, object]:
     if too_long:
         raise ValueError(f"{len(too_long)} prompts exceed model.max_model_len - rollout.max_tokens "
                          f"({cfg.model.max_model_len} - {cfg.rollout.max_tokens}), e.g. {too_long[0]['prompt'][:80]!r}")
-    return Split(train, seed=cfg.run.seed), Split(evals), tokenizer
+    return Split(train, seed=cfg.run.seed), Split(evals)
 
 
 def build_actors(cfg: Config, model_path: str, secret: bytes):
@@ -102,3 +102,16 @@ def write_adapter(learner, run_dir: Path) -> Path:
     for name, data in ray.get(learner.adapter_files.remote()).items():
         (out / name).write_bytes(data)
     return out
+
+
+def shutdown(learner, samplers):
+    """Stop the vLLM engines (and their processes) and the actors, then leave Ray."""
+    import ray
+
+    try:
+        ray.get([s.close.remote() for s in samplers] + [learner.close.remote()], timeout=60)
+    except Exception:  # an actor that already died has nothing left to close
+        pass
+    for actor in [learner, *samplers]:
+        ray.kill(actor)
+    ray.shutdown()

@@ -112,5 +112,7 @@ class Sampler:
         return {"version": version, "groups": groups}
 
     def close(self):
+        """Stop the receiver and the engine's processes; remove the adapter files."""
         self.receiver.close()
+        self.llm.llm_engine.engine_core.shutdown()
         shutil.rmtree(self.adapter_dir, ignore_errors=True)

@@ -26,7 +26,7 @@ PROMPTS = [
 def stack():
     from transformers import AutoTokenizer
 
-    from rl.setup import build_actors
+    from rl.setup import build_actors, shutdown
 
     model_path = build_tiny_model()
     # A big learning rate so that two steps move the log-probs visibly; a small message cap
@@ -41,8 +41,7 @@ def stack():
     prompt_ids = [tok(TEMPLATE.format(prompt=p))["input_ids"] for p in PROMPTS]
     yield {"learner": learner, "sampler": samplers[0], "secret": secret, "prompt_ids": prompt_ids,
            "model_path": model_path, "cfg": cfg}
-    ray.get(samplers[0].close.remote())
-    ray.shutdown()
+    shutdown(learner, samplers)
 
 
 def generate(stack, n=8, temperature=1.0, seed=1):
