@@ -9,6 +9,7 @@ handed to DeepSpeed, which avoids compiling DeepSpeed's own CPU Adam op.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -30,6 +31,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def encode_tensors(version: int, step: int, named: list[tuple[str, torch.Tensor]], config: dict,
+                   secret: bytes) -> list[bytes]:
+    """Channel frames for named CPU tensors (their raw bytes, dtype kept)."""
+    tensors = [(k, ST_DTYPES[v.dtype], tuple(v.shape), v.contiguous().view(torch.uint8).numpy().tobytes())
+               for k, v in named]
+    return encode(version, step, tensors, config, secret)
 
 
 def sequence_logprobs(model, seqs: list[dict], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +106,7 @@ class Learner:
         }
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.sender = AdapterSender()
+        self._frames: list[bytes] = []  # the last published version, for catch-up
         self.version = 0
         self.step = 0
 
@@ -107,9 +117,14 @@ class Learner:
         state = get_peft_model_state_dict(self.engine.module)
         return sorted((k, v.detach().contiguous().cpu()) for k, v in state.items())
 
+    def _wire_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """The adapter as it travels: in sync.wire_dtype (bfloat16 halves the bytes)."""
+        dtype = getattr(torch, self.cfg["sync"]["wire_dtype"])
+        return [(k, v.to(dtype)) for k, v in self._adapter_tensors()]
+
     def manifest(self) -> dict:
         """Tensor name -> [safetensors dtype, shape]: what samplers check messages against."""
-        return {k: [ST_DTYPES[v.dtype], list(v.shape)] for k, v in self._adapter_tensors()}
+        return {k: [ST_DTYPES[v.dtype], list(v.shape)] for k, v in self._wire_tensors()}
 
     def peft_config_dict(self) -> dict:
         d = self.peft_config.to_dict()
@@ -119,22 +134,31 @@ class Learner:
         self.sender.connect(endpoints)
 
     def publish(self) -> dict:
-        """Send the current adapter as version `self.version` to every sampler; wait for all acks."""
+        """Send the current adapter as version `self.version` to every sampler; wait for all acks.
+
+        Latency runs from "the learner has new weights" (serialisation included) to "every
+        sampler serves them". The frames are kept for samplers that join later.
+        """
         start = time.perf_counter()
-        tensors = [(k, ST_DTYPES[v.dtype], tuple(v.shape), v.view(torch.uint8).numpy().tobytes())
-                   for k, v in self._adapter_tensors()]
-        frames = encode(self.version, self.step, tensors, self.peft_config_dict(), self.secret)
-        metrics = self.sender.publish(frames, self.version, self.cfg["sync"]["ack_timeout_s"])
-        metrics["sync/latency_ms"] = 1e3 * (time.perf_counter() - start)  # serialise included
+        self._frames = encode_tensors(self.version, self.step, self._wire_tensors(), self.peft_config_dict(), self.secret)
+        metrics = self.sender.publish(self._frames, self.version, self.cfg["sync"]["ack_timeout_s"])
+        metrics["sync/latency_ms"] = 1e3 * (time.perf_counter() - start)
         metrics["sync/version"] = self.version
+        metrics["sync/digest"] = json.loads(self._frames[0])["payload_sha256"]
         return metrics
 
+    def catch_up(self, endpoint: str) -> dict:
+        """Bring a sampler that started late (or restarted) to the latest version before it gets prompts."""
+        self.sender.connect([endpoint])
+        return self.sender.publish(self._frames, self.version, self.cfg["sync"]["ack_timeout_s"], [endpoint])
+
     # -- training ---------------------------------------------------------------------
-    def logprobs(self, seqs: list[dict]) -> list[list[float]]:
-        """Per-token completion log-probs under the current adapter (no grad)."""
+    def logprobs(self, seqs: list[dict], temperature: float | None = None) -> list[list[float]]:
+        """Per-token completion log-probs under the current adapter (no grad), at the run's
+        temperature unless another is given (the probe tries others to diagnose a mismatch)."""
         self.engine.eval()
         with torch.no_grad():
-            lp, mask = sequence_logprobs(self.engine.module, seqs, self.cfg["rollout"]["temperature"])
+            lp, mask = sequence_logprobs(self.engine.module, seqs, temperature or self.cfg["rollout"]["temperature"])
         return [row[: int(m.sum())].tolist() for row, m in zip(lp, mask)]
 
     def train_step(self, seqs: list[dict]) -> dict:

@@ -105,6 +105,9 @@ class RewardConfig:
 class SyncConfig:
     max_message_mb: float = doc(256.0, "Largest adapter message a sampler accepts, in MiB.")
     ack_timeout_s: float = doc(60.0, "How long the learner waits for every sampler to acknowledge a version.")
+    wire_dtype: str = doc("float32", "Adapter dtype on the wire: float32 | bfloat16 (half the bytes, ~1e-3 log-prob drift).")
+    probe_every: int = doc(0, "Run the log-prob probe after the first sync and every N syncs; 0: first sync only; -1: never.")
+    probe_tolerance: float = doc(1e-3, "Largest mean |sampler - learner| log-prob gap the probe accepts, in nats.")
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,11 @@ class Config:
         check(self.loss.ratio_cap is None or self.loss.ratio_cap >= 1, "loss.ratio_cap must be >= 1 or null")
         check(self.loss.clip_eps is None or self.loss.clip_eps > 0, "loss.clip_eps must be > 0 or null")
         check(self.learner.zero_stage in (0, 1, 2), "learner.zero_stage must be 0, 1 or 2")
+        check(self.sync.wire_dtype in ("float32", "bfloat16"), "sync.wire_dtype must be float32 or bfloat16")
+        check(self.rollout.num_samplers >= 1, "rollout.num_samplers must be >= 1")
         check(self.run.steps >= 0, "run.steps must be >= 0")
+        check(self.data.eval_size > 0 or self.data.eval != "arithmetic",
+              "data.eval_size must be > 0 for the generated arithmetic eval split")
         check(":" in self.reward.fn, 'reward.fn must look like "module:function"')
 
 

@@ -65,9 +65,12 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, metrics_path:
     from tqdm import tqdm
 
     from learner.loss import group_advantages
+    from rl.probe import run_probe
 
     r = cfg.rollout
-    ray.get(learner.publish.remote())  # version 0, the zero adapter: samplers serve it from the start
+    sync = ray.get(learner.publish.remote())  # version 0, the zero adapter: samplers serve it from the start
+    published = {0: sync["sync/digest"]}  # version -> payload digest; rollouts must match one of these
+    probe_prompts = [row["prompt_ids"] for row in evals.rows[:4]]
     sink = open(metrics_path, "a")
     metrics = {"step": 0, **evaluate(samplers, rewards, evals, r.max_tokens)}
     sink.write(json.dumps(metrics) + "\n")
@@ -79,6 +82,7 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, metrics_path:
         rows_P = train.next_batch(r.prompts_per_step)
         rollouts = sample(samplers, [row["prompt_ids"] for row in rows_P], r.group_size, r.temperature, r.top_p,
                           r.max_tokens, seed=cfg.run.seed * 100_003 + step)
+        rows_P, rollouts, refused = keep_in_window(rows_P, rollouts, published, step - 1, r.max_staleness)
         t1 = time.perf_counter()
         rewards_P_G, reward_metrics = score(rewards, rollouts, rows_P)
         advantages_P_G = group_advantages(torch.tensor(rewards_P_G), cfg.loss.std_normalize).tolist()
@@ -90,10 +94,15 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, metrics_path:
         ]
         learn_metrics = ray.get(learner.train_step.remote(batch_B))
         sync_metrics = ray.get(learner.publish.remote())  # returns once every sampler serves the new version
+        published[step] = sync_metrics.pop("sync/digest")
+        every = cfg.sync.probe_every
+        if step == 1 and every >= 0 or every > 0 and step % every == 0:
+            sync_metrics.update(run_probe(learner, samplers, probe_prompts, cfg))
         metrics = {
             "step": step,
             **reward_metrics,
             **rollout_metrics(rollouts, rewards_P_G, t1 - t0),
+            "rollout/refused_groups": refused,  # outside the adapter window: never trained on
             **learn_metrics,
             **sync_metrics,
             "time/sample": t1 - t0,
@@ -113,7 +122,8 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, metrics_path:
 
 def sample(samplers, prompt_ids_P: list[list[int]], n: int, temperature: float, top_p: float,
            max_tokens: int, seed: int) -> dict:
-    """Split the prompts across samplers: {"versions": [one per sampler], "groups": P lists of n completions}."""
+    """Split the prompts across samplers: {"groups": P lists of n completions, and per group the
+    "versions" and "digests" of the adapter that produced it}."""
     import ray
 
     shards = [prompt_ids_P[i :: len(samplers)] for i in range(len(samplers))]
@@ -121,10 +131,24 @@ def sample(samplers, prompt_ids_P: list[list[int]], n: int, temperature: float, 
         s.generate.remote(shard, n, temperature, max_tokens, top_p, seed + i)
         for i, (s, shard) in enumerate(zip(samplers, shards)) if shard
     ])
-    groups: list = [None] * len(prompt_ids_P)
+    out = {"groups": [None] * len(prompt_ids_P), "versions": [0] * len(prompt_ids_P), "digests": [""] * len(prompt_ids_P)}
     for i, res in enumerate(results):
-        groups[i :: len(samplers)] = res["groups"]
-    return {"versions": [res["version"] for res in results], "groups": groups}
+        out["groups"][i :: len(samplers)] = res["groups"]
+        out["versions"][i :: len(samplers)] = [res["version"]] * len(res["groups"])
+        out["digests"][i :: len(samplers)] = [res["digest"]] * len(res["groups"])
+    return out
+
+
+def keep_in_window(rows_P: list[dict], rollouts: dict, published: dict[int, str], newest: int,
+                   max_staleness: int) -> tuple[list[dict], dict, int]:
+    """Drop groups from adapters older than the window, or whose digest is not what was published."""
+    keep = [i for i, (v, d) in enumerate(zip(rollouts["versions"], rollouts["digests"]))
+            if newest - v <= max_staleness and published.get(v) == d]
+    if not keep:
+        raise RuntimeError(f"every group came from outside the adapter window (newest version {newest}, "
+                           f"max_staleness {max_staleness}, got versions {sorted(set(rollouts['versions']))})")
+    kept = {k: [v[i] for i in keep] for k, v in rollouts.items()}
+    return [rows_P[i] for i in keep], kept, len(rows_P) - len(keep)
 
 
 def score(rewards, rollouts: dict, rows_P: list[dict]) -> tuple[list[list[float]], dict]:

@@ -50,7 +50,11 @@ class Split:
         return batch
 
 
+ARITHMETIC_TRAIN_SIZE = 5000  # distinct generated training problems
+
+
 def _rows(source: str, split: str, count: int, cfg: Config) -> list[dict]:
+    """Rows of a generated split, or of a file (count 0: all of it)."""
     if source == "arithmetic":
         return [{"prompt": p["prompt"], "answer": p["answer"]} for p in arithmetic.problems(split, count, cfg.run.seed)]
     from rl.data import load_rows
@@ -64,7 +68,7 @@ def load_splits(cfg: Config, model_path: str) -> tuple[Split, Split]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train = _rows(cfg.data.train, "train", 5000, cfg)
+    train = _rows(cfg.data.train, "train", ARITHMETIC_TRAIN_SIZE if cfg.data.train == "arithmetic" else 0, cfg)
     evals = _rows(cfg.data.eval, "eval", cfg.data.eval_size, cfg)
     for row in train + evals:
         row["prompt_ids"] = tokenizer(cfg.data.template.format(prompt=row["prompt"]))["input_ids"]
@@ -80,17 +84,31 @@ def build_actors(cfg: Config, model_path: str, secret: bytes):
     import ray
 
     from learner.learner import Learner
-    from rollout.sampler import Sampler
 
-    plain = to_dict(cfg)
     learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)(Learner).remote(
-        model_path, plain, secret, cfg.run.seed)
+        model_path, to_dict(cfg), secret, cfg.run.seed)
     manifest = ray.get(learner.manifest.remote())
-    sampler_cls = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)(Sampler)
-    samplers = [sampler_cls.remote(model_path, plain, secret, manifest, cfg.run.seed + i)
-                for i in range(cfg.rollout.num_samplers)]
+    samplers = [start_sampler(cfg, model_path, secret, manifest, i) for i in range(cfg.rollout.num_samplers)]
     ray.get(learner.connect.remote(ray.get([s.endpoint.remote() for s in samplers])))
     return learner, samplers
+
+
+def start_sampler(cfg: Config, model_path: str, secret: bytes, manifest: dict, index: int):
+    import ray
+
+    from rollout.sampler import Sampler
+
+    actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)(Sampler)
+    return actor.remote(model_path, to_dict(cfg), secret, manifest, cfg.run.seed + index)
+
+
+def add_sampler(cfg: Config, model_path: str, secret: bytes, learner, index: int):
+    """A sampler that joins a running job: it serves the learner's latest adapter before it gets prompts."""
+    import ray
+
+    sampler = start_sampler(cfg, model_path, secret, ray.get(learner.manifest.remote()), index)
+    ray.get(learner.catch_up.remote(ray.get(sampler.endpoint.remote())))
+    return sampler
 
 
 def write_adapter(learner, run_dir: Path) -> Path:

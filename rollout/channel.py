@@ -49,6 +49,7 @@ class Adapter:
     peft_config: dict
     tensors: list  # [{name, dtype, shape, offset, nbytes}], in payload order
     payload: bytes
+    digest: str  # SHA-256 of the payload: rollouts carry it to name the exact weights
 
 
 def encode(version: int, step: int, tensors: list[tuple[str, str, tuple, bytes]], peft_config: dict,
@@ -99,7 +100,7 @@ def decode(frames: list[bytes], secret: bytes, manifest: dict, max_bytes: int, l
         raise ChannelError(f"malformed tensor entry: {e!r}") from None
     if end != size:
         raise ChannelError(f"tensors cover {end} bytes of a {size}-byte payload")
-    return Adapter(version, step, peft_config, tensors, payload)
+    return Adapter(version, step, peft_config, tensors, payload, digest)
 
 
 def _check_layout(tensors: list, manifest: dict) -> int:
@@ -126,18 +127,23 @@ def _check_layout(tensors: list, manifest: dict) -> int:
     return end
 
 
-def write_peft_dir(adapter: Adapter, path: Path, base_model: str) -> Path:
-    """Write the adapter in PEFT layout (what vLLM's add_lora and PeftModel load)."""
-    path.mkdir(parents=True, exist_ok=True)
-    st_header = {t["name"]: {"dtype": t["dtype"], "shape": t["shape"],
-                             "data_offsets": [t["offset"], t["offset"] + t["nbytes"]]} for t in adapter.tensors}
-    st_header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(st_header).encode()
+def write_safetensors(adapter: Adapter, file: Path):
+    """The payload as a safetensors file: its layout already is safetensors' data section."""
+    header = {t["name"]: {"dtype": t["dtype"], "shape": t["shape"],
+                          "data_offsets": [t["offset"], t["offset"] + t["nbytes"]]} for t in adapter.tensors}
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
-    with open(path / "adapter_model.safetensors", "wb") as f:
+    with open(file, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         f.write(adapter.payload)
+
+
+def write_peft_dir(adapter: Adapter, path: Path, base_model: str) -> Path:
+    """Write the adapter in PEFT layout (what vLLM's add_lora and PeftModel load)."""
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(adapter, path / "adapter_model.safetensors")
     config = {**adapter.peft_config, "base_model_name_or_path": base_model}
     (path / "adapter_config.json").write_text(json.dumps(config))
     return path
@@ -203,15 +209,19 @@ class AdapterSender:
                 sock.connect(ep)
                 self._socks[ep] = sock
 
-    def publish(self, frames: list[bytes], version: int, timeout_s: float) -> dict:
-        """Send one version to every sampler; raise ChannelError unless all load it in time."""
+    def publish(self, frames: list[bytes], version: int, timeout_s: float, endpoints: list[str] | None = None) -> dict:
+        """Send one version to every sampler (or to `endpoints`); raise ChannelError unless all load it in time.
+
+        The frames are encoded once; each send references the same buffers (no copy).
+        """
         start = time.perf_counter()
-        for sock in self._socks.values():
+        targets = {ep: self._socks[ep] for ep in (endpoints if endpoints is not None else self._socks)}
+        for sock in targets.values():
             sock.send_multipart(frames, copy=False)
         poller = zmq.Poller()
-        for sock in self._socks.values():
+        for sock in targets.values():
             poller.register(sock, zmq.POLLIN)
-        pending, acks = dict(self._socks), {}
+        pending, acks = dict(targets), {}
         deadline = start + timeout_s
         while pending:
             left_ms = 1e3 * (deadline - time.perf_counter())

@@ -57,7 +57,7 @@ class Sampler:
             enable_prefix_caching=True,
         )
         self.lock = threading.Lock()
-        self.adapters: OrderedDict[int, object] = OrderedDict()  # version -> LoRARequest, oldest first
+        self.adapters: OrderedDict[int, tuple] = OrderedDict()  # version -> (LoRARequest, digest), oldest first
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.adapter_dir = Path(tempfile.mkdtemp(prefix="rl-lora-adapters-", dir=shm))
         self.receiver = AdapterReceiver(host or node_ip(), secret, manifest,
@@ -81,16 +81,20 @@ class Sampler:
         with self.lock:
             if not self.llm.llm_engine.add_lora(request):
                 raise RuntimeError(f"vLLM did not load adapter version {adapter.version}")
-            self.adapters[adapter.version] = request
+            self.adapters[adapter.version] = (request, adapter.digest)
             # Requests run under the lock, so none uses an evicted version.
             while len(self.adapters) > self.keep:
-                old_version, old = self.adapters.popitem(last=False)
+                old_version, (old, _) = self.adapters.popitem(last=False)
                 self.llm.llm_engine.remove_lora(old.lora_int_id)
                 shutil.rmtree(self.adapter_dir / f"v{old_version}", ignore_errors=True)
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
                  top_p: float = 1.0, seed: int | None = None) -> dict:
-        """n completions per prompt on the newest adapter: {"version", "groups": [[{tokens, logprobs, text}]]}."""
+        """n completions per prompt on the newest adapter.
+
+        Returns {"version", "digest", "groups": [[{tokens, logprobs, text, finished}]]}: the
+        version and payload digest name the exact adapter that produced every completion.
+        """
         from vllm import SamplingParams
 
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
@@ -99,8 +103,9 @@ class Sampler:
             if not self.adapters:
                 raise RuntimeError("no adapter loaded yet: the learner publishes version 0 first")
             version = next(reversed(self.adapters))
+            request, digest = self.adapters[version]
             outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params,
-                                        lora_request=self.adapters[version], use_tqdm=False)
+                                        lora_request=request, use_tqdm=False)
         groups = []
         for out in outputs:
             group = []
@@ -109,7 +114,7 @@ class Sampler:
                 group.append({"tokens": list(c.token_ids), "logprobs": logprobs, "text": c.text,
                               "finished": c.finish_reason == "stop"})
             groups.append(group)
-        return {"version": version, "groups": groups}
+        return {"version": version, "digest": digest, "groups": groups}
 
     def close(self):
         """Stop the receiver and the engine's processes; remove the adapter files."""

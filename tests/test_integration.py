@@ -32,7 +32,8 @@ def stack():
     # A big learning rate so that two steps move the log-probs visibly; a small message cap
     # (the adapter is ~56 KB) so that the oversized-message test stays small.
     cfg = load_config(None, ["learner.lr=0.02", "sync.max_message_mb=0.2", "rollout.prompts_per_step=2",
-                             "rollout.group_size=8", "learner.micro_batch_size=8"])
+                             "rollout.group_size=8", "learner.micro_batch_size=8", "rollout.num_cpus=0.5",
+                             "learner.num_cpus=0.5"])
     ray.init(num_cpus=2, include_dashboard=False)
     secret = secrets.token_bytes(32)
     learner, samplers = build_actors(cfg, model_path, secret)
@@ -161,3 +162,85 @@ def test_saved_adapter_loads_with_peft(stack, tmp_path):
     sampler_lp = [c["logprobs"] for g in out["groups"] for c in g]
     gap = max(abs(lp[i, t].item() - s) for i, row in enumerate(sampler_lp) for t, s in enumerate(row))
     assert gap < 1e-4
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_zero_stages_take_the_same_step(stack, zero_stage):
+    """learner.zero_stage changes how DeepSpeed shards state, not the step it takes."""
+    from learner.learner import Learner
+
+    out = generate(stack, seed=5)
+    batch = [{"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
+              "advantage": 1.0 if i % 3 == 0 else -0.5}
+             for p, g in zip(stack["prompt_ids"], out["groups"]) for i, c in enumerate(g)]
+    plain = to_dict(stack["cfg"])
+    staged = {**plain, "learner": {**plain["learner"], "zero_stage": zero_stage}}
+    actor = ray.remote(num_cpus=0)(Learner)
+    learners = [actor.remote(stack["model_path"], c, b"k" * 32, 123) for c in (plain, staged)]
+    seqs = [{"prompt_ids": b["prompt_ids"], "tokens": b["tokens"]} for b in batch]
+    initial = ray.get(learners[0].logprobs.remote(seqs))
+    for _ in range(2):
+        ray.get([l.train_step.remote(batch) for l in learners])
+    lp0, lp1 = ray.get([l.logprobs.remote(seqs) for l in learners])
+    assert max(abs(a - b) for x, y in zip(lp0, initial) for a, b in zip(x, y)) > 1e-3  # the steps moved it
+    assert max(abs(a - b) for x, y in zip(lp0, lp1) for a, b in zip(x, y)) < 1e-5
+    for learner in learners:
+        ray.kill(learner)
+
+
+def test_late_sampler_catches_up_before_prompts(stack):
+    """A sampler started mid-run serves the learner's latest version (same digest) at once."""
+    from rl.setup import add_sampler
+
+    current = generate(stack, n=1, temperature=0.0)
+    late = add_sampler(stack["cfg"], stack["model_path"], stack["secret"], stack["learner"], index=1)
+    try:
+        out = ray.get(late.generate.remote(stack["prompt_ids"], 4, 1.0, 40, 1.0, 9))
+        assert (out["version"], out["digest"]) == (current["version"], current["digest"])
+        seqs = [{"prompt_ids": p, "tokens": c["tokens"]} for p, g in zip(stack["prompt_ids"], out["groups"]) for c in g]
+        learner_lp = ray.get(stack["learner"].logprobs.remote(seqs))
+        sampler_lp = [c["logprobs"] for g in out["groups"] for c in g]
+        assert max(abs(a - b) for x, y in zip(learner_lp, sampler_lp) for a, b in zip(x, y)) < 1e-4
+    finally:
+        ray.get(late.close.remote())
+        ray.kill(late)
+
+
+def test_probe_passes_and_names_a_temperature_mismatch(stack):
+    from rl.probe import ProbeError, run_probe
+
+    metrics = run_probe(stack["learner"], [stack["sampler"]], stack["prompt_ids"], stack["cfg"])
+    assert metrics["sync/probe_gap_mean"] < 1e-4
+    with pytest.raises(ProbeError, match=r"temperature\. The sampler's log-probs match the learner's at temperature 0\.7"):
+        run_probe(stack["learner"], [stack["sampler"]], stack["prompt_ids"], stack["cfg"], temperature=0.7)
+
+
+def test_bf16_wire_effect_on_logprobs(stack, tmp_path):
+    """sync.wire_dtype=bfloat16 halves the bytes; vLLM widens the bf16 tensors exactly, so the
+    sampler serves the bf16-rounded adapter. Its log-prob gap to the fp32 learner, measured here
+    on the trained adapter, is what the probe tolerance must allow for."""
+    import torch
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from learner.learner import sequence_logprobs
+
+    train = generate(stack, seed=21)  # one real step, so the adapter is far from zero
+    ray.get(stack["learner"].train_step.remote([
+        {"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
+         "advantage": 1.0 if "boxed" in c["text"] else -1.0}
+        for p, g in zip(stack["prompt_ids"], train["groups"]) for c in g]))
+    ray.get(stack["learner"].publish.remote())
+    for name, data in ray.get(stack["learner"].adapter_files.remote()).items():
+        (tmp_path / name).write_bytes(data)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(stack["model_path"]), tmp_path).eval()
+    out = generate(stack, seed=13)
+    seqs = [{"prompt_ids": p, "tokens": c["tokens"]} for p, g in zip(stack["prompt_ids"], out["groups"]) for c in g]
+    with torch.no_grad():
+        fp32, mask = sequence_logprobs(model, seqs, 1.0)
+        rounded = {k: v.to(torch.bfloat16).float() for k, v in get_peft_model_state_dict(model).items()}
+        set_peft_model_state_dict(model, rounded)
+        bf16, _ = sequence_logprobs(model, seqs, 1.0)
+    gap = ((fp32 - bf16).abs() * mask).sum().item() / mask.sum().item()
+    print(f"bf16 wire: mean |log-prob gap| {gap:.2e} nats")
+    assert 1e-5 < gap < 5e-2

@@ -38,3 +38,18 @@ def test_default_job_learns(tmp_path):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     assert (run_dir / "config.yaml").exists()
+
+
+def test_two_samplers_split_the_prompts(tmp_path):
+    """With rollout.num_samplers=2 both engines serve every version and the loop runs."""
+    proc = subprocess.run(
+        [sys.executable, "rl/run.py", "configs/default.yaml", "run.steps=3", "rollout.num_samplers=2",
+         "rollout.num_cpus=0.5", "learner.num_cpus=0.5", "data.eval_size=16", f"run.output_dir={tmp_path}",
+         "run.name=two", "run.progress=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout/adapter_version"] for r in rows[1:]] == [0, 1, 2]
+    assert all(r["rollout/refused_groups"] == 0 for r in rows[1:])
+    assert rows[1]["sync/probe_gap_mean"] < 1e-4  # both samplers probed after the first trained sync
