@@ -81,7 +81,7 @@ def decode(frames: list[bytes], secret: bytes, manifest: dict, max_bytes: int, l
     if not hmac.compare_digest(hmac.new(secret, header_b, hashlib.sha256).digest(), mac):
         raise ChannelError("bad MAC: sender does not hold the run's secret, or the header was altered")
     try:
-        h = json.loads(header_b)
+        h = json.loads(bytes(header_b))
         version, step, tensors = int(h["version"]), int(h["step"]), h["tensors"]
         peft_config, size, digest = h["peft_config"], int(h["payload_bytes"]), h["payload_sha256"]
     except (ValueError, KeyError, TypeError) as e:
@@ -173,7 +173,8 @@ class AdapterReceiver:
         while not self._stop.is_set():
             if not poller.poll(100):
                 continue
-            peer, *frames = self._sock.recv_multipart(copy=True)
+            # copy=False: the payload is used in place (a MoE adapter can be 100+ MB).
+            peer, *frames = [f.buffer for f in self._sock.recv_multipart(copy=False)]
             start = time.perf_counter()
             try:
                 adapter = decode(frames, self._secret, self._manifest, self._max_bytes, self.version)
@@ -185,7 +186,7 @@ class AdapterReceiver:
                 log.warning("refused adapter message: %s (still serving version %d)", reason, self.version)
                 self.refused.append(reason)
                 reply = {"ok": False, "reason": reason, "version": self.version}
-            self._sock.send_multipart([peer, json.dumps(reply).encode()])
+            self._sock.send_multipart([bytes(peer), json.dumps(reply).encode()])
 
     def close(self):
         self._stop.set()
