@@ -46,12 +46,11 @@ def main(argv: list[str]) -> Path:
     train, evals = load_splits(cfg, model_path)
     secret = secrets.token_bytes(32)  # the adapter channel's key, handed out through Ray only
     learner, samplers = build_actors(cfg, model_path, secret)
-    rewards = RewardPool(cfg.reward.fn, cfg.reward.num_workers, cfg.reward.timeout_s)
     try:
-        before, after = rl_loop(cfg, learner, samplers, rewards, train, evals, run_dir / "metrics.jsonl")
+        with RewardPool(cfg.reward.fn, cfg.reward.num_workers, cfg.reward.timeout_s) as rewards:
+            before, after = rl_loop(cfg, learner, samplers, rewards, train, evals, run_dir / "metrics.jsonl")
         adapter = write_adapter(learner, run_dir)
     finally:
-        rewards.close()
         shutdown(learner, samplers)
     print(f"eval/accuracy: {before:.3f} before training, {after:.3f} after {cfg.run.steps} steps")
     print(f"adapter: {adapter}\nrun directory: {run_dir}", flush=True)

@@ -35,6 +35,20 @@ def node_ip() -> str:
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
+def adapter_dir() -> Path:
+    """A fresh folder for this process's adapter files, in RAM where there is /dev/shm.
+
+    The name carries the pid: folders left by samplers that died without `close` (a killed
+    actor, an OOM kill) are removed here, since /dev/shm holds RAM until the files go.
+    """
+    root = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+    for old in root.glob("rl-lora-adapters-*-*"):
+        pid = old.name.split("-")[3]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"rl-lora-adapters-{os.getpid()}-", dir=root))
+
+
 class Sampler:
     def __init__(self, model_path: str, cfg: dict, secret: bytes, manifest: dict, seed: int, host: str = ""):
         from vllm import LLM
@@ -58,8 +72,7 @@ class Sampler:
         )
         self.lock = threading.Lock()
         self.adapters: OrderedDict[int, tuple] = OrderedDict()  # version -> (LoRARequest, digest), oldest first
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        self.adapter_dir = Path(tempfile.mkdtemp(prefix="rl-lora-adapters-", dir=shm))
+        self.adapter_dir = adapter_dir()
         self.receiver = AdapterReceiver(host or node_ip(), secret, manifest,
                                         int(cfg["sync"]["max_message_mb"] * 2**20), self._load)
 
