@@ -147,6 +147,9 @@ class Learner:
         metrics["sync/digest"] = json.loads(self._frames[0])["payload_sha256"]
         return metrics
 
+    def disconnect(self, endpoint: str):
+        self.sender.disconnect(endpoint)
+
     def catch_up(self, endpoint: str) -> dict:
         """Bring a sampler that started late (or restarted) to the latest version before it gets prompts."""
         self.sender.connect([endpoint])

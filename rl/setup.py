@@ -111,6 +111,15 @@ def add_sampler(cfg: Config, model_path: str, secret: bytes, learner, index: int
     return sampler
 
 
+def remove_sampler(learner, sampler):
+    """Take a sampler out of the job: the learner stops publishing to it, its engine stops."""
+    import ray
+
+    ray.get(learner.disconnect.remote(ray.get(sampler.endpoint.remote())))
+    ray.get(sampler.close.remote())
+    ray.kill(sampler)
+
+
 def write_adapter(learner, run_dir: Path) -> Path:
     """Fetch the adapter's PEFT files from the learner (maybe on another node) into run_dir/adapter."""
     import ray

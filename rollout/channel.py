@@ -210,6 +210,12 @@ class AdapterSender:
                 sock.connect(ep)
                 self._socks[ep] = sock
 
+    def disconnect(self, endpoint: str):
+        """Stop publishing to a sampler that left; publish would otherwise wait for its ack."""
+        sock = self._socks.pop(endpoint, None)
+        if sock is not None:
+            sock.close(0)
+
     def publish(self, frames: list[bytes], version: int, timeout_s: float, endpoints: list[str] | None = None) -> dict:
         """Send one version to every sampler (or to `endpoints`); raise ChannelError unless all load it in time.
 

@@ -91,3 +91,20 @@ def test_unacknowledged_version_times_out():
         tx.close()
         silent.close(0)
         ctx.term()
+
+
+def test_disconnected_sampler_is_not_waited_for():
+    rx = AdapterReceiver("127.0.0.1", SECRET, MANIFEST, 1 << 20, lambda a: None)
+    gone = AdapterReceiver("127.0.0.1", SECRET, MANIFEST, 1 << 20, lambda a: None)
+    tx = AdapterSender()
+    try:
+        tx.connect([rx.endpoint, gone.endpoint])
+        tx.publish(frames(1), 1, timeout_s=10)
+        gone.close()
+        with pytest.raises(ChannelError, match="no acknowledgement"):
+            tx.publish(frames(2), 2, timeout_s=0.5)
+        tx.disconnect(gone.endpoint)
+        assert tx.publish(frames(3), 3, timeout_s=10)["sync/bytes"] > 0
+    finally:
+        tx.close()
+        rx.close()

@@ -190,7 +190,7 @@ def test_zero_stages_take_the_same_step(stack, zero_stage):
 
 def test_late_sampler_catches_up_before_prompts(stack):
     """A sampler started mid-run serves the learner's latest version (same digest) at once."""
-    from rl.setup import add_sampler
+    from rl.setup import add_sampler, remove_sampler
 
     current = generate(stack, n=1, temperature=0.0)
     late = add_sampler(stack["cfg"], stack["model_path"], stack["secret"], stack["learner"], index=1)
@@ -202,8 +202,8 @@ def test_late_sampler_catches_up_before_prompts(stack):
         sampler_lp = [c["logprobs"] for g in out["groups"] for c in g]
         assert max(abs(a - b) for x, y in zip(learner_lp, sampler_lp) for a, b in zip(x, y)) < 1e-4
     finally:
-        ray.get(late.close.remote())
-        ray.kill(late)
+        remove_sampler(stack["learner"], late)
+    assert ray.get(stack["learner"].publish.remote())["sync/latency_ms"] < 10_000  # only the remaining sampler
 
 
 def test_probe_passes_and_names_a_temperature_mismatch(stack):
