@@ -203,7 +203,13 @@ def test_late_sampler_catches_up_before_prompts(stack):
         assert max(abs(a - b) for x, y in zip(learner_lp, sampler_lp) for a, b in zip(x, y)) < 1e-4
     finally:
         remove_sampler(stack["learner"], late)
-    assert ray.get(stack["learner"].publish.remote())["sync/latency_ms"] < 10_000  # only the remaining sampler
+    # The learner no longer waits for the removed sampler: the next version reaches the remaining one.
+    out = generate(stack, seed=4)
+    ray.get(stack["learner"].train_step.remote([
+        {"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"], "advantage": 1.0 - 2 * (i % 2)}
+        for p, g in zip(stack["prompt_ids"], out["groups"]) for i, c in enumerate(g)]))
+    assert ray.get(stack["learner"].publish.remote())["sync/version"] == current["version"] + 1
+    assert generate(stack, n=1, temperature=0.0)["version"] == current["version"] + 1
 
 
 def test_probe_passes_and_names_a_temperature_mismatch(stack):
