@@ -10,7 +10,6 @@ handed to DeepSpeed, which avoids compiling DeepSpeed's own CPU Adam op.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import tempfile
@@ -21,8 +20,6 @@ import torch
 
 from learner.loss import denominator, policy_gradient_loss
 from rollout.channel import AdapterSender, encode
-
-log = logging.getLogger(__name__)
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 

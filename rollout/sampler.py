@@ -13,7 +13,6 @@ thread-safe, so the receiver thread and `generate` take turns under one lock.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -22,8 +21,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 from rollout.channel import Adapter, AdapterReceiver, write_peft_dir
-
-log = logging.getLogger(__name__)
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
 
