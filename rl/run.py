@@ -70,52 +70,52 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, metrics_path:
     sync = ray.get(learner.publish.remote())  # version 0, the zero adapter: samplers serve it from the start
     published = {0: sync["sync/digest"]}  # version -> payload digest; rollouts must match one of these
     probe_prompts = [row["prompt_ids"] for row in evals.rows[:4]]
-    sink = open(metrics_path, "a")
-    metrics = {"step": 0, **evaluate(samplers, rewards, evals, r.max_tokens)}
-    sink.write(json.dumps(metrics) + "\n")
-    before = last_acc = metrics["eval/accuracy"]
-    print(f"eval/accuracy before training: {before:.3f}", flush=True)
-    bar = tqdm(range(1, cfg.run.steps + 1), disable=not cfg.run.progress, desc="rl", dynamic_ncols=True)
-    for step in bar:
-        t0 = time.perf_counter()
-        rows_P = train.next_batch(r.prompts_per_step)
-        rollouts = sample(samplers, [row["prompt_ids"] for row in rows_P], r.group_size, r.temperature, r.top_p,
-                          r.max_tokens, seed=cfg.run.seed * 100_003 + step)
-        rows_P, rollouts, refused = keep_in_window(rows_P, rollouts, published, step - 1, r.max_staleness)
-        t1 = time.perf_counter()
-        rewards_P_G, reward_metrics = score(rewards, rollouts, rows_P)
-        advantages_P_G = group_advantages(torch.tensor(rewards_P_G), cfg.loss.std_normalize).tolist()
-        t2 = time.perf_counter()
-        batch_B = [
-            {"prompt_ids": row["prompt_ids"], "tokens": c["tokens"], "sampler_logprobs": c["logprobs"], "advantage": a}
-            for row, group, adv_G in zip(rows_P, rollouts["groups"], advantages_P_G)
-            for c, a in zip(group, adv_G)
-        ]
-        learn_metrics = ray.get(learner.train_step.remote(batch_B))
-        sync_metrics = ray.get(learner.publish.remote())  # returns once every sampler serves the new version
-        published[step] = sync_metrics.pop("sync/digest")
-        every = cfg.sync.probe_every
-        if step == 1 and every >= 0 or every > 0 and step % every == 0:
-            sync_metrics.update(run_probe(learner, samplers, probe_prompts, cfg))
-        metrics = {
-            "step": step,
-            **reward_metrics,
-            **rollout_metrics(rollouts, rewards_P_G, t1 - t0),
-            "rollout/refused_groups": refused,  # outside the adapter window: never trained on
-            **learn_metrics,
-            **sync_metrics,
-            "time/sample": t1 - t0,
-            "time/score": t2 - t1,
-            "time/sync": sync_metrics["sync/latency_ms"] / 1e3,
-        }
-        if step == cfg.run.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
-            metrics.update(evaluate(samplers, rewards, evals, r.max_tokens))
-            last_acc = metrics["eval/accuracy"]
-        metrics["time/step"] = time.perf_counter() - t0
+    with open(metrics_path, "a") as sink:
+        metrics = {"step": 0, **evaluate(samplers, rewards, evals, r.max_tokens)}
         sink.write(json.dumps(metrics) + "\n")
-        sink.flush()
-        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval_acc=f"{last_acc:.3f}")
-    sink.close()
+        before = last_acc = metrics["eval/accuracy"]
+        print(f"eval/accuracy before training: {before:.3f}", flush=True)
+        bar = tqdm(range(1, cfg.run.steps + 1), disable=not cfg.run.progress, desc="rl", dynamic_ncols=True)
+        for step in bar:
+            t0 = time.perf_counter()
+            rows_P = train.next_batch(r.prompts_per_step)
+            rollouts = sample(samplers, [row["prompt_ids"] for row in rows_P], r.group_size, r.temperature, r.top_p,
+                              r.max_tokens, seed=cfg.run.seed * 100_003 + step)
+            rows_P, rollouts, refused = keep_in_window(rows_P, rollouts, published, step - 1, r.max_staleness)
+            t1 = time.perf_counter()
+            rewards_P_G, reward_metrics = score(rewards, rollouts, rows_P)
+            advantages_P_G = group_advantages(torch.tensor(rewards_P_G), cfg.loss.std_normalize).tolist()
+            t2 = time.perf_counter()
+            batch_B = [
+                {"prompt_ids": row["prompt_ids"], "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
+                 "advantage": a}
+                for row, group, adv_G in zip(rows_P, rollouts["groups"], advantages_P_G)
+                for c, a in zip(group, adv_G)
+            ]
+            learn_metrics = ray.get(learner.train_step.remote(batch_B))
+            sync_metrics = ray.get(learner.publish.remote())  # returns once every sampler serves the new version
+            published[step] = sync_metrics.pop("sync/digest")
+            every = cfg.sync.probe_every
+            if step == 1 and every >= 0 or every > 0 and step % every == 0:
+                sync_metrics.update(run_probe(learner, samplers, probe_prompts, cfg))
+            metrics = {
+                "step": step,
+                **reward_metrics,
+                **rollout_metrics(rollouts, rewards_P_G, t1 - t0),
+                "rollout/refused_groups": refused,  # outside the adapter window: never trained on
+                **learn_metrics,
+                **sync_metrics,
+                "time/sample": t1 - t0,
+                "time/score": t2 - t1,
+                "time/sync": sync_metrics["sync/latency_ms"] / 1e3,
+            }
+            if step == cfg.run.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
+                metrics.update(evaluate(samplers, rewards, evals, r.max_tokens))
+                last_acc = metrics["eval/accuracy"]
+            metrics["time/step"] = time.perf_counter() - t0
+            sink.write(json.dumps(metrics) + "\n")
+            sink.flush()
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval_acc=f"{last_acc:.3f}")
     return before, last_acc
 
 

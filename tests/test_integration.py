@@ -180,8 +180,8 @@ def test_zero_stages_take_the_same_step(stack, zero_stage):
     seqs = [{"prompt_ids": b["prompt_ids"], "tokens": b["tokens"]} for b in batch]
     initial = ray.get(learners[0].logprobs.remote(seqs))
     for _ in range(2):
-        ray.get([l.train_step.remote(batch) for l in learners])
-    lp0, lp1 = ray.get([l.logprobs.remote(seqs) for l in learners])
+        ray.get([x.train_step.remote(batch) for x in learners])
+    lp0, lp1 = ray.get([x.logprobs.remote(seqs) for x in learners])
     assert max(abs(a - b) for x, y in zip(lp0, initial) for a, b in zip(x, y)) > 1e-3  # the steps moved it
     assert max(abs(a - b) for x, y in zip(lp0, lp1) for a, b in zip(x, y)) < 1e-5
     for learner in learners:
