@@ -7,7 +7,8 @@ A model with the shapes of Qwen2.5-0.5B (random weights, float32, built here) is
 new weights" -> "every sampler serves them":
 
 (a) the rank-1 all-linear adapter through our channel (tensors -> one authenticated message
-    -> every sampler validates, writes it to /dev/shm, vLLM add_lora -> acknowledgement);
+    -> every sampler validates it and hands the payload to vLLM's worker, which loads it from
+    memory as a new LoRA -> acknowledgement);
 (b) full-weight sync of the same model into the same engines: the full state dict as one
     message on the same channel (same validation and digest), written to /dev/shm and loaded
     into the running engine with vLLM's reload_weights, prefix cache reset, acknowledgement.
@@ -163,9 +164,10 @@ def main():
         for _ in range(args.versions):
             ms, adapter_bytes = sync(tx, endpoints[:count], adapter, config)
             lat_a.append(ms)
-        print(f"{count} sampler(s): adapter p50 {statistics.median(lat_a):.1f} ms", flush=True)
+        print(f"{count} sampler(s): adapter p50 {statistics.median(lat_a):.1f} ms, "
+              f"per version {[round(x) for x in lat_a]}", flush=True)
         for _ in range(args.full_versions if count in full_counts else 0):
-            ms, full_msg_bytes = sync(full_tx, full_endpoints[:count], full, {})
+            ms, _ = sync(full_tx, full_endpoints[:count], full, {})
             lat_f.append(ms)
         served = ray.get([s.generate.remote([[1, 2, 3]], 1, 0.0, 4) for s in samplers[:count]])
         assert all(len(out["groups"][0][0]["tokens"]) > 0 for out in served)
@@ -177,14 +179,15 @@ def main():
     first = counts[0]
     summary = {
         "adapter_bytes": adapter_bytes,
-        "full_bytes": full_msg_bytes,
+        "full_bytes": full_bytes,
         "adapter_tensors": len(adapter),
         "versions": args.versions,
         "full_versions": args.full_versions,
         "adapter_p50_ms": result[f"adapter_p50_ms_{first}"],
         "adapter_p99_ms": result[f"adapter_p99_ms_{first}"],
-        "full_p50_ms": result[f"full_p50_ms_{first}"],
-        "speedup_p50": round(result[f"full_p50_ms_{first}"] / result[f"adapter_p50_ms_{first}"], 1),
+        "full_p50_ms": result.get(f"full_p50_ms_{first}"),  # None with --full-versions 0
+        "speedup_p50": (round(result[f"full_p50_ms_{first}"] / result[f"adapter_p50_ms_{first}"], 1)
+                        if f"full_p50_ms_{first}" in result else None),
         **result,
     }
     for s in samplers:

@@ -14,8 +14,8 @@ would drop messages sent before a subscriber joins, so every version is acknowle
 receiver validates, hands the adapter to its loader, and answers `{"ok": true, ...}`, or
 `{"ok": false, "reason": ...}` while it keeps serving its last good version.
 
-Light module: no torch. The payload layout is safetensors' own, so the receiver writes an
-`adapter_model.safetensors` by prefixing a header to the payload, without decoding tensors.
+Light module: no torch. The payload layout is safetensors' own: `write_safetensors` makes a
+file of it by prefixing a header, without decoding tensors.
 """
 
 from __future__ import annotations
@@ -138,15 +138,6 @@ def write_safetensors(adapter: Adapter, file: Path):
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         f.write(adapter.payload)
-
-
-def write_peft_dir(adapter: Adapter, path: Path, base_model: str) -> Path:
-    """Write the adapter in PEFT layout (what vLLM's add_lora and PeftModel load)."""
-    path.mkdir(parents=True, exist_ok=True)
-    write_safetensors(adapter, path / "adapter_model.safetensors")
-    config = {**adapter.peft_config, "base_model_name_or_path": base_model}
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    return path
 
 
 class AdapterReceiver:

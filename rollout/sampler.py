@@ -13,6 +13,7 @@ thread-safe, so the receiver thread and `generate` take turns under one lock.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from rollout.channel import Adapter, AdapterReceiver, write_peft_dir
+from rollout.channel import Adapter, AdapterReceiver
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
 
@@ -66,6 +67,7 @@ class Sampler:
             gpu_memory_utilization=rollout["gpu_memory_utilization"],
             enforce_eager=rollout["enforce_eager"],
             enable_prefix_caching=True,
+            worker_extension_cls="rollout.vllm_ext.InMemoryAdapters",
         )
         self.lock = threading.Lock()
         self.adapters: OrderedDict[int, tuple] = OrderedDict()  # version -> (LoRARequest, digest), oldest first
@@ -83,20 +85,29 @@ class Sampler:
         return list(self.receiver.refused)
 
     def _load(self, adapter: Adapter):
-        """Called by the receiver thread for each valid message; returns once vLLM serves it."""
+        """Called by the receiver thread for each valid message; returns once vLLM serves it.
+
+        The weights go to vLLM's worker from memory (rollout/vllm_ext.py); the adapter's folder
+        holds only its adapter_config.json.
+        """
         from vllm.lora.request import LoRARequest
 
-        path = write_peft_dir(adapter, self.adapter_dir / f"v{adapter.version}", self.model_path)
+        path = self.adapter_dir / f"v{adapter.version}"
+        path.mkdir()
+        (path / "adapter_config.json").write_text(json.dumps({**adapter.peft_config,
+                                                              "base_model_name_or_path": self.model_path}))
         request = LoRARequest(f"v{adapter.version}", adapter.version + 1, str(path))
         with self.lock:
-            if not self.llm.llm_engine.add_lora(request):
+            loaded = self.llm.collective_rpc("add_adapter_from_memory", args=(
+                request.lora_name, request.lora_int_id, str(path), adapter.tensors, adapter.payload))
+            if not all(loaded):
                 raise RuntimeError(f"vLLM did not load adapter version {adapter.version}")
             self.adapters[adapter.version] = (request, adapter.digest)
             # Requests run under the lock, so none uses an evicted version.
             while len(self.adapters) > self.keep:
-                old_version, (old, _) = self.adapters.popitem(last=False)
-                self.llm.llm_engine.remove_lora(old.lora_int_id)
-                shutil.rmtree(self.adapter_dir / f"v{old_version}", ignore_errors=True)
+                _, (old, _) = self.adapters.popitem(last=False)
+                self.llm.collective_rpc("remove_adapter_from_memory", args=(old.lora_int_id, old.lora_path))
+                shutil.rmtree(old.lora_path, ignore_errors=True)
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
                  top_p: float = 1.0, seed: int | None = None) -> dict:

@@ -1,12 +1,11 @@
 """The adapter message and both socket ends, without vLLM (the integration tests load real adapters)."""
 
-import json
 import struct
 
 import pytest
 import zmq
 
-from rollout.channel import AdapterReceiver, AdapterSender, ChannelError, decode, encode, write_peft_dir
+from rollout.channel import AdapterReceiver, AdapterSender, ChannelError, decode, encode, write_safetensors
 
 SECRET = b"s" * 32
 MANIFEST = {"a.lora_A.weight": ["F32", [1, 4]], "a.lora_B.weight": ["F32", [3, 1]]}
@@ -23,17 +22,23 @@ def frames(version=1, **kw):
     return encode(version, version, kw.get("tensors", tensors()), {"r": 1, "lora_alpha": 32}, kw.get("secret", SECRET))
 
 
-def test_round_trip_and_peft_file(tmp_path):
+def test_round_trip_safetensors_file_and_in_memory_views(tmp_path):
     a = decode(frames(3), SECRET, MANIFEST, 1 << 20, last_version=2)
     assert (a.version, a.step, a.peft_config["r"]) == (3, 3, 1)
     assert [t["offset"] for t in a.tensors] == [0, 16] and len(a.payload) == 28
     from safetensors.numpy import load_file
 
-    write_peft_dir(a, tmp_path, "/base")
+    write_safetensors(a, tmp_path / "adapter_model.safetensors")
     loaded = load_file(tmp_path / "adapter_model.safetensors")
     assert loaded["a.lora_A.weight"].tolist() == [[1, 2, 3, 4]]
     assert loaded["a.lora_B.weight"].ravel().tolist() == [0.5, -0.5, 0.25]
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "/base"
+    # What the sampler hands vLLM's worker instead of a file: the same tensors, as views.
+    import torch
+
+    from rollout.vllm_ext import tensors_from_payload
+
+    views = tensors_from_payload(torch.frombuffer(bytearray(a.payload), dtype=torch.uint8), a.tensors)
+    assert {k: v.tolist() for k, v in views.items()} == {k: v.tolist() for k, v in loaded.items()}
 
 
 @pytest.mark.parametrize("mutate, reason", [
