@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from learner.loss import denominator, policy_gradient_loss
+from rl.config import pin_cpus
 from rollout.channel import AdapterSender, encode
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -71,6 +72,8 @@ class Learner:
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.model_path, self.secret = cfg, model_path, secret
+        if cfg["learner"]["cpu_cores"]:
+            torch.set_num_threads(pin_cpus(cfg["learner"]["cpu_cores"]))
         torch.manual_seed(seed)
         dtype = getattr(torch, cfg["model"]["dtype"])
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
@@ -168,36 +171,45 @@ class Learner:
         lcfg, temperature = self.cfg["loss"], self.cfg["rollout"]["temperature"]
         num_tokens = sum(len(s["tokens"]) for s in seqs)
         denom = denominator(lcfg["normalizer"], len(seqs), num_tokens)
-        totals = {"ratio_sum": 0.0, "ratio_max": 0.0, "limited": 0.0, "tokens": 0.0, "loss": 0.0}
-        chunks = [seqs[i:i + self.micro] for i in range(0, len(seqs), self.micro)]
-        if len(chunks) != self.gas:
-            raise ValueError(f"expected {self.gas} micro-batches of {self.micro}, got {len(chunks)}")
+        totals = dict.fromkeys(("ratio_sum", "ratio_sq_sum", "ratio_max", "kl_sum", "limited", "tokens", "loss"), 0.0)
+        if not 0 < len(seqs) <= self.gas * self.micro:
+            raise ValueError(f"{len(seqs)} completions for a step of at most {self.gas} x {self.micro}")
+        # Exactly `gas` micro-batches, as DeepSpeed counts them (fewer completions when groups
+        # were dropped: the last micro-batches are shorter, or empty).
+        chunks = [seqs[i * self.micro:(i + 1) * self.micro] for i in range(self.gas)]
         grad_norm = None
         for i, chunk in enumerate(chunks):
-            lp, mask = sequence_logprobs(self.engine.module, chunk, temperature)
-            T = lp.shape[1]
-            old = torch.tensor([s["sampler_logprobs"] + [0.0] * (T - len(s["sampler_logprobs"])) for s in chunk])
-            adv = torch.tensor([s["advantage"] for s in chunk])
-            loss, stats = policy_gradient_loss(lp, old, adv, mask, denom, lcfg["ratio_cap"], lcfg["clip_eps"])
+            if chunk:
+                lp, mask = sequence_logprobs(self.engine.module, chunk, temperature)
+                T = lp.shape[1]
+                old = torch.tensor([s["sampler_logprobs"] + [0.0] * (T - len(s["sampler_logprobs"])) for s in chunk])
+                adv = torch.tensor([s["advantage"] for s in chunk])
+                loss, stats = policy_gradient_loss(lp, old, adv, mask, denom, lcfg["ratio_cap"], lcfg["clip_eps"])
+                totals["ratio_max"] = max(totals["ratio_max"], stats["ratio_max"].item())
+                for k in ("ratio_sum", "ratio_sq_sum", "kl_sum", "limited", "tokens"):
+                    totals[k] += stats[k].item()
+            else:  # an empty micro-batch still counts towards DeepSpeed's accumulation boundary
+                loss = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
             # The loss is already normalised over the whole step: no extra 1/GAS scaling.
             self.engine.backward(loss, scale_wrt_gas=False)
             if i == len(chunks) - 1:
                 grad_norm = self._grad_norm()
             self.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
             totals["loss"] += loss.item()
-            totals["ratio_max"] = max(totals["ratio_max"], stats["ratio_max"].item())
-            for k in ("ratio_sum", "limited", "tokens"):
-                totals[k] += stats[k].item()
         self.step += 1
         self.version += 1
         elapsed = time.perf_counter() - start
         if grad_norm is None:  # ZeRO 1/2 keep gradients in their own partitions
             grad_norm = self.engine.get_global_grad_norm()
+        tokens, sq = max(totals["tokens"], 1), totals["ratio_sq_sum"]
         return {
             "learner/loss": totals["loss"],
-            "learner/ratio_mean": totals["ratio_sum"] / max(totals["tokens"], 1),
+            "learner/ratio_mean": totals["ratio_sum"] / tokens,
             "learner/ratio_max": totals["ratio_max"],
-            "learner/truncated_frac": totals["limited"] / max(totals["tokens"], 1),
+            # Effective sample size of the token ratios as a fraction of the tokens: 1 when on-policy.
+            "learner/ratio_ess": totals["ratio_sum"] ** 2 / (tokens * sq) if sq else 1.0,
+            "learner/mismatch_kl": totals["kl_sum"] / tokens,  # KL(sampler || learner) per token, k3 estimator
+            "learner/truncated_frac": totals["limited"] / tokens,
             "learner/grad_norm": None if grad_norm is None else float(grad_norm),  # before clipping
             "learner/tokens_per_s": totals["tokens"] / elapsed,
             "time/learn": elapsed,

@@ -45,7 +45,9 @@ def policy_gradient_loss(
 
     logprobs are the learner's (with grad) and the sampler's (constants) for each
     completion token; mask is 1 on completion tokens. Returns the loss and sums over the
-    masked tokens (ratio sum, ratio max, tokens truncated or clipped) for metrics.
+    masked tokens for metrics: ratio sum, sum of squares and max, tokens truncated or clipped,
+    and the k3 estimate of KL(sampler || learner), sum of ratio - 1 - log ratio (>= 0, unbiased
+    for tokens drawn by the sampler).
     """
     mask = mask_B_T.to(logprobs_B_T.dtype)
     adv = advantages_B[:, None].to(logprobs_B_T.dtype)
@@ -66,6 +68,8 @@ def policy_gradient_loss(
     r = ratio.detach()
     stats = {
         "ratio_sum": (r * mask).sum(),
+        "ratio_sq_sum": (r * r * mask).sum(),
+        "kl_sum": ((r - 1 - log_ratio.detach()) * mask).sum(),
         "ratio_max": (r * mask).max() if mask.any() else torch.tensor(1.0),
         "limited": limited.sum(),
         "tokens": mask.sum(),

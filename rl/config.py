@@ -9,6 +9,7 @@ Every field carries a one-line doc (units, and what 0 or None means). YAML files
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class RolloutConfig:
     num_cpus: float = doc(1.0, "CPUs reserved in Ray for each sampler actor.")
     num_gpus: float = doc(0.0, "GPUs per sampler actor (0 on CPU).")
     max_staleness: int = doc(0, "Adapter versions a rollout may lag the learner; versions kept resident = this + 1.")
+    on_stale: str = doc("drop", "A group from outside the window: drop | regenerate (sample it again); counted.")
+    cpu_cores: str = doc("", 'CPU ids for each sampler and its vLLM threads, e.g. "0" or "0-3"; "" = vLLM chooses.')
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class LearnerConfig:
     zero_stage: int = doc(0, "DeepSpeed ZeRO stage (0, 1 or 2).")
     num_cpus: float = doc(1.0, "CPUs reserved in Ray for the learner actor.")
     num_gpus: float = doc(0.0, "GPUs for the learner actor (0 on CPU).")
+    cpu_cores: str = doc("", 'CPU ids the learner is pinned to, e.g. "1" or "4-7", one torch thread each; "" = all.')
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,8 @@ class SyncConfig:
 @dataclass(frozen=True)
 class RunConfig:
     steps: int = doc(60, "RL steps (one optimiser step each).")
+    mode: str = doc("sync", "sync: sample, train, publish in turn | async: samplers generate the next batches "
+                            "while the learner trains, at most rollout.max_staleness versions behind.")
     seed: int = doc(0, "Seed for data order, sampling and initialisation.")
     eval_every: int = doc(0, "Evaluate every N steps; 0 means only before and after training.")
     output_dir: str = doc("runs", "Parent folder of run directories.")
@@ -145,9 +151,29 @@ class Config:
         check(self.sync.wire_dtype in ("float32", "bfloat16"), "sync.wire_dtype must be float32 or bfloat16")
         check(self.rollout.num_samplers >= 1, "rollout.num_samplers must be >= 1")
         check(self.run.steps >= 0, "run.steps must be >= 0")
+        check(self.run.mode in ("sync", "async"), "run.mode must be sync or async")
+        check(self.rollout.max_staleness >= 0, "rollout.max_staleness must be >= 0")
+        check(self.rollout.on_stale in ("drop", "regenerate"), "rollout.on_stale must be drop or regenerate")
+        for key, cores in ("rollout.cpu_cores", self.rollout.cpu_cores), ("learner.cpu_cores", self.learner.cpu_cores):
+            check(not cores or re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", cores),
+                  f'{key} must list CPU ids like "0", "0,2" or "0-3", got {cores!r}')
         check(self.data.eval_size > 0 or self.data.eval != "arithmetic",
               "data.eval_size must be > 0 for the generated arithmetic eval split")
         check(":" in self.reward.fn, 'reward.fn must look like "module:function"')
+
+
+def pin_cpus(spec: str) -> int:
+    """Pin every thread of this process (and the processes it starts) to the CPU ids in a
+    `cpu_cores` value ("0", "0,2", "0-3"); returns how many."""
+    import os
+
+    cores = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        cores.update(range(int(first), int(last or first) + 1))
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), cores)
+    return len(cores)
 
 
 def check(ok: bool, message: str):

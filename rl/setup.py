@@ -85,8 +85,8 @@ def build_actors(cfg: Config, model_path: str, secret: bytes):
 
     from learner.learner import Learner
 
-    learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)(Learner).remote(
-        model_path, to_dict(cfg), secret, cfg.run.seed)
+    learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)(Learner).options(
+        name="learner").remote(model_path, to_dict(cfg), secret, cfg.run.seed)
     manifest = ray.get(learner.manifest.remote())
     samplers = [start_sampler(cfg, model_path, secret, manifest, i) for i in range(cfg.rollout.num_samplers)]
     ray.get(learner.connect.remote(ray.get([s.endpoint.remote() for s in samplers])))
@@ -99,7 +99,8 @@ def start_sampler(cfg: Config, model_path: str, secret: bytes, manifest: dict, i
     from rollout.sampler import Sampler
 
     actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)(Sampler)
-    return actor.remote(model_path, to_dict(cfg), secret, manifest, cfg.run.seed + index)
+    return actor.options(name=f"sampler-{index}").remote(model_path, to_dict(cfg), secret, manifest,
+                                                         cfg.run.seed + index)
 
 
 def add_sampler(cfg: Config, model_path: str, secret: bytes, learner, index: int):
@@ -131,14 +132,31 @@ def write_adapter(learner, run_dir: Path) -> Path:
     return out
 
 
+def dead_actors(learner, samplers) -> list[str]:
+    """Names of the actors that are gone (killed, crashed, or lost with their node)."""
+    import ray
+
+    actors = {"learner": learner, **{f"sampler-{i}": s for i, s in enumerate(samplers)}}
+    pings = {name: actor.__ray_call__.remote(lambda self: None) for name, actor in actors.items()}
+    dead = []
+    for name, ping in pings.items():
+        try:
+            ray.get(ping, timeout=30)
+        except ray.exceptions.RayActorError:
+            dead.append(name)
+        except ray.exceptions.GetTimeoutError:  # busy, not dead
+            pass
+    return dead
+
+
 def shutdown(learner, samplers):
     """Stop the vLLM engines (and their processes) and the actors, then leave Ray."""
     import ray
 
-    try:
-        ray.get([s.close.remote() for s in samplers] + [learner.close.remote()], timeout=60)
-    except Exception:  # an actor that already died has nothing left to close
-        pass
-    for actor in [learner, *samplers]:
+    for actor in [*samplers, learner]:
+        try:
+            ray.get(actor.close.remote(), timeout=60)
+        except Exception:  # an actor that already died has nothing left to close
+            pass
         ray.kill(actor)
     ray.shutdown()

@@ -21,6 +21,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from rl.config import pin_cpus
 from rollout.channel import Adapter, AdapterReceiver
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
@@ -54,6 +55,9 @@ class Sampler:
         model, rollout, lora = cfg["model"], cfg["rollout"], cfg["lora"]
         self.model_path, self.cfg = model_path, cfg
         self.keep = rollout["max_staleness"] + 1
+        if rollout["cpu_cores"]:  # this actor and vLLM's processes (which inherit it), on these cores only
+            pin_cpus(rollout["cpu_cores"])
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout["cpu_cores"]
         self.llm = LLM(
             model=model_path,
             dtype=model["dtype"],

@@ -41,6 +41,7 @@ def test_ratio_one_is_reinforce_with_group_mean_baseline():
     grad, stats = autograd_grad(logprobs(W0).detach())
     assert torch.allclose(grad, hand_grad(torch.ones(2, 3)), atol=1e-6)
     assert stats["ratio_sum"].item() == pytest.approx(5.0)
+    assert stats["ratio_sq_sum"].item() == pytest.approx(5.0) and stats["kl_sum"].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_importance_ratio_weights_each_token():
@@ -50,6 +51,11 @@ def test_importance_ratio_weights_each_token():
     ratio = torch.exp(shift) * MASK
     assert torch.allclose(grad, hand_grad(ratio), atol=1e-6)
     assert stats["ratio_max"].item() == pytest.approx(torch.exp(torch.tensor(0.3)).item(), rel=1e-6)
+    # Sums behind the ESS and mismatch-KL metrics, over the 5 real tokens only.
+    r = torch.exp(shift)[MASK > 0]
+    assert stats["ratio_sq_sum"].item() == pytest.approx((r * r).sum().item(), rel=1e-6)
+    assert stats["kl_sum"].item() == pytest.approx((r - 1 - torch.log(r)).sum().item(), rel=1e-5)
+    assert stats["kl_sum"].item() > 0
 
 
 def test_truncated_ratio_caps_the_coefficient():

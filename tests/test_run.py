@@ -3,7 +3,11 @@
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("reward/mean", "reward/accuracy", "learner/ratio_mean", "learner/ratio_max", "learner/truncated_frac",
@@ -53,3 +57,72 @@ def test_two_samplers_split_the_prompts(tmp_path):
     assert [r["rollout/adapter_version"] for r in rows[1:]] == [0, 1, 2]
     assert all(r["rollout/refused_groups"] == 0 for r in rows[1:])
     assert rows[1]["sync/probe_gap_mean"] < 1e-4  # both samplers probed after the first trained sync
+
+
+ASYNC_KEYS = ("rollout/staleness_mean", "rollout/staleness_max", "rollout/staleness_hist", "learner/ratio_ess",
+              "learner/mismatch_kl", "async/queue_depth", "time/sampler_idle", "time/learner_idle")
+
+
+def test_async_job_learns_within_the_staleness_bound(tmp_path):
+    steps = 40
+    proc = subprocess.run(
+        [sys.executable, "rl/run.py", "configs/default.yaml", "run.mode=async", "rollout.max_staleness=1",
+         f"run.steps={steps}", "run.eval_every=20", f"run.output_dir={tmp_path}", "run.name=async",
+         "run.progress=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "async" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    for key in KEYS + ASYNC_KEYS:
+        assert all(key in r for r in rows[1:]), key
+    # Recorded versions, not timing: every group trained at step s came from version s-2 or s-1.
+    assert all(s - 2 <= r["rollout/adapter_version"] <= s - 1 for s, r in enumerate(rows[1:], start=1))
+    assert all(r["rollout/staleness_max"] <= 1 and r["rollout/refused_groups"] == 0 for r in rows[1:])
+    assert sum(r["rollout/staleness_hist"][1] for r in rows[1:]) > 0  # sampling did run ahead
+    assert all(r["learner/ratio_ess"] > 0.5 and r["learner/mismatch_kl"] >= 0 for r in rows[1:])
+    before, after = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]
+    assert after >= before + 0.10, (before, after)
+
+
+def engine_processes() -> set[int]:
+    """Pids of vLLM engine and Ray actor processes of this machine (by their process titles)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if title.startswith((b"VLLM::", b"ray::Sampler", b"ray::Learner")):
+            found.add(int(proc.name))
+    return found
+
+
+@pytest.mark.parametrize("mode, victim", [("async", "sampler-0"), ("sync", "learner")])
+def test_a_dead_actor_ends_the_run_with_a_clear_error_and_no_leftovers(tmp_path, mode, victim):
+    """Kill an actor after step 2 (as a node failure or an OOM kill would): the run stops
+    with an error that names it, and no engine or actor process outlives the run."""
+    import ray
+
+    from rl.run import main
+
+    already = engine_processes()
+    metrics = tmp_path / "dead" / "metrics.jsonl"
+
+    def kill_after_step_2():
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            time.sleep(0.2)
+        ray.kill(ray.get_actor(victim))
+
+    killer = threading.Thread(target=kill_after_step_2, daemon=True)
+    killer.start()
+    with pytest.raises(Exception) as failure:
+        main([str(ROOT / "configs/default.yaml"), f"run.mode={mode}", "rollout.max_staleness=1", "run.steps=30",
+              "data.eval_size=16", "sync.ack_timeout_s=10", f"run.output_dir={tmp_path}", "run.name=dead",
+              "run.progress=false"])
+    killer.join(timeout=5)
+    assert f"run stopped: {victim} died" in str(failure.value), failure.value
+    deadline = time.time() + 30
+    while engine_processes() - already and time.time() < deadline:
+        time.sleep(0.5)
+    assert not engine_processes() - already

@@ -1,31 +1,116 @@
-"""The driver refuses rollouts from outside the adapter window before they reach the learner."""
+"""The adapter window, and where batches come from in sync and async mode.
+
+The samplers here are small Ray actors that play vLLM's part (they return their adapter
+version with fake completions, after a random delay); the real engines are exercised in
+test_integration.py and test_run.py. Staleness is asserted on recorded versions, not timing.
+"""
+
+import random
+import time
 
 import pytest
+import ray
 
-from rl.run import keep_in_window
+from rl.config import load_config
+from rl.rollouts import AsyncBatches, Batches, keep_in_window
+from rl.setup import Split
 
 PUBLISHED = {3: "d3", 4: "d4", 5: "d5"}
 
 
-def rollouts(versions, digests):
-    return {"groups": [[{"v": v}] for v in versions], "versions": versions, "digests": digests}
+def groups(versions, digests):
+    return [{"version": v, "digest": d, "i": i} for i, (v, d) in enumerate(zip(versions, digests))]
 
 
-def test_stale_and_unknown_adapters_are_dropped_and_counted():
-    rows = [{"i": i} for i in range(5)]
-    r = rollouts([5, 4, 3, 5, 5], ["d5", "d4", "d3", "forged", "d5"])
-    kept_rows, kept, refused = keep_in_window(rows, r, PUBLISHED, newest=5, max_staleness=1)
-    assert [row["i"] for row in kept_rows] == [0, 1, 4]
-    assert kept["versions"] == [5, 4, 5] and [g[0]["v"] for g in kept["groups"]] == [5, 4, 5]
-    assert refused == 2  # version 3 is two behind; "forged" is not the digest published for 5
+def test_stale_and_unknown_adapters_are_refused():
+    kept, refused = keep_in_window(groups([5, 4, 3, 5, 5], ["d5", "d4", "d3", "forged", "d5"]), PUBLISHED,
+                                   newest=5, max_staleness=1)
+    assert [g["i"] for g in kept] == [0, 1, 4]
+    assert [g["i"] for g in refused] == [2, 3]  # version 3 is two behind; "forged" is not what 5 published
 
 
 def test_sync_window_keeps_only_the_newest():
-    rows = [{"i": 0}, {"i": 1}]
-    _, kept, refused = keep_in_window(rows, rollouts([5, 4], ["d5", "d4"]), PUBLISHED, newest=5, max_staleness=0)
-    assert kept["versions"] == [5] and refused == 1
+    kept, refused = keep_in_window(groups([5, 4], ["d5", "d4"]), PUBLISHED, newest=5, max_staleness=0)
+    assert [g["version"] for g in kept] == [5] and len(refused) == 1
 
 
-def test_nothing_in_window_is_an_error():
+class FakeSampler:
+    """Serves `version` (set by the test's learner) after a random delay, like a busy engine."""
+
+    def __init__(self, seed, digest_prefix="d"):
+        self.version, self.rng, self.prefix = 0, random.Random(seed), digest_prefix
+
+    def load(self, version):
+        self.version = version
+
+    def generate(self, prompt_ids, n, temperature, max_tokens, top_p, seed):
+        version = self.version  # the adapter a real sampler takes at the start of generate
+        time.sleep(self.rng.uniform(0.0, 0.05))
+        completion = {"tokens": [1, 2], "logprobs": [-0.1, -0.2], "text": "x", "finished": True}
+        return {"version": version, "digest": f"{self.prefix}{version}",
+                "groups": [[dict(completion) for _ in range(n)] for _ in prompt_ids]}
+
+
+class FakeRewards:
+    def score(self, items):
+        return [float(i % 2) for i in range(len(items))], {}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def drive(mode, max_staleness, steps=12, on_stale="drop", digest_prefix="d", lag=None):
+    """The driver loop without a learner: take a batch, 'train' for a random time, publish.
+
+    lag: sampler index -> versions it stays behind the learner (a sampler that missed loads)."""
+    cfg = load_config(None, [f"run.mode={mode}", f"run.steps={steps}", f"rollout.max_staleness={max_staleness}",
+                             f"rollout.on_stale={on_stale}", "rollout.prompts_per_step=4", "rollout.group_size=2"])
+    samplers = [ray.remote(FakeSampler).remote(i, digest_prefix) for i in range(2)]
+    train = Split([{"prompt_ids": [i], "answer": "1"} for i in range(50)])
+    rng, history = random.Random(0), []
+    make = AsyncBatches if mode == "async" else Batches
+    with make(cfg, samplers, FakeRewards(), train, {0: "d0"}) as batches:
+        for step in range(1, steps + 1):
+            kept, metrics = batches.next(step)
+            history.append(([g["version"] for g in kept], metrics))
+            time.sleep(rng.uniform(0.0, 0.05))  # the learner's step
+            ray.get([s.load.remote(max(0, step - (lag or {}).get(i, 0))) for i, s in enumerate(samplers)])
+            batches.publish(step, f"d{step}")
+    return history
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1, 2])
+def test_async_staleness_never_exceeds_the_bound(local_ray, max_staleness):
+    history = drive("async", max_staleness)
+    lags = [step - 1 - v for step, (versions, _) in enumerate(history, start=1) for v in versions]
+    assert min(lags) >= 0 and max(lags) <= max_staleness, lags
+    for step, (versions, metrics) in enumerate(history, start=1):
+        assert metrics["rollout/staleness_max"] == max(step - 1 - v for v in versions) <= max_staleness
+        assert sum(metrics["rollout/staleness_hist"]) == len(versions) == 4
+        assert metrics["rollout/refused_groups"] == 0 and 1 <= metrics["async/queue_depth"] <= max_staleness + 1
+    if max_staleness > 0:  # sampling ran ahead of the learner at least once
+        assert max(lags) >= 1
+
+
+def test_async_with_no_staleness_samples_like_sync(local_ray):
+    sync, async_ = drive("sync", 0), drive("async", 0)
+    assert [v for v, _ in sync] == [v for v, _ in async_] == [[s - 1] * 4 for s in range(1, 13)]
+
+
+@pytest.mark.parametrize("on_stale, kept, regenerated", [("drop", 2, 0), ("regenerate", 3, 1)])
+def test_groups_from_a_lagging_sampler_are_dropped_or_regenerated(local_ray, on_stale, kept, regenerated):
+    # Sampler 1 keeps serving the version before the newest: its half of each batch is stale.
+    # Regenerated groups are split over both samplers again, so half of them are stale again.
+    history = drive("sync", 0, steps=4, on_stale=on_stale, lag={1: 1})
+    for step, (versions, metrics) in enumerate(history[1:], start=2):
+        assert versions == [step - 1] * kept
+        assert (metrics["rollout/refused_groups"], metrics["rollout/regenerated_groups"]) == (2, regenerated)
+
+
+def test_forged_digests_never_reach_the_learner(local_ray):
     with pytest.raises(RuntimeError, match="outside the adapter window"):
-        keep_in_window([{"i": 0}], rollouts([3], ["d3"]), PUBLISHED, newest=5, max_staleness=0)
+        drive("async", 1, steps=2, digest_prefix="forged")

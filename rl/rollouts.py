@@ -1,0 +1,206 @@
+"""Where each step's training groups come from: sampled on the vLLM samplers, then scored.
+
+A group is one prompt's G completions: {"row", "completions", "version", "digest",
+"rewards"}, with the adapter version and payload digest that produced it.
+
+run.mode=sync (`Batches`): step s's groups are sampled when the learner asks for them, on
+the adapter it published after step s-1; the samplers wait while the learner trains.
+
+run.mode=async (`AsyncBatches`): a thread samples and scores ahead while the learner trains.
+It starts step s's batch as soon as version s-1-max_staleness is published, so no group is
+more than rollout.max_staleness versions behind the learner that trains on it; with
+max_staleness 0 it waits for each version, which is the sync loop.
+
+Either way every group is checked against the window before it reaches the learner
+(`keep_in_window`): a group too stale, or whose digest is not what the learner published,
+is dropped or sampled again (rollout.on_stale), and counted.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+
+def sample(samplers, prompt_ids_P: list[list[int]], n: int, temperature: float, top_p: float,
+           max_tokens: int, seed: int) -> list[dict]:
+    """Split the prompts across samplers; per prompt {"completions", "version", "digest"}."""
+    import ray
+
+    shards = [prompt_ids_P[i :: len(samplers)] for i in range(len(samplers))]
+    results = ray.get([
+        s.generate.remote(shard, n, temperature, max_tokens, top_p, seed + i)
+        for i, (s, shard) in enumerate(zip(samplers, shards)) if shard
+    ])
+    groups = [None] * len(prompt_ids_P)
+    for i, res in enumerate(results):
+        for j, completions in zip(range(i, len(prompt_ids_P), len(samplers)), res["groups"]):
+            groups[j] = {"completions": completions, "version": res["version"], "digest": res["digest"]}
+    return groups
+
+
+def collect(cfg, samplers, rewards, rows_P: list[dict], seed: int) -> tuple[list[dict], dict]:
+    """Sample G completions for each row and score them: the groups, and their metrics."""
+    r = cfg.rollout
+    start = time.perf_counter()
+    groups = sample(samplers, [row["prompt_ids"] for row in rows_P], r.group_size, r.temperature, r.top_p,
+                    r.max_tokens, seed)
+    sampled = time.perf_counter()
+    flat, metrics = rewards.score([(c["text"], row["answer"]) for row, g in zip(rows_P, groups)
+                                   for c in g["completions"]])
+    for i, (row, g) in enumerate(zip(rows_P, groups)):
+        g["row"], g["rewards"] = row, flat[i * r.group_size:(i + 1) * r.group_size]
+    tokens = sum(len(c["tokens"]) for g in groups for c in g["completions"])
+    metrics.update({"rollout/tokens_per_s": tokens / (sampled - start), "time/sample": sampled - start,
+                    "time/score": time.perf_counter() - sampled})
+    return groups, metrics
+
+
+def keep_in_window(groups: list[dict], published: dict[int, str], newest: int,
+                   max_staleness: int) -> tuple[list[dict], list[dict]]:
+    """(kept, refused): refused groups come from an adapter more than max_staleness versions
+    behind `newest`, or carry a digest that is not the one published for their version."""
+    kept, refused = [], []
+    for g in groups:
+        ok = 0 <= newest - g["version"] <= max_staleness and published.get(g["version"]) == g["digest"]
+        (kept if ok else refused).append(g)
+    return kept, refused
+
+
+def rollout_metrics(groups: list[dict], newest: int, max_staleness: int) -> dict:
+    completions = [c for g in groups for c in g["completions"]]
+    flat = [x for g in groups for x in g["rewards"]]
+    staleness = [newest - g["version"] for g in groups]
+    zero_signal = sum(len(set(g["rewards"])) == 1 for g in groups)
+    return {
+        "reward/mean": sum(flat) / len(flat),
+        "reward/accuracy": sum(x == 1.0 for x in flat) / len(flat),
+        "rollout/zero_signal_groups": zero_signal,  # all rewards equal: no learning signal
+        "rollout/zero_signal_frac": zero_signal / len(groups),
+        "rollout/response_len": sum(len(c["tokens"]) for c in completions) / len(completions),
+        "rollout/truncated_frac": sum(not c["finished"] for c in completions) / len(completions),
+        "rollout/adapter_version": min(g["version"] for g in groups),
+        "rollout/staleness_mean": sum(staleness) / len(staleness),  # versions behind the learner
+        "rollout/staleness_max": max(staleness),
+        "rollout/staleness_hist": [staleness.count(k) for k in range(max_staleness + 1)],  # groups per lag
+    }
+
+
+class Batches:
+    """Step s's groups, sampled when the learner asks (run.mode=sync)."""
+
+    def __init__(self, cfg, samplers, rewards, train, published: dict[int, str]):
+        self.cfg, self.samplers, self.rewards, self.train = cfg, samplers, rewards, train
+        self.published = published  # version -> payload digest, as the learner published them
+        self._last_end: float | None = None  # when the samplers last finished a batch
+
+    def publish(self, version: int, digest: str):
+        self.published[version] = digest
+
+    def next(self, step: int) -> tuple[list[dict], dict]:
+        """The groups the learner trains on at `step` (all in the window) and their metrics."""
+        start = time.perf_counter()
+        groups, metrics = self._collect(step)
+        metrics["time/learner_idle"] = time.perf_counter() - start  # the learner waits for all of it
+        return self._in_window(step, groups, metrics)
+
+    def _collect(self, step: int) -> tuple[list[dict], dict]:
+        start = time.perf_counter()
+        rows_P = self.train.next_batch(self.cfg.rollout.prompts_per_step)
+        groups, metrics = collect(self.cfg, self.samplers, self.rewards, rows_P, self._seed(step))
+        # Between two batches the samplers only serve adapter loads (and evaluations).
+        metrics["time/sampler_idle"] = start - self._last_end if self._last_end else 0.0
+        self._last_end = time.perf_counter()
+        return groups, metrics
+
+    def _seed(self, step: int) -> int:
+        return self.cfg.run.seed * 100_003 + step
+
+    def _in_window(self, step: int, groups: list[dict], metrics: dict) -> tuple[list[dict], dict]:
+        r, newest = self.cfg.rollout, step - 1  # the learner holds version step - 1
+        kept, refused = keep_in_window(groups, self.published, newest, r.max_staleness)
+        regenerated = 0
+        if refused and r.on_stale == "regenerate":  # sampled again now, on the newest adapter
+            again, _ = collect(self.cfg, self.samplers, self.rewards, [g["row"] for g in refused],
+                               self._seed(step) + 50_000)
+            again, _ = keep_in_window(again, self.published, newest, r.max_staleness)
+            kept, regenerated = kept + again, len(again)
+        if not kept:
+            raise RuntimeError(f"step {step}: every group came from outside the adapter window (learner at "
+                               f"version {newest}, max_staleness {r.max_staleness}, got versions "
+                               f"{sorted({g['version'] for g in groups})})")
+        metrics.update(rollout_metrics(kept, newest, r.max_staleness))
+        metrics["rollout/refused_groups"] = len(refused)  # outside the window: never trained on
+        metrics["rollout/regenerated_groups"] = regenerated
+        return kept, metrics
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncBatches(Batches):
+    """Step s's groups, sampled ahead by a thread while the learner trains (run.mode=async)."""
+
+    def __init__(self, cfg, samplers, rewards, train, published: dict[int, str]):
+        super().__init__(cfg, samplers, rewards, train, published)
+        self._ready: queue.Queue = queue.Queue(maxsize=cfg.rollout.max_staleness + 1)
+        self._version = max(published)  # newest version every sampler serves
+        self._changed = threading.Condition()
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._produce, name="rollout-producer", daemon=True)
+        self._thread.start()
+
+    def publish(self, version: int, digest: str):
+        super().publish(version, digest)
+        with self._changed:
+            self._version = version
+            self._changed.notify_all()
+
+    def _produce(self):
+        lag = self.cfg.rollout.max_staleness
+        try:
+            for step in range(1, self.cfg.run.steps + 1):
+                with self._changed:  # start step s's batch on version >= s - 1 - lag
+                    self._changed.wait_for(lambda s=step: self._stopping or self._version >= s - 1 - lag)
+                if self._stopping:
+                    return
+                item = (step, *self._collect(step))
+                while not self._stopping:
+                    try:
+                        self._ready.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the learner's side, which raises it
+            self._error = e
+
+    def next(self, step: int) -> tuple[list[dict], dict]:
+        start = time.perf_counter()
+        while True:
+            try:
+                made_for, groups, metrics = self._ready.get(timeout=0.2)
+                break
+            except queue.Empty:
+                if self._error is not None:
+                    raise RuntimeError(f"sampling failed while preparing step {step}: {self._error!r}") from self._error
+                if not self._thread.is_alive():
+                    raise RuntimeError(f"the rollout thread stopped before step {step}")
+        assert made_for == step, (made_for, step)
+        metrics["time/learner_idle"] = time.perf_counter() - start
+        metrics["async/queue_depth"] = self._ready.qsize() + 1  # batches ready when the learner took this one
+        return self._in_window(step, groups, metrics)
+
+    def close(self):
+        """Stop sampling ahead; an in-flight batch finishes (or fails when the actors go)."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join(timeout=60)
