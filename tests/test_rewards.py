@@ -36,6 +36,14 @@ GRADING_TABLE = [
     (r"\boxed{10\,000}", "10000", 1.0),
     (r"\boxed{10\,000}", "0", 0.0),
     (r"\boxed{3,000}", "3", 0.0),
+    (r"\boxed{1,000,000}", "1000000", 1.0),
+    (r"\boxed{1 000 000}", "1,000,000", 1.0),
+    (r"\boxed{100,000}", "1,000,000", 0.0),
+    (r"\boxed{1,23}", "123", 0.0),
+    ("\\boxed{\u22125}", "-5", 1.0),  # Unicode minus
+    ("\\boxed{\u22125}", "5", 0.0),
+    (r"\boxed{(-5)}", "-5", 1.0),
+    (r"\boxed{-5}", "5", 0.0),
     # decimals and fractions
     (r"\boxed{2.0}", "2", 1.0),
     (r"\boxed{2.00001}", "2", 0.0),
@@ -46,11 +54,66 @@ GRADING_TABLE = [
     (r"\boxed{\frac{-1}{2}}", r"-\frac{1}{2}", 1.0),
     (r"\boxed{1\frac{1}{2}}", "1.5", 1.0),
     (r"\boxed{0.333}", r"\frac{1}{3}", 0.0),
-    # percentages and units
+    (r"\boxed{.5}", "0.5", 1.0),
+    (r"\boxed{0.50}", ".5", 1.0),
+    (r"\boxed{-.25}", r"-\frac{1}{4}", 1.0),
+    (r"\boxed{0.25}", "-0.25", 0.0),
+    (r"\boxed{\tfrac{3}{4}}", r"\dfrac{3}{4}", 1.0),
+    (r"\boxed{-3/4}", r"-\frac{3}{4}", 1.0),
+    (r"\boxed{\frac{3}{-4}}", "-0.75", 1.0),
+    (r"\boxed{\frac{6}{8}}", r"\frac{3}{4}", 1.0),
+    (r"\boxed{\frac{4}{3}}", r"\frac{3}{4}", 0.0),
+    (r"\boxed{\frac{3}{4}}", r"-\frac{3}{4}", 0.0),
+    (r"\boxed{3/5}", "3/4", 0.0),
+    # percentages: a percent gold is its number; a percent candidate is its number or its value
     (r"\boxed{25\%}", "25", 1.0),
+    (r"\boxed{25}", r"25\%", 1.0),
+    (r"\boxed{25\%}", r"25\%", 1.0),
+    (r"\boxed{0.25}", r"25\%", 0.0),
+    (r"\boxed{25\%}", "0.25", 1.0),
+    (r"\boxed{0.25}", "25", 0.0),
+    (r"\boxed{1\%}", "1", 1.0),
+    (r"\boxed{0.01}", r"1\%", 0.0),
+    (r"\boxed{25 percent}", "0.25", 1.0),
+    # units and text
     (r"\boxed{5\text{ cm}}", "5", 1.0),
     (r"\boxed{\$18}", "18", 1.0),
     (r"\boxed{7 \text{ apples}}", "7", 1.0),
+    (r"\boxed{\text{5 apples}}", "5", 1.0),
+    (r"\boxed{\textbf{5}}", "5", 1.0),
+    (r"\boxed{\mbox{5 cm}}", "5", 1.0),
+    (r"\boxed{3 \text{ m}}", "3", 1.0),
+    (r"\boxed{30^\circ}", "30", 1.0),
+    ("\\boxed{30\u00b0}", "30", 1.0),
+    (r"\boxed{60^\circ}", "30", 0.0),
+    (r"\boxed{\text{6 apples}}", "5", 0.0),
+    (r"\boxed{\text{5 or 6}}", "5", 0.0),
+    # intervals
+    (r"\boxed{(1,3]}", "(1, 3]", 1.0),
+    (r"\boxed{\left( 1, 3 \right]}", "(1, 3]", 1.0),
+    (r"\boxed{[1,3]}", "(1, 3]", 0.0),
+    (r"\boxed{(1,3)}", "(1, 3]", 0.0),
+    (r"\boxed{(3, \infty) \cup (-\infty, 1)}", r"(-\infty,1)\cup(3,\infty)", 1.0),
+    (r"\boxed{(-\infty, 1] \cup (3, \infty)}", r"(-\infty,1)\cup(3,\infty)", 0.0),
+    # sets (unordered) and tuples (ordered)
+    (r"\boxed{\{2, 1\}}", r"\{1,2\}", 1.0),
+    (r"\boxed{{2,1}}", r"\{1,2\}", 1.0),
+    (r"\boxed{\{1, 3\}}", r"\{1,2\}", 0.0),
+    (r"\boxed{\{1, 2, 3\}}", r"\{1,2\}", 0.0),
+    (r"\boxed{(1, 2)}", "(1,2)", 1.0),
+    (r"\boxed{\left(1, 2\right)}", "(1, 2)", 1.0),
+    (r"\boxed{(2, 1)}", "(1, 2)", 0.0),
+    (r"\boxed{(1, 2, 3)}", "(1, 2)", 0.0),
+    (r"\boxed{(5, 1)}", "(3, 1)", 0.0),
+    # equations
+    (r"\boxed{y=2x+3}", "y = 2x + 3", 1.0),
+    (r"\boxed{y - 2x = 3}", "y = 2x + 3", 1.0),
+    (r"\boxed{y = 3x + 2}", "y = 2x + 3", 0.0),
+    (r"\boxed{x - y = 1}", "x + y = 1", 0.0),
+    (r"\boxed{3 + 4 = 7}", "7", 1.0),
+    (r"\boxed{1}", "x + y = 1", 0.0),
+    (r"\boxed{3x = 7}", "7", 0.0),
+    (r"\boxed{x^2 = 4}", "4", 0.0),
     # symbolic
     (r"\boxed{\frac{\sqrt2}{2}}", r"\sqrt{2}/2", 1.0),
     (r"\boxed{1+x^2}", "x^2+1", 1.0),
@@ -61,12 +124,24 @@ GRADING_TABLE = [
     (r"\boxed{2^{10}}", "2", 0.0),
     (r"\boxed{5x}", "5", 0.0),
     (r"\boxed{x^2 + \left( 4}", "4", 0.0),
+    (r"\boxed{2x}", "2", 0.0),
+    (r"\boxed{2\pi}", "2", 0.0),
+    (r"\boxed{10^2}", "10", 0.0),
+    (r"\boxed{10^2}", "100", 1.0),
+    # a lone letter is a variable, not a unit
+    (r"\boxed{2t}", "2", 0.0),
+    (r"\boxed{2}", "2t", 0.0),
+    (r"\boxed{x + s}", "x + t", 0.0),
+    (r"\boxed{t + x}", "x + t", 1.0),
     # several answers in one box against a single number
     (r"\boxed{2, 3}", "2", 0.0),
     (r"\boxed{2 \text{ or } 3}", "2", 0.0),
     (r"\boxed{2, 2}", "2", 0.0),
     (r"\boxed{\pm 2}", "2", 0.0),
     (r"\boxed{(1, 2)}", "1", 0.0),
+    (r"\boxed{1, 2, 3, 4, 5}", "3", 0.0),
+    (r"\boxed{3 \text{ or } 4}", "3", 0.0),
+    (r"\boxed{x = 3 \text{ or } x = 4}", "3", 0.0),
     # ... but sets are fine when the gold is a set
     (r"\boxed{2, 1}", "1,2", 1.0),
     # which answer is graded
@@ -76,16 +151,28 @@ GRADING_TABLE = [
     (r"\fbox{9}", "9", 1.0),
     (r"\boxed{\boxed{5}}", "5", 1.0),
     (r"\boxed{7.}", "7", 1.0),
+    (r"\boxed{5} and finally \boxed{}", "5", 0.0),
+    (r"\boxed{3}" + "x" * MAX_COMPLETION_CHARS, "3", 0.0),
+    ("x" * MAX_COMPLETION_CHARS + r"\boxed{3}", "3", 1.0),
     # gold formats
     (r"so \boxed{72}", GSM8K_GOLD, 1.0),
     (r"so \boxed{24}", GSM8K_GOLD, 0.0),
     (r"\boxed{0.5}", MATH_GOLD, 1.0),
+    (r"so \boxed{1234}", "She earns 617 * 2 = 1,234 dollars.\n#### 1,234", 1.0),
+    (r"so \boxed{1243}", "She earns 617 * 2 = 1,234 dollars.\n#### 1,234", 0.0),
+    (r"\boxed{0.75}", r"The ratio is $\frac{6}{8} = \boxed{\dfrac{3}{4}}$.", 1.0),
+    (r"\boxed{\frac{4}{3}}", r"The ratio is $\frac{6}{8} = \boxed{\dfrac{3}{4}}$.", 0.0),
+    (r"\boxed{18}", "She pays 18 dollars.\n#### 18 dollars", 1.0),
+    (r"\boxed{19}", "She pays 18 dollars.\n#### 18 dollars", 0.0),
+    (r"\boxed{18}", "#### 18 (after tax)", 1.0),
     # fallbacks without a box
     ("3 + 2 = 5. The answer is 5.", "5", 1.0),
     ("The answer is 4.\nNo wait, the answer is $5$.", "5", 1.0),
     ("**Final answer:** 12", "12", 1.0),
     ("Adding gives 72.\n#### 72", "72", 1.0),
     ("The answer is 4", "5", 0.0),
+    ("The answer is 18 dollars.", "18", 1.0),
+    ("The answer is 5 and six", "5", 0.0),
     # no answer at all
     ("I think it is 5", "5", 0.0),
     ("", "5", 0.0),
@@ -99,7 +186,7 @@ def test_grading_table(completion, answer, expected):
 
 
 def test_table_is_big_and_balanced():
-    assert len(GRADING_TABLE) >= 40
+    assert len(GRADING_TABLE) >= 80
     assert 15 <= sum(expected for _, _, expected in GRADING_TABLE) <= len(GRADING_TABLE) - 15
 
 
