@@ -1,4 +1,10 @@
-"""A process pool that scores (completion, answer) pairs with a hard deadline per item.
+"""A process pool that scores (completion, sample) pairs with a hard deadline per item.
+
+The reward function is named by a spec, "package.module:function" or
+"path/to/file.py:function", and called as `fn(completion, sample)`: `sample` is whatever the
+caller pairs with the completion (the driver passes the dataset row: "prompt", "answer" and
+the row's other fields). It returns a float, or a dict of named float components whose sum
+is the score; each component's mean is reported as `reward/<name>`.
 
 Why a pool of our own: math-verify's timeouts use `signal.alarm`, which raises when called
 off the main thread (threaded or async Ray actors) and cannot interrupt C-level work (a 2 s
@@ -24,6 +30,7 @@ parent's `__main__` script when the parent was started as `python some_script.py
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import math
 import multiprocessing
@@ -48,19 +55,32 @@ _STARTUP_TIMEOUT_S = 120.0
 _TERMINATE_GRACE_S = 0.5
 
 
-def _resolve(spec: str) -> Callable[[str, str], float]:
-    """Import "package.module:function" and return the function."""
+# Metric names the driver already uses: a component may not take one.
+RESERVED_COMPONENTS = {"mean", "accuracy", "timeout_frac", "error_frac", "format", "overlong"}
+
+
+def _resolve(spec: str) -> Callable:
+    """Import "package.module:function" or "path/to/file.py:function" and return the function."""
     module_name, _, attr = _check_spec(spec)
-    fn = getattr(importlib.import_module(module_name), attr)
+    if module_name.endswith(".py"):
+        file_spec = importlib.util.spec_from_file_location(f"reward_plugin_{abs(hash(module_name))}", module_name)
+        if file_spec is None:
+            raise ImportError(f"cannot import reward file {module_name!r}")
+        module = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    fn = getattr(module, attr)
     if not callable(fn):
         raise TypeError(f"reward fn spec {spec!r} names a non-callable {type(fn).__name__}")
     return fn
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, spec: str) -> None:
-    """Worker loop: receive `(index, completion, answer)`, send `(index, ok, value)`.
+    """Worker loop: receive `(index, completion, sample)`, send `(index, ok, value)`.
 
-    `value` is the score when ok, else the formatted traceback. `None` asks the worker to exit.
+    `value` is (score, components or None) when ok, else the formatted traceback. `None` asks
+    the worker to exit.
     """
     # Scoring is single-threaded; do not let a numeric library start a thread per core.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -80,15 +100,30 @@ def _worker_main(conn: multiprocessing.connection.Connection, spec: str) -> None
             return
         if task is None:
             return
-        index, completion, answer = task
+        index, completion, sample = task
         try:
-            value = float(fn(completion, answer))
-            if not math.isfinite(value):
-                raise ValueError(f"reward fn returned non-finite score {value}")
+            value = _checked(fn(completion, sample))
         except Exception:
             conn.send((index, False, traceback.format_exc()))
         else:
             conn.send((index, True, value))
+
+
+def _checked(result) -> tuple[float, dict[str, float] | None]:
+    """(score, components) from what a reward fn returned, or raise naming what is wrong."""
+    if isinstance(result, dict):
+        components = {}
+        for name, part in result.items():
+            if not isinstance(name, str) or name in RESERVED_COMPONENTS:
+                raise ValueError(f"reward component name {name!r} is not a string or is reserved "
+                                 f"({sorted(RESERVED_COMPONENTS)})")
+            components[name] = float(part)
+        score = sum(components.values())
+    else:
+        score, components = float(result), None
+    if not math.isfinite(score):
+        raise ValueError(f"reward fn returned a non-finite score: {result!r}")
+    return score, components
 
 
 @dataclass
@@ -102,16 +137,21 @@ class _Worker:
 
 
 class RewardPool:
-    """Score `(completion, answer)` pairs with `fn` in spawned processes, a deadline per item.
+    """Score `(completion, sample)` pairs with `fn` in spawned processes, a deadline per item.
 
-    `fn` is an import spec "package.module:function", resolved inside the workers; the
-    function takes `(completion, answer)` and returns a float. `timeout_s` is the wall-clock
+    `fn` is a spec "package.module:function" or "path/to/file.py:function", resolved inside
+    the workers; the function takes `(completion, sample)` and returns a float or a dict of
+    float components (see the module doc). `timeout_s` is the wall-clock
     limit per item, counted from when the item reaches an idle worker. Workers start at
     construction. `score` may be called from any thread; calls are serialised.
     """
 
     def __init__(self, fn: str, num_workers: int = 2, timeout_s: float = 5.0):
-        _check_spec(fn)
+        module_name, _, attr = _check_spec(fn)
+        if module_name.endswith(".py"):  # workers may run elsewhere in the tree: make it absolute
+            if not os.path.isfile(module_name):
+                raise ValueError(f"reward fn spec {fn!r}: no such file {module_name!r}")
+            fn = f"{os.path.abspath(module_name)}:{attr}"
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not timeout_s > 0:
@@ -130,8 +170,9 @@ class RewardPool:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def score(self, items: list[tuple[str, str]]) -> tuple[list[float], dict[str, float]]:
-        """Scores of `items` in order, and `{"reward/timeout_frac", "reward/error_frac"}`."""
+    def score(self, items: list[tuple[str, object]]) -> tuple[list[float], dict[str, float]]:
+        """Scores of `items` in order, and `{"reward/timeout_frac", "reward/error_frac"}` plus
+        `reward/<name>` for each component (its mean over the items that returned it)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardPool.score called after close()")
@@ -170,13 +211,18 @@ class RewardPool:
         pending = deque(range(n))
         timeouts: list[int] = []
         errors: list[tuple[int, str]] = []
+        sums: dict[str, float] = {}  # per component
+        counts: dict[str, int] = {}
 
         def finish(index: int, ok: bool, value) -> None:
             # A result for an item that is already settled would be a bookkeeping bug.
             assert not done[index], f"item {index} settled twice"
             done[index] = True
             if ok:
-                scores[index] = value
+                scores[index], parts = value
+                for name, part in (parts or {}).items():
+                    sums[name] = sums.get(name, 0.0) + part
+                    counts[name] = counts.get(name, 0) + 1
             else:
                 errors.append((index, value))
 
@@ -222,6 +268,7 @@ class RewardPool:
         return scores, {
             "reward/timeout_frac": len(timeouts) / n if n else 0.0,
             "reward/error_frac": len(errors) / n if n else 0.0,
+            **{f"reward/{name}": sums[name] / counts[name] for name in sorted(sums)},
         }
 
     def _receive(self, slot: int, finish: Callable[[int, bool, object], None]) -> None:
@@ -289,7 +336,8 @@ class RewardPool:
 
 
 def _check_spec(spec: str) -> tuple[str, str, str]:
-    parts = spec.partition(":")
+    parts = spec.rpartition(":")
     if not all(parts):
-        raise ValueError(f"reward fn spec {spec!r} must look like 'package.module:function'")
+        raise ValueError(f"reward fn spec {spec!r} must look like 'package.module:function' "
+                         "or 'path/to/file.py:function'")
     return parts

@@ -49,11 +49,17 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = doc("arithmetic", 'Training prompts: "arithmetic" (generated) or a .jsonl/.parquet path.')
+    train: str = doc("arithmetic", 'Training prompts: "arithmetic" (generated), a .jsonl/.parquet file or a '
+                                   "Hugging Face datasets folder (save_to_disk, or a snapshot of .parquet/.jsonl files).")
     eval: str = doc("arithmetic", 'Held-out prompts: "arithmetic" (a disjoint generated split) or a path.')
+    train_split: str = doc("train", "The split read from a datasets folder for data.train.")
+    eval_split: str = doc("test", "The split read from a datasets folder for data.eval.")
     prompt_key: str = doc("prompt", "Field of a file row that holds the problem text.")
     answer_key: str = doc("answer", "Field of a file row that holds the gold answer.")
     template: str = doc("Question: {prompt}\nAnswer:", "Prompt template; {prompt} is the problem text.")
+    chat_template: bool = doc(False, "Wrap the templated prompt as a user turn in the tokenizer's chat template.")
+    on_bad_row: str = doc("error", "A row with a missing or wrong-typed field: error (naming file, row, key) | skip "
+                                   "(counted and logged).")
     eval_size: int = doc(200, "Held-out prompts per evaluation; 0 means all of the eval split.")
 
 
@@ -100,9 +106,13 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    fn: str = doc("rewards.math:math_reward_or_raise", 'Reward function as "module:function".')
+    fn: str = doc("rewards.math:reward", 'Reward fn(completion, sample) -> float | dict of components, as '
+                                         '"module:function" or "path/to/file.py:function".')
     num_workers: int = doc(2, "Grader processes.")
     timeout_s: float = doc(5.0, "Hard deadline per completion; a late grade scores 0 and is counted.")
+    format_weight: float = doc(0.0, "Shaping: + this much for an answer in a balanced \\boxed{} (rewards/shaping.py).")
+    overlong_buffer: int = doc(0, "Shaping: penalise the last N tokens before rollout.max_tokens linearly; 0 = off.")
+    overlong_penalty: float = doc(1.0, "Shaping: the overlong penalty at max_tokens (and for a cut completion).")
 
 
 @dataclass(frozen=True)
@@ -159,7 +169,10 @@ class Config:
                   f'{key} must list CPU ids like "0", "0,2" or "0-3", got {cores!r}')
         check(self.data.eval_size > 0 or self.data.eval != "arithmetic",
               "data.eval_size must be > 0 for the generated arithmetic eval split")
-        check(":" in self.reward.fn, 'reward.fn must look like "module:function"')
+        check(":" in self.reward.fn, 'reward.fn must look like "module:function" or "path/to/file.py:function"')
+        check(self.data.on_bad_row in ("error", "skip"), "data.on_bad_row must be error or skip")
+        check(0 <= self.reward.overlong_buffer < self.rollout.max_tokens,
+              "reward.overlong_buffer must be >= 0 and < rollout.max_tokens")
 
 
 def pin_cpus(spec: str) -> int:

@@ -1,15 +1,23 @@
-"""Prompt/answer datasets loaded from files.
+"""Prompt/answer datasets loaded from files and Hugging Face `datasets` folders.
 
-`load_rows` reads a `.jsonl` or `.parquet` file into `[{"prompt": str, "answer": str}]`,
-whatever the source's column names are. Every row is checked when the file is loaded, so a
-bad row fails the run before any sampling, with a message that names the file, the row and
-the key, instead of surfacing as a KeyError deep inside a training step.
+`load_rows` reads a `.jsonl` or `.parquet` file, or a local `datasets` folder, into rows
+`{"prompt": str, "answer": str, **the record's other fields}`, whatever the source's column
+names are (the reward function gets the row as its sample). Every row is checked when the
+data is loaded, so a bad row fails the run before any sampling, with a message that names
+the file, the row and the key, instead of surfacing as a KeyError deep inside a training
+step. With `on_bad_row="skip"` such rows are left out instead, and returned with their
+reasons so that the caller counts and logs them.
+
+Folders: one written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (read with
+`datasets.load_from_disk`, the split chosen by `split` for a DatasetDict), or a downloaded
+dataset snapshot whose files for the split are named `<split>*.parquet` / `<split>*.jsonl`
+anywhere below it (`data/train-00000-of-00001.parquet`).
 
 Row numbers in messages: jsonl rows are 1-based *line numbers* (what an editor shows, blank
-lines included); parquet rows are 0-based *row indices* (what pyarrow and pandas show). Each
-message says which of the two it is.
+lines included); parquet and datasets rows are 0-based *row indices* (what pyarrow, pandas
+and datasets show). Each message says which of the two it is.
 
-Light module: stdlib only; pyarrow is imported only when a parquet file is read.
+Light module: stdlib only; pyarrow and datasets are imported only when they are needed.
 """
 
 from __future__ import annotations
@@ -17,70 +25,114 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 __all__ = ["DataError", "load_rows"]
 
 
 class DataError(ValueError):
-    """A dataset file that cannot be used as it is: bad extension, bad row, missing key."""
+    """A dataset that cannot be used as it is: bad extension, bad row, missing key."""
 
 
-def load_rows(path: str, prompt_key: str, answer_key: str) -> list[dict]:
-    """Load `[{"prompt": str, "answer": str}, ...]` from a `.jsonl` or `.parquet` file.
+def load_rows(path: str, prompt_key: str, answer_key: str, split: str = "train",
+              on_bad_row: str = "error") -> tuple[list[dict], list[str]]:
+    """Rows of a `.jsonl` / `.parquet` file or a datasets folder, and the reasons of skipped rows.
 
     `prompt_key` / `answer_key` name the source fields. Prompts must be strings; answers may be
     strings, ints or floats (numbers become their `str`, e.g. GSM8K-style integer answers).
-    Raises DataError for an unknown extension, a malformed row, a missing key, a wrong type,
-    or a file with no rows.
+    Raises DataError for an unknown extension, a missing split, a malformed row (unless
+    on_bad_row is "skip"), a missing column, or no rows at all.
     """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if os.path.isdir(path) and _saved_by_datasets(path):
+        records = _read_saved(path, split, prompt_key, answer_key)
+    else:
+        files = _split_files(path, split) if os.path.isdir(path) else [path]
+        if not files:
+            raise DataError(f"{path}: no {split}*.parquet or {split}*.jsonl files in this folder")
+        records = [record for file in files for record in _read(file, prompt_key, answer_key)]
+    rows, skipped = [], []
+    for where, record in records:
+        try:
+            if isinstance(record, DataError):
+                raise record
+            rows.append(_make_row(record, where, prompt_key, answer_key))
+        except DataError as e:
+            if on_bad_row == "error":
+                raise
+            skipped.append(str(e))
+    if not rows:
+        raise DataError(f"{path}: no rows" + (f" ({len(skipped)} skipped, first: {skipped[0]})" if skipped else ""))
+    return rows, skipped
+
+
+def _saved_by_datasets(path: str) -> bool:
+    """A folder written by save_to_disk (rather than a folder of data files)."""
+    return (Path(path) / "dataset_dict.json").exists() or (Path(path) / "state.json").exists()
+
+
+def _split_files(path: str, split: str) -> list[str]:
+    return sorted(str(p) for p in Path(path).rglob(f"{split}*") if p.suffix in (".parquet", ".jsonl"))
+
+
+def _read(path: str, prompt_key: str, answer_key: str) -> list[tuple[str, object]]:
     ext = os.path.splitext(path)[1].lower()
     if ext == ".jsonl":
-        rows = _load_jsonl(path, prompt_key, answer_key)
-    elif ext == ".parquet":
-        rows = _load_parquet(path, prompt_key, answer_key)
-    else:
-        raise DataError(f"{path}: unknown dataset extension {ext!r}; expected .jsonl or .parquet")
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
+        return _read_jsonl(path, prompt_key, answer_key)
+    if ext == ".parquet":
+        return _read_parquet(path, prompt_key, answer_key)
+    raise DataError(f"{path}: unknown dataset extension {ext!r}; expected .jsonl, .parquet or a datasets folder")
 
 
-def _load_jsonl(path: str, prompt_key: str, answer_key: str) -> list[dict]:
-    rows = []
+def _read_jsonl(path: str, prompt_key: str, answer_key: str) -> list[tuple[str, object]]:
+    records = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}: line {line_no}"
             try:
-                record = json.loads(line)
+                records.append((where, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{where}: invalid JSON ({e.msg}); expected an object with keys "
-                    f"{prompt_key!r} and {answer_key!r}"
-                ) from None
-            rows.append(_make_row(record, where, prompt_key, answer_key))
-    return rows
+                records.append((where, DataError(f"{where}: invalid JSON ({e.msg}); expected an object with keys "
+                                                 f"{prompt_key!r} and {answer_key!r}")))
+    return records
 
 
-def _load_parquet(path: str, prompt_key: str, answer_key: str) -> list[dict]:
+def _read_parquet(path: str, prompt_key: str, answer_key: str) -> list[tuple[str, object]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         names = pq.read_schema(path).names
-        for key in (prompt_key, answer_key):
-            if key not in names:
-                raise DataError(f"{path}: no column {key!r} (columns: {names})")
-        table = pq.read_table(path, columns=[prompt_key, answer_key])
+        _check_columns(path, names, prompt_key, answer_key)
+        table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise DataError(f"{path}: not a readable parquet file: {e}") from e
-    return [
-        _make_row(record, f"{path}: row index {i} (0-based)", prompt_key, answer_key)
-        for i, record in enumerate(table.to_pylist())
-    ]
+    return [(f"{path}: row index {i} (0-based)", record) for i, record in enumerate(table.to_pylist())]
+
+
+def _read_saved(path: str, split: str, prompt_key: str, answer_key: str) -> list[tuple[str, object]]:
+    """A folder written by save_to_disk: a Dataset, or a DatasetDict and the split to read."""
+    import datasets
+
+    data = datasets.load_from_disk(path)
+    where = path
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{path}: no split {split!r} (splits: {sorted(data)})")
+        data, where = data[split], f"{path} [split {split}]"
+    _check_columns(where, data.column_names, prompt_key, answer_key)
+    return [(f"{where}: row index {i} (0-based)", record) for i, record in enumerate(data.to_list())]
+
+
+def _check_columns(where: str, names: list[str], prompt_key: str, answer_key: str):
+    for key in (prompt_key, answer_key):
+        if key not in names:
+            raise DataError(f"{where}: no column {key!r} (columns: {names})")
 
 
 def _make_row(record: object, where: str, prompt_key: str, answer_key: str) -> dict:
@@ -96,7 +148,7 @@ def _make_row(record: object, where: str, prompt_key: str, answer_key: str) -> d
     prompt = record[prompt_key]
     if not isinstance(prompt, str):
         raise DataError(f"{where}: key {prompt_key!r} must be a string, got {type(prompt).__name__}")
-    return {"prompt": prompt, "answer": _answer_str(record[answer_key], where, answer_key)}
+    return {**record, "prompt": prompt, "answer": _answer_str(record[answer_key], where, answer_key)}
 
 
 def _answer_str(value: object, where: str, key: str) -> str:

@@ -1,7 +1,8 @@
 """Where each step's training groups come from: sampled on the vLLM samplers, then scored.
 
 A group is one prompt's G completions: {"row", "completions", "version", "digest",
-"rewards"}, with the adapter version and payload digest that produced it.
+"scores", "rewards"}: the adapter version and payload digest that produced it, the grader's
+scores and the rewards trained on (scores plus optional shaping).
 
 run.mode=sync (`Batches`): step s's groups are sampled when the learner asks for them, on
 the adapter it published after step s-1; the samplers wait while the learner trains.
@@ -47,14 +48,39 @@ def collect(cfg, samplers, rewards, rows_P: list[dict], seed: int) -> tuple[list
     groups = sample(samplers, [row["prompt_ids"] for row in rows_P], r.group_size, r.temperature, r.top_p,
                     r.max_tokens, seed)
     sampled = time.perf_counter()
-    flat, metrics = rewards.score([(c["text"], row["answer"]) for row, g in zip(rows_P, groups)
-                                   for c in g["completions"]])
+    completions = [c for g in groups for c in g["completions"]]
+    samples = [fields(row) for row in rows_P for _ in range(r.group_size)]
+    scores, metrics = rewards.score([(c["text"], s) for c, s in zip(completions, samples)])
+    totals = shaped(cfg, completions, scores, metrics)
     for i, (row, g) in enumerate(zip(rows_P, groups)):
-        g["row"], g["rewards"] = row, flat[i * r.group_size:(i + 1) * r.group_size]
+        part = slice(i * r.group_size, (i + 1) * r.group_size)
+        g["row"], g["scores"], g["rewards"] = row, scores[part], totals[part]
     tokens = sum(len(c["tokens"]) for g in groups for c in g["completions"])
     metrics.update({"rollout/tokens_per_s": tokens / (sampled - start), "time/sample": sampled - start,
                     "time/score": time.perf_counter() - sampled})
     return groups, metrics
+
+
+def fields(row: dict) -> dict:
+    """What a reward function gets as the sample: the row's fields, without token ids."""
+    return {k: v for k, v in row.items() if k != "prompt_ids"}
+
+
+def shaped(cfg, completions: list[dict], scores: list[float], metrics: dict) -> list[float]:
+    """Graded scores plus the optional shaping terms (rewards/shaping.py), which are logged."""
+    from rewards.shaping import format_score, overlong_penalty
+
+    w, totals = cfg.reward, list(scores)
+    if w.format_weight:
+        formats = [format_score(c["text"]) for c in completions]
+        totals = [t + w.format_weight * f for t, f in zip(totals, formats)]
+        metrics["reward/format"] = sum(formats) / len(formats)
+    if w.overlong_buffer:
+        penalties = [overlong_penalty(len(c["tokens"]), c["finished"], cfg.rollout.max_tokens, w.overlong_buffer,
+                                      w.overlong_penalty) for c in completions]
+        totals = [t + p for t, p in zip(totals, penalties)]
+        metrics["reward/overlong"] = sum(penalties) / len(penalties)
+    return totals
 
 
 def keep_in_window(groups: list[dict], published: dict[int, str], newest: int,
@@ -70,12 +96,13 @@ def keep_in_window(groups: list[dict], published: dict[int, str], newest: int,
 
 def rollout_metrics(groups: list[dict], newest: int, max_staleness: int) -> dict:
     completions = [c for g in groups for c in g["completions"]]
-    flat = [x for g in groups for x in g["rewards"]]
+    flat = [x for g in groups for x in g["rewards"]]  # with shaping
+    graded = [x for g in groups for x in g["scores"]]  # the grader's alone
     staleness = [newest - g["version"] for g in groups]
     zero_signal = sum(len(set(g["rewards"])) == 1 for g in groups)
     return {
         "reward/mean": sum(flat) / len(flat),
-        "reward/accuracy": sum(x == 1.0 for x in flat) / len(flat),
+        "reward/accuracy": sum(x == 1.0 for x in graded) / len(graded),
         "rollout/zero_signal_groups": zero_signal,  # all rewards equal: no learning signal
         "rollout/zero_signal_frac": zero_signal / len(groups),
         "rollout/response_len": sum(len(c["tokens"]) for c in completions) / len(completions),
@@ -192,7 +219,7 @@ class AsyncBatches(Batches):
                 if self._error is not None:
                     raise RuntimeError(f"sampling failed while preparing step {step}: {self._error!r}") from self._error
                 if not self._thread.is_alive():
-                    raise RuntimeError(f"the rollout thread stopped before step {step}")
+                    raise RuntimeError(f"the rollout thread stopped before step {step}") from None
         assert made_for == step, (made_for, step)
         metrics["time/learner_idle"] = time.perf_counter() - start
         metrics["async/queue_depth"] = self._ready.qsize() + 1  # batches ready when the learner took this one

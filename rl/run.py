@@ -79,7 +79,8 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, metrics_path:
     published = {0: sync["sync/digest"]}  # version -> payload digest; rollouts must match one of these
     probe_prompts = [row["prompt_ids"] for row in evals.rows[:4]]
     with open(metrics_path, "a") as sink:
-        metrics = {"step": 0, **evaluate(samplers, rewards, evals, cfg.rollout.max_tokens)}
+        metrics = {"step": 0, "data/skipped_rows": train.skipped + evals.skipped,
+                   **evaluate(samplers, rewards, evals, cfg.rollout.max_tokens)}
         sink.write(json.dumps(metrics) + "\n")
         before = last_acc = metrics["eval/accuracy"]
         print(f"eval/accuracy before training: {before:.3f}", flush=True)
@@ -117,11 +118,11 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, metrics_path:
 
 def evaluate(samplers, rewards, evals, max_tokens: int) -> dict:
     """Greedy (temperature 0) accuracy on the held-out split."""
-    from rl.rollouts import sample
+    from rl.rollouts import fields, sample
 
     start = time.perf_counter()
     greedy = sample(samplers, [row["prompt_ids"] for row in evals.rows], 1, 0.0, 1.0, max_tokens, seed=0)
-    scores, _ = rewards.score([(g["completions"][0]["text"], row["answer"]) for row, g in zip(evals.rows, greedy)])
+    scores, _ = rewards.score([(g["completions"][0]["text"], fields(row)) for row, g in zip(evals.rows, greedy)])
     return {"eval/accuracy": sum(scores) / len(scores), "time/eval": time.perf_counter() - start}
 
 

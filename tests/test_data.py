@@ -1,4 +1,5 @@
-"""Dataset loading: round trips with custom keys, and errors that name file, row and key."""
+"""Dataset loading: round trips with custom keys for every format, errors that name file, row
+and key, skipping and counting bad rows, and the split's resumable position."""
 
 import json
 
@@ -7,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rl.data import DataError, load_rows
+from rl.setup import Split
 
 ROWS = [
     {"question": "What is 2 + 3?", "solution": "5"},
@@ -20,6 +22,16 @@ EXPECTED = [
 ]
 
 
+def pairs(rows):
+    return [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]
+
+
+def load(path, prompt_key, answer_key, **kw):
+    rows, skipped = load_rows(path, prompt_key, answer_key, **kw)
+    assert skipped == []
+    return pairs(rows)
+
+
 def _write_jsonl(path, lines):
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return str(path)
@@ -28,7 +40,9 @@ def _write_jsonl(path, lines):
 def test_jsonl_round_trip_with_blank_lines(tmp_path):
     lines = [json.dumps(ROWS[0]), "", json.dumps(ROWS[1]), "   ", json.dumps(ROWS[2])]
     path = _write_jsonl(tmp_path / "train.jsonl", lines)
-    assert load_rows(path, "question", "solution") == EXPECTED
+    assert load(path, "question", "solution") == EXPECTED
+    rows, _ = load_rows(path, "question", "solution")
+    assert rows[1]["solution"] == 4.5  # the record's own fields travel with it (reward fns see them)
 
 
 def test_parquet_round_trip(tmp_path):
@@ -39,9 +53,10 @@ def test_parquet_round_trip(tmp_path):
         "extra": [1, 2, 3],
     })
     pq.write_table(table, path)
-    assert load_rows(path, "question", "solution") == EXPECTED
+    assert load(path, "question", "solution") == EXPECTED
+    assert load_rows(path, "question", "solution")[0][2]["extra"] == 3
     pq.write_table(pa.table({"q": ["a", "b"], "a": [1, 2]}), path)
-    assert load_rows(path, "q", "a") == [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
+    assert load(path, "q", "a") == [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
 
 
 @pytest.mark.parametrize("bad_line, key, detail", [
@@ -90,3 +105,77 @@ def test_unknown_extension_corrupt_and_empty_files(tmp_path):
 
 def test_data_error_is_a_value_error():
     assert issubclass(DataError, ValueError)
+
+
+def test_datasets_folders_saved_and_snapshot(tmp_path):
+    """Local Hugging Face datasets folders: save_to_disk of a Dataset and of a DatasetDict (the
+    split chosen), and a downloaded snapshot with data/<split>-*.parquet files."""
+    import datasets
+
+    table = {"question": [r["question"] for r in ROWS], "solution": ["5", "4.5", "72"]}
+    datasets.Dataset.from_dict(table).save_to_disk(tmp_path / "one")
+    assert load(str(tmp_path / "one"), "question", "solution") == EXPECTED
+    both = datasets.DatasetDict({"train": datasets.Dataset.from_dict(table),
+                                 "test": datasets.Dataset.from_dict({k: v[:1] for k, v in table.items()})})
+    both.save_to_disk(tmp_path / "dict")
+    assert load(str(tmp_path / "dict"), "question", "solution", split="test") == EXPECTED[:1]
+    with pytest.raises(DataError, match=r"dict: no split 'validation' \(splits: \['test', 'train'\]\)"):
+        load_rows(str(tmp_path / "dict"), "question", "solution", split="validation")
+    bad = datasets.Dataset.from_dict({"question": ["a", None], "solution": ["1", "2"]})
+    bad.save_to_disk(tmp_path / "bad")
+    with pytest.raises(DataError, match=r"bad: row index 1 \(0-based\): key 'question' must be a string"):
+        load_rows(str(tmp_path / "bad"), "question", "solution")
+    snapshot = tmp_path / "snapshot" / "data"
+    snapshot.mkdir(parents=True)
+    pq.write_table(pa.table({k: v[:2] for k, v in table.items()}), snapshot / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({k: v[2:] for k, v in table.items()}), snapshot / "train-00001-of-00002.parquet")
+    pq.write_table(pa.table({k: v[:1] for k, v in table.items()}), snapshot / "test-00000-of-00001.parquet")
+    assert load(str(tmp_path / "snapshot"), "question", "solution") == EXPECTED
+    assert load(str(tmp_path / "snapshot"), "question", "solution", split="test") == EXPECTED[:1]
+    with pytest.raises(DataError, match="no validation"):
+        load_rows(str(tmp_path / "snapshot"), "question", "solution", split="validation")
+
+
+def test_bad_rows_can_be_skipped_and_counted(tmp_path):
+    lines = [json.dumps(ROWS[0]), '{"question": 7, "solution": "1"}', "{not json", json.dumps(ROWS[2])]
+    path = _write_jsonl(tmp_path / "mixed.jsonl", lines)
+    rows, skipped = load_rows(path, "question", "solution", on_bad_row="skip")
+    assert pairs(rows) == [EXPECTED[0], EXPECTED[2]]
+    assert len(skipped) == 2 and "mixed.jsonl: line 2: key 'question' must be a string" in skipped[0]
+    assert "line 3: invalid JSON" in skipped[1]
+    only_bad = _write_jsonl(tmp_path / "only_bad.jsonl", ['{"question": 7, "solution": "1"}'])
+    with pytest.raises(DataError, match="only_bad.jsonl: no rows \\(1 skipped"):
+        load_rows(only_bad, "question", "solution", on_bad_row="skip")
+
+
+def test_split_reports_and_restores_its_exact_position():
+    rows = [{"prompt": str(i)} for i in range(10)]
+    split = Split(rows, seed=3)
+    split.next_batch(4)
+    split.next_batch(4)  # into the second epoch after 10 rows
+    state = split.state()
+    expected = [split.next_batch(4) for _ in range(3)]
+    resumed = Split(rows, seed=3)
+    resumed.restore(state)
+    assert [resumed.next_batch(4) for _ in range(3)] == expected
+    # Positions 10-19 of the 12 rows after the restore (8-19) are the second epoch: a permutation.
+    assert sorted(int(r["prompt"]) for r in sum(expected, [])[2:]) == list(range(10))
+    with pytest.raises(ValueError, match="the data or the seed changed"):
+        Split(rows[:9], seed=3).restore(state)
+
+
+def test_chat_template_wraps_the_templated_prompt():
+    from transformers import AutoTokenizer
+
+    from rl.config import ConfigError, load_config
+    from rl.setup import tokenize_prompt
+    from rl.tiny_model import build_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model())
+    plain, chat = load_config(None, []), load_config(None, ["data.chat_template=true"])
+    assert tokenize_prompt(tokenizer, plain, "2+2?") == tokenizer("Question: 2+2?\nAnswer:")["input_ids"]
+    with pytest.raises(ConfigError, match="data.chat_template is true but the model's tokenizer has no chat template"):
+        tokenize_prompt(tokenizer, chat, "2+2?")
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert tokenizer.decode(tokenize_prompt(tokenizer, chat, "2+2?")) == "<user>Question: 2+2?\nAnswer:<assistant>"
