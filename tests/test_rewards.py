@@ -270,6 +270,9 @@ def test_pathological_completions_finish_at_deadline(math_pool):
         (r"\boxed{" + "(" * 2_000 + "5" + ")" * 2_000 + "}", "5"),
         (r"\boxed{9^{9^{9^{9^9}}}}", "5"),
         (r"\boxed{10^{10^{10}}}", "5"),
+        # Invalid UTF-8 as a decoder hands it over: lone surrogates, replacement characters.
+        (b"\\boxed{5\xff\xfe}".decode("utf-8", "surrogateescape"), "5"),
+        ("\ufffd" * 100_000 + "\\boxed{\ufffd5}", "5"),
     ]
     t0 = time.monotonic()
     scores, metrics = _in_thread(lambda: math_pool.score(items))
