@@ -25,10 +25,18 @@ from rollout.channel import AdapterSender, encode
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def rendezvous() -> tuple[str, int]:
+    """This node's address and a free port on it: run as a Ray task where rank 0 will live."""
+    import ray
+
+    address = ray.util.get_node_ip_address()
+    return address, _free_port(address)
 
 
 def encode_tensors(version: int, step: int, named: list[tuple[str, torch.Tensor]], config: dict,
@@ -63,10 +71,36 @@ def sequence_logprobs(model, seqs: list[dict], temperature: float) -> tuple[torc
     return torch.stack(rows), mask
 
 
+def merge_metrics(results: list[dict]) -> dict:
+    """The step's metrics from each rank's sums (`Learner.train_shard`)."""
+    totals = {k: sum(r["totals"][k] for r in results) for k in results[0]["totals"]}
+    totals["ratio_max"] = max(r["totals"]["ratio_max"] for r in results)
+    tokens, sq, seconds = max(totals["tokens"], 1), totals["ratio_sq_sum"], max(r["seconds"] for r in results)
+    return {
+        "learner/loss": totals["loss"] / len(results),  # each rank's loss is scaled by the world size
+        "learner/ratio_mean": totals["ratio_sum"] / tokens,
+        "learner/ratio_max": totals["ratio_max"],
+        # Effective sample size of the token ratios as a fraction of the tokens: 1 when on-policy.
+        "learner/ratio_ess": totals["ratio_sum"] ** 2 / (tokens * sq) if sq else 1.0,
+        "learner/mismatch_kl": totals["kl_sum"] / tokens,  # KL(sampler || learner) per token, k3 estimator
+        "learner/truncated_frac": totals["limited"] / tokens,
+        "learner/grad_norm": results[0]["grad_norm"],  # before clipping; gradients are averaged over ranks
+        "learner/tokens_per_s": totals["tokens"] / seconds,
+        "time/learn": seconds,
+    }
+
+
 class Learner:
-    def __init__(self, model_path: str, cfg: dict, secret: bytes, seed: int):
+    """One rank of the learner. Rank 0 is the learner the driver talks to: it splits each
+    step's batch across its peers (`attach_peers`), trains its own share, merges the metrics,
+    and alone publishes the adapter. DeepSpeed averages the gradients across ranks."""
+
+    def __init__(self, model_path: str, cfg: dict, secret: bytes, seed: int, rank: int = 0,
+                 master: tuple[str, int] | None = None):
         """cfg: the resolved config as a dict (plain values cross the Ray boundary);
-        secret: the run's adapter-channel key, handed out by the driver through Ray."""
+        secret: the run's adapter-channel key, handed out by the driver through Ray;
+        master: rank 0's (node address, port) for the process group, found through Ray
+        (`rl/setup.py`); None for a single rank on this node."""
         import deepspeed
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -83,17 +117,18 @@ class Learner:
             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, self.peft_config)
-        # One process group per learner; the rendezvous address is this node's (world size 1 here).
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
+        # One process group for the learner's ranks (each rank sees one GPU, as Ray assigns them).
+        lcfg, rcfg = cfg["learner"], cfg["rollout"]
+        self.rank, self.world_size = rank, lcfg["world_size"] if master else 1
+        address, port = master or ("127.0.0.1", _free_port())
+        os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK="0",
+                          WORLD_SIZE=str(self.world_size))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        lcfg, rcfg = cfg["learner"], cfg["rollout"]
         self.micro = lcfg["micro_batch_size"]
-        batch = rcfg["prompts_per_step"] * rcfg["group_size"]
+        batch = -(-rcfg["prompts_per_step"] * rcfg["group_size"] // self.world_size)  # per rank
         self.gas = -(-batch // self.micro)
+        self.peers: list = []  # ranks 1.. (rank 0 only)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lcfg["lr"], weight_decay=lcfg["weight_decay"])
         ds_config = {
@@ -164,16 +199,34 @@ class Learner:
             lp, mask = sequence_logprobs(self.engine.module, seqs, temperature or self.cfg["rollout"]["temperature"])
         return [row[: int(m.sum())].tolist() for row, m in zip(lp, mask)]
 
+    def attach_peers(self, peers: list):
+        """Rank 0 only: the handles of ranks 1..N-1, in rank order."""
+        self.peers = list(peers)
+
     def train_step(self, seqs: list[dict]) -> dict:
-        """One optimiser step over all completions: [{"prompt_ids", "tokens", "sampler_logprobs", "advantage"}]."""
+        """One optimiser step over all completions: [{"prompt_ids", "tokens", "sampler_logprobs", "advantage"}].
+
+        With peers, completion i goes to rank i % world_size; every rank normalises by the
+        whole step's size, so the averaged gradient is the one-rank gradient.
+        """
+        import ray
+
+        shards = [seqs[r::self.world_size] for r in range(self.world_size)]
+        counts = (len(seqs), sum(len(s["tokens"]) for s in seqs))
+        pending = [peer.train_shard.remote(shard, counts) for peer, shard in zip(self.peers, shards[1:])]
+        results = [self.train_shard(shards[0], counts)] + ray.get(pending)
+        return merge_metrics(results)
+
+    def train_shard(self, seqs: list[dict], counts: tuple[int, int]) -> dict:
+        """This rank's share of a step; counts: (completions, tokens) of the whole step."""
         start = time.perf_counter()
         self.engine.train()
         lcfg, temperature = self.cfg["loss"], self.cfg["rollout"]["temperature"]
-        num_tokens = sum(len(s["tokens"]) for s in seqs)
-        denom = denominator(lcfg["normalizer"], len(seqs), num_tokens)
+        # DeepSpeed averages gradients over ranks: scale back up to the step's sum / denominator.
+        denom = denominator(lcfg["normalizer"], *counts) / self.world_size
         totals = dict.fromkeys(("ratio_sum", "ratio_sq_sum", "ratio_max", "kl_sum", "limited", "tokens", "loss"), 0.0)
-        if not 0 < len(seqs) <= self.gas * self.micro:
-            raise ValueError(f"{len(seqs)} completions for a step of at most {self.gas} x {self.micro}")
+        if len(seqs) > self.gas * self.micro:
+            raise ValueError(f"{len(seqs)} completions for a rank's step of at most {self.gas} x {self.micro}")
         # Exactly `gas` micro-batches, as DeepSpeed counts them (fewer completions when groups
         # were dropped: the last micro-batches are shorter, or empty).
         chunks = [seqs[i * self.micro:(i + 1) * self.micro] for i in range(self.gas)]
@@ -201,19 +254,7 @@ class Learner:
         elapsed = time.perf_counter() - start
         if grad_norm is None:  # ZeRO 1/2 keep gradients in their own partitions
             grad_norm = self.engine.get_global_grad_norm()
-        tokens, sq = max(totals["tokens"], 1), totals["ratio_sq_sum"]
-        return {
-            "learner/loss": totals["loss"],
-            "learner/ratio_mean": totals["ratio_sum"] / tokens,
-            "learner/ratio_max": totals["ratio_max"],
-            # Effective sample size of the token ratios as a fraction of the tokens: 1 when on-policy.
-            "learner/ratio_ess": totals["ratio_sum"] ** 2 / (tokens * sq) if sq else 1.0,
-            "learner/mismatch_kl": totals["kl_sum"] / tokens,  # KL(sampler || learner) per token, k3 estimator
-            "learner/truncated_frac": totals["limited"] / tokens,
-            "learner/grad_norm": None if grad_norm is None else float(grad_norm),  # before clipping
-            "learner/tokens_per_s": totals["tokens"] / elapsed,
-            "time/learn": elapsed,
-        }
+        return {"totals": totals, "grad_norm": None if grad_norm is None else float(grad_norm), "seconds": elapsed}
 
     def _grad_norm(self) -> float | None:
         grads = [p.grad for p in self.engine.module.parameters() if p.requires_grad and p.grad is not None]

@@ -24,8 +24,10 @@ class ConfigError(ValueError):
 
 def doc(default, text: str, **kw):
     """A dataclass field with its one-line doc kept in the field's metadata."""
-    if isinstance(default, (list, dict)):
+    if isinstance(default, list):
         raise TypeError("use a tuple for sequence defaults")
+    if isinstance(default, dict):  # a fresh (empty) mapping per instance
+        return field(default_factory=lambda: dict(default), metadata={"doc": text}, **kw)
     return field(default=default, metadata={"doc": text}, **kw)
 
 
@@ -75,7 +77,8 @@ class RolloutConfig:
     gpu_memory_utilization: float = doc(0.9, "vLLM's share of GPU memory (used when kv_cache_gb is 0).")
     enforce_eager: bool = doc(True, "Run vLLM eagerly: no torch.compile or CUDA graphs (fast start, slower steps).")
     num_cpus: float = doc(1.0, "CPUs reserved in Ray for each sampler actor.")
-    num_gpus: float = doc(0.0, "GPUs per sampler actor (0 on CPU).")
+    num_gpus: float = doc(0.0, "GPUs per sampler actor (0 on CPU); more than 1 means vLLM tensor parallelism.")
+    resources: dict[str, float] = doc({}, 'Custom Ray resources per sampler, e.g. {"sampler_node": 1}, to place them.')
     max_staleness: int = doc(0, "Adapter versions a rollout may lag the learner; versions kept resident = this + 1.")
     on_stale: str = doc("drop", "A group from outside the window: drop | regenerate (sample it again); counted.")
     cpu_cores: str = doc("", 'CPU ids for each sampler and its vLLM threads, e.g. "0" or "0-3"; "" = vLLM chooses.')
@@ -100,7 +103,9 @@ class LearnerConfig:
     micro_batch_size: int = doc(16, "Completions per forward/backward pass; the step accumulates over all.")
     zero_stage: int = doc(0, "DeepSpeed ZeRO stage (0, 1 or 2).")
     num_cpus: float = doc(1.0, "CPUs reserved in Ray for the learner actor.")
-    num_gpus: float = doc(0.0, "GPUs for the learner actor (0 on CPU).")
+    num_gpus: float = doc(0.0, "GPUs per learner rank (0 on CPU).")
+    world_size: int = doc(1, "Data-parallel learner ranks (one DeepSpeed group); the batch is split across them.")
+    resources: dict[str, float] = doc({}, "Custom Ray resources per learner rank, to place them.")
     cpu_cores: str = doc("", 'CPU ids the learner is pinned to, e.g. "1" or "4-7", one torch thread each; "" = all.')
 
 
@@ -127,6 +132,9 @@ class SyncConfig:
 @dataclass(frozen=True)
 class RunConfig:
     steps: int = doc(60, "RL steps (one optimiser step each).")
+    placement: str = doc("pack", "Ray placement of learner ranks and samplers: pack (fill nodes; colocate when "
+                                 "they fit) | spread (one per node where possible).")
+    placement_timeout_s: float = doc(300.0, "How long to wait for the cluster to place every actor.")
     mode: str = doc("sync", "sync: sample, train, publish in turn | async: samplers generate the next batches "
                             "while the learner trains, at most rollout.max_staleness versions behind.")
     seed: int = doc(0, "Seed for data order, sampling and initialisation.")
@@ -162,6 +170,13 @@ class Config:
         check(self.rollout.num_samplers >= 1, "rollout.num_samplers must be >= 1")
         check(self.run.steps >= 0, "run.steps must be >= 0")
         check(self.run.mode in ("sync", "async"), "run.mode must be sync or async")
+        check(self.run.placement in ("pack", "spread"), "run.placement must be pack or spread")
+        check(self.learner.world_size >= 1, "learner.world_size must be >= 1")
+        for key, part in ("learner", self.learner), ("rollout", self.rollout):
+            check(part.num_cpus > 0 or part.num_gpus > 0 or any(part.resources.values()),
+                  f"{key}.num_cpus, num_gpus or resources must reserve something (Ray bundles cannot be empty)")
+        check(self.rollout.num_gpus <= 1 or self.rollout.num_gpus == int(self.rollout.num_gpus),
+              "rollout.num_gpus above 1 must be a whole number (vLLM's tensor parallel size)")
         check(self.rollout.max_staleness >= 0, "rollout.max_staleness must be >= 0")
         check(self.rollout.on_stale in ("drop", "regenerate"), "rollout.on_stale must be drop or regenerate")
         for key, cores in ("rollout.cpu_cores", self.rollout.cpu_cores), ("learner.cpu_cores", self.learner.cpu_cores):
@@ -207,6 +222,11 @@ def _coerce(value, tp, key: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, key + ".")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -290,5 +310,6 @@ def describe(cls=Config, prefix: str = "") -> list[str]:
             lines += describe(tp, prefix + f.name + ".")
         else:
             type_name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
-            lines.append(f"{prefix}{f.name} ({type_name}, default {f.default!r}): {f.metadata['doc']}")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{prefix}{f.name} ({type_name}, default {default!r}): {f.metadata['doc']}")
     return lines

@@ -40,7 +40,16 @@ def main(argv: list[str]) -> Path:
     import ray
 
     from rewards.pool import RewardPool
-    from rl.setup import build_actors, dead_actors, load_splits, make_run_dir, resolve_model, shutdown, write_adapter
+    from rl.setup import (
+        build_actors,
+        dead_actors,
+        load_splits,
+        make_run_dir,
+        placement,
+        resolve_model,
+        shutdown,
+        write_adapter,
+    )
 
     ray.init()  # joins RAY_ADDRESS's cluster, or the job's; else starts a local instance
     run_dir = make_run_dir(cfg)
@@ -48,18 +57,19 @@ def main(argv: list[str]) -> Path:
     model_path = resolve_model(cfg)
     train, evals = load_splits(cfg, model_path)
     secret = secrets.token_bytes(32)  # the adapter channel's key, handed out through Ray only
-    learner, samplers = build_actors(cfg, model_path, secret)
+    learners, samplers = build_actors(cfg, model_path, secret)  # learners[0]: rank 0, the learner we talk to
     try:
+        (run_dir / "placement.json").write_text(json.dumps(placement(learners, samplers), indent=1))
         with RewardPool(cfg.reward.fn, cfg.reward.num_workers, cfg.reward.timeout_s) as rewards:
-            before, after = rl_loop(cfg, learner, samplers, rewards, train, evals, run_dir / "metrics.jsonl")
-        adapter = write_adapter(learner, run_dir)
+            before, after = rl_loop(cfg, learners[0], samplers, rewards, train, evals, run_dir / "metrics.jsonl")
+        adapter = write_adapter(learners[0], run_dir)
     except Exception as e:
-        dead = dead_actors(learner, samplers)  # the root cause when an actor, or its node, went away
+        dead = dead_actors(learners, samplers)  # the root cause when an actor, or its node, went away
         if dead:
             raise RuntimeError(f"run stopped: {' and '.join(dead)} died (see the error above)") from e
         raise
     finally:
-        shutdown(learner, samplers)
+        shutdown(learners, samplers)
     print(f"eval/accuracy: {before:.3f} before training, {after:.3f} after {cfg.run.steps} steps")
     print(f"adapter: {adapter}\nrun directory: {run_dir}", flush=True)
     return run_dir

@@ -113,28 +113,91 @@ def load_splits(cfg: Config, model_path: str) -> tuple[Split, Split]:
     return Split(train, seed=cfg.run.seed, skipped=train_skipped), Split(evals, skipped=eval_skipped)
 
 
-def build_actors(cfg: Config, model_path: str, secret: bytes):
-    """The learner, then the samplers (which need the learner's manifest), connected."""
+def bundles(cfg: Config) -> list[dict[str, float]]:
+    """Ray resources per actor: one bundle per learner rank, then one per sampler."""
+    def bundle(cpus: float, gpus: float, custom: dict) -> dict[str, float]:
+        return {k: v for k, v in {"CPU": cpus, "GPU": gpus, **custom}.items() if v}
+
+    lr, ro = cfg.learner, cfg.rollout
+    return ([bundle(lr.num_cpus, lr.num_gpus, lr.resources)] * lr.world_size
+            + [bundle(ro.num_cpus, ro.num_gpus, ro.resources)] * ro.num_samplers)
+
+
+def place(cfg: Config):
+    """A placement group for every actor, or an error naming the resources the cluster lacks."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    wanted, need = bundles(cfg), {}
+    for bundle in wanted:
+        for key, amount in bundle.items():
+            need[key] = need.get(key, 0.0) + amount
+    have = ray.cluster_resources()
+    missing = [f"{key} {amount:g} (the cluster has {have.get(key, 0):g})" for key, amount in sorted(need.items())
+               if amount > have.get(key, 0.0) + 1e-9]
+    if missing:
+        raise ConfigError(f"the Ray cluster lacks resources for learner.world_size={cfg.learner.world_size} and "
+                          f"rollout.num_samplers={cfg.rollout.num_samplers}: needs " + ", ".join(missing))
+    group = placement_group(wanted, strategy="PACK" if cfg.run.placement == "pack" else "SPREAD")
+    try:
+        ray.get(group.ready(), timeout=cfg.run.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise RuntimeError(f"Ray could not place the actors {wanted} within run.placement_timeout_s="
+                           f"{cfg.run.placement_timeout_s:g}; free now: {ray.available_resources()}") from None
+    return group
+
+
+def _in_bundle(group, index: int) -> dict:
+    """Actor options that put it in bundle `index` of the placement group."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}
+
+
+def build_actors(cfg: Config, model_path: str, secret: bytes) -> tuple[list, list]:
+    """The learner's ranks, then the samplers (which need the learner's manifest), placed and connected."""
     import ray
 
-    from learner.learner import Learner
+    group = place(cfg)
+    learners = start_learners(cfg, model_path, secret, group)
+    manifest = ray.get(learners[0].manifest.remote())
+    samplers = [start_sampler(cfg, model_path, secret, manifest, i, _in_bundle(group, cfg.learner.world_size + i))
+                for i in range(cfg.rollout.num_samplers)]
+    ray.get(learners[0].connect.remote(ray.get([s.endpoint.remote() for s in samplers])))
+    return learners, samplers
 
-    learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)(Learner).options(
-        name="learner").remote(model_path, to_dict(cfg), secret, cfg.run.seed)
-    manifest = ray.get(learner.manifest.remote())
-    samplers = [start_sampler(cfg, model_path, secret, manifest, i) for i in range(cfg.rollout.num_samplers)]
-    ray.get(learner.connect.remote(ray.get([s.endpoint.remote() for s in samplers])))
-    return learner, samplers
+
+def start_learners(cfg: Config, model_path: str, secret: bytes, group, name: str = "learner") -> list:
+    """Learner ranks 0..N-1 in bundles 0..N-1, named `name`, `name`-1, ...; rank 0's node
+    address and a free port there, found by a task in rank 0's bundle, are the rendezvous."""
+    import ray
+
+    from learner.learner import Learner, rendezvous
+
+    lr, world = cfg.learner, cfg.learner.world_size
+    master = None
+    if world > 1:
+        master = ray.get(ray.remote(rendezvous).options(num_cpus=0, **_in_bundle(group, 0)).remote())
+    actor = ray.remote(Learner)
+    ranks = [actor.options(name=name if r == 0 else f"{name}-{r}", num_cpus=lr.num_cpus, num_gpus=lr.num_gpus,
+                           resources=dict(lr.resources), **_in_bundle(group, r))
+             .remote(model_path, to_dict(cfg), secret, cfg.run.seed, r, master) for r in range(world)]
+    if world > 1:
+        ray.get(ranks[0].attach_peers.remote(ranks[1:]))
+    return ranks
 
 
-def start_sampler(cfg: Config, model_path: str, secret: bytes, manifest: dict, index: int):
+def start_sampler(cfg: Config, model_path: str, secret: bytes, manifest: dict, index: int,
+                  bundle: dict | None = None):
     import ray
 
     from rollout.sampler import Sampler
 
-    actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)(Sampler)
-    return actor.options(name=f"sampler-{index}").remote(model_path, to_dict(cfg), secret, manifest,
-                                                         cfg.run.seed + index)
+    r = cfg.rollout
+    actor = ray.remote(Sampler).options(name=f"sampler-{index}", num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+                                         resources=dict(r.resources), **(bundle or {}))
+    return actor.remote(model_path, to_dict(cfg), secret, manifest, cfg.run.seed + index)
 
 
 def add_sampler(cfg: Config, model_path: str, secret: bytes, learner, index: int):
@@ -166,11 +229,30 @@ def write_adapter(learner, run_dir: Path) -> Path:
     return out
 
 
-def dead_actors(learner, samplers) -> list[str]:
+def actor_names(learners, samplers) -> dict:
+    return {**{"learner" if r == 0 else f"learner-{r}": a for r, a in enumerate(learners)},
+            **{f"sampler-{i}": s for i, s in enumerate(samplers)}}
+
+
+def placement(learners, samplers) -> dict[str, dict]:
+    """Where each actor runs: {name: {"node_id", "ip", "pid"}} (written to the run directory)."""
+    import os
+
+    import ray
+
+    def where(self):
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid()}
+
+    actors = actor_names(learners, samplers)
+    return dict(zip(actors, ray.get([a.__ray_call__.remote(where) for a in actors.values()])))
+
+
+def dead_actors(learners, samplers) -> list[str]:
     """Names of the actors that are gone (killed, crashed, or lost with their node)."""
     import ray
 
-    actors = {"learner": learner, **{f"sampler-{i}": s for i, s in enumerate(samplers)}}
+    actors = actor_names(learners, samplers)
     pings = {name: actor.__ray_call__.remote(lambda self: None) for name, actor in actors.items()}
     dead = []
     for name, ping in pings.items():
@@ -183,11 +265,11 @@ def dead_actors(learner, samplers) -> list[str]:
     return dead
 
 
-def shutdown(learner, samplers):
+def shutdown(learners, samplers):
     """Stop the vLLM engines (and their processes) and the actors, then leave Ray."""
     import ray
 
-    for actor in [*samplers, learner]:
+    for actor in [*samplers, *learners]:
         try:
             ray.get(actor.close.remote(), timeout=60)
         except Exception:  # an actor that already died has nothing left to close

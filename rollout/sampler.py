@@ -70,6 +70,7 @@ class Sampler:
             kv_cache_memory_bytes=int(rollout["kv_cache_gb"] * 2**30) or None,
             gpu_memory_utilization=rollout["gpu_memory_utilization"],
             enforce_eager=rollout["enforce_eager"],
+            tensor_parallel_size=max(1, int(rollout["num_gpus"])),
             enable_prefix_caching=True,
             worker_extension_cls="rollout.vllm_ext.InMemoryAdapters",
         )

@@ -37,13 +37,14 @@ def stack():
                              "learner.num_cpus=0.5"])
     ray.init(num_cpus=2, include_dashboard=False)
     secret = secrets.token_bytes(32)
-    learner, samplers = build_actors(cfg, model_path, secret)
+    learners, samplers = build_actors(cfg, model_path, secret)
+    learner = learners[0]
     ray.get(learner.publish.remote())
     tok = AutoTokenizer.from_pretrained(model_path)
     prompt_ids = [tok(TEMPLATE.format(prompt=p))["input_ids"] for p in PROMPTS]
     yield {"learner": learner, "sampler": samplers[0], "secret": secret, "prompt_ids": prompt_ids,
            "model_path": model_path, "cfg": cfg}
-    shutdown(learner, samplers)
+    shutdown(learners, samplers)
 
 
 def generate(stack, n=8, temperature=1.0, seed=1):
@@ -207,6 +208,45 @@ def test_zero_stages_take_the_same_step(stack, zero_stage):
     assert max(abs(a - b) for x, y in zip(lp0, lp1) for a, b in zip(x, y)) < 1e-5
     for learner in learners:
         ray.kill(learner)
+
+
+def test_two_rank_learner_takes_the_one_rank_step(stack):
+    """learner.world_size=2: two DeepSpeed ranks (gloo), each on half the completions, take
+    the step one rank takes on all of them: the adapters agree to float rounding."""
+    import torch
+    from ray.util.placement_group import remove_placement_group
+    from safetensors.torch import load
+
+    from rl.setup import place, start_learners
+
+    out = generate(stack, seed=6)
+    batch = [{"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
+              "advantage": 1.0 if i % 3 == 0 else -0.5}
+             for p, g in zip(stack["prompt_ids"], out["groups"]) for i, c in enumerate(g)]
+    base = ["learner.lr=0.02", "rollout.prompts_per_step=2", "rollout.group_size=8", "learner.micro_batch_size=8",
+            "learner.num_cpus=0.2", "rollout.num_cpus=0.1"]
+    runs = {}
+    for world in (1, 2):
+        cfg = load_config(None, base + [f"learner.world_size={world}"])
+        group = place(cfg)
+        ranks = start_learners(cfg, stack["model_path"], b"k" * 32, group, name=f"dp{world}")
+        try:
+            steps = [ray.get(ranks[0].train_step.remote(batch)) for _ in range(2)]
+            runs[world] = steps, load(ray.get(ranks[0].adapter_files.remote())["adapter_model.safetensors"])
+        finally:
+            for rank in ranks:
+                ray.kill(rank)
+            remove_placement_group(group)
+    (steps1, one), (steps2, two) = runs[1], runs[2]
+    assert one.keys() == two.keys()
+    moved = max((v - torch.zeros_like(v)).abs().max().item() for k, v in one.items() if "lora_B" in k)
+    gap = max((one[k] - two[k]).abs().max().item() for k in one)
+    print(f"2-rank vs 1-rank adapter: max |gap| {gap:.1e} after two steps that moved lora_B by {moved:.1e}")
+    assert moved > 1e-3 and gap < 1e-5, (moved, gap)
+    for a, b in zip(steps1, steps2):
+        assert a["learner/loss"] == pytest.approx(b["learner/loss"], abs=1e-5)
+        assert a["learner/ratio_mean"] == pytest.approx(b["learner/ratio_mean"], abs=1e-6)
+        assert a["learner/grad_norm"] == pytest.approx(b["learner/grad_norm"], rel=1e-4)
 
 
 def test_late_sampler_catches_up_before_prompts(stack):

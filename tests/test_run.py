@@ -85,17 +85,34 @@ def test_async_job_learns_within_the_staleness_bound(tmp_path):
     assert after >= before + 0.10, (before, after)
 
 
-def engine_processes() -> set[int]:
-    """Pids of vLLM engine and Ray actor processes of this machine (by their process titles)."""
-    found = set()
-    for proc in Path("/proc").iterdir():
+def with_descendants(pids: set[int]) -> set[int]:
+    """pids and every process below them (vLLM's engine core and worker below a sampler)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            title = (proc / "cmdline").read_bytes().split(b"\0")[0]
+            fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if title.startswith((b"VLLM::", b"ray::Sampler", b"ray::Learner")):
-            found.add(int(proc.name))
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, [])
     return found
+
+
+def running(pids: set[int]) -> set[int]:
+    """The pids that are still processes (zombies excluded)."""
+    alive = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.add(pid)
+        except OSError:
+            pass
+    return alive
 
 
 @pytest.mark.parametrize("mode, victim", [("async", "sampler-0"), ("sync", "learner")])
@@ -106,12 +123,15 @@ def test_a_dead_actor_ends_the_run_with_a_clear_error_and_no_leftovers(tmp_path,
 
     from rl.run import main
 
-    already = engine_processes()
-    metrics = tmp_path / "dead" / "metrics.jsonl"
+    run_dir = tmp_path / "dead"
+    actors: set[int] = set()  # the run's actor processes and their children, seen before the kill
 
     def kill_after_step_2():
+        metrics = run_dir / "metrics.jsonl"
         while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
             time.sleep(0.2)
+        pids = {a["pid"] for a in json.loads((run_dir / "placement.json").read_text()).values()}
+        actors.update(with_descendants(pids))
         ray.kill(ray.get_actor(victim))
 
     killer = threading.Thread(target=kill_after_step_2, daemon=True)
@@ -122,7 +142,8 @@ def test_a_dead_actor_ends_the_run_with_a_clear_error_and_no_leftovers(tmp_path,
               "run.progress=false"])
     killer.join(timeout=5)
     assert f"run stopped: {victim} died" in str(failure.value), failure.value
+    assert len(actors) >= 4  # learner, sampler, and vLLM's engine core and worker below the sampler
     deadline = time.time() + 30
-    while engine_processes() - already and time.time() < deadline:
+    while running(actors) and time.time() < deadline:
         time.sleep(0.5)
-    assert not engine_processes() - already
+    assert not running(actors)
