@@ -8,11 +8,13 @@ math-verify -> group-centred advantages -> one learner step (importance-correcte
 gradient) -> publish the adapter to every sampler and wait for their acknowledgements ->
 log one flat dict of metrics. With run.mode=async the sampling and scoring of the next
 batches runs ahead, while the learner trains, at most rollout.max_staleness adapter versions
-behind (rl/rollouts.py); the loop below is the same. The held-out split is evaluated greedily before training,
-every `run.eval_every` steps and at the end. Departures from GRPO, as DESIGN.md says: the
-advantage is not divided by the group std, there is no KL penalty and no ratio clipping by
-default, and the importance ratio uses the sampler's own log-probs (not a recomputed "old"
-policy), which also corrects the sampler/learner numeric mismatch.
+behind (rl/rollouts.py); the loop below is the same. The held-out split is evaluated
+greedily before training, every `run.eval_every` steps and at the end.
+
+Departures from GRPO, as DESIGN.md says: the advantage is not divided by the group std,
+there is no KL penalty and no ratio clipping by default, and the importance ratio uses the
+sampler's own log-probs (not a recomputed "old" policy), which also corrects the
+sampler/learner numeric mismatch and the lag of stale samples.
 
 It connects to a Ray cluster when RAY_ADDRESS is set or when run as a Ray job, and starts a
 local Ray instance otherwise.
