@@ -212,8 +212,8 @@ def test_zero_stages_take_the_same_step(stack, zero_stage):
 
 def test_two_rank_learner_takes_the_one_rank_step(stack):
     """learner.world_size=2: two DeepSpeed ranks (gloo), each on half the completions, take
-    the step one rank takes on all of them: the adapters agree within 0.1% of the step's move
-    (measured: 2e-5 or less against a move of 4e-2)."""
+    the step one rank takes on all of them: the adapters agree within 0.5% of the step's move
+    (measured: 2.4e-5 or less against a move of 4e-2)."""
     import torch
     from ray.util.placement_group import remove_placement_group
     from safetensors.torch import load
@@ -233,21 +233,28 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
         ranks = start_learners(cfg, stack["model_path"], b"k" * 32, group, name=f"dp{world}")
         try:
             steps = [ray.get(ranks[0].train_step.remote(batch)) for _ in range(2)]
-            runs[world] = steps, load(ray.get(ranks[0].adapter_files.remote())["adapter_model.safetensors"])
+            logprobs = ray.get(ranks[0].logprobs.remote([{"prompt_ids": b["prompt_ids"], "tokens": b["tokens"]}
+                                                          for b in batch]))
+            adapter = load(ray.get(ranks[0].adapter_files.remote())["adapter_model.safetensors"])
+            runs[world] = steps, adapter, logprobs
         finally:
             for rank in ranks:
                 ray.kill(rank)
             remove_placement_group(group)
-    (steps1, one), (steps2, two) = runs[1], runs[2]
+    (steps1, one, lp1), (steps2, two, lp2) = runs[1], runs[2]
     assert one.keys() == two.keys()
-    moved = max((v - torch.zeros_like(v)).abs().max().item() for k, v in one.items() if "lora_B" in k)
+    moved = max(v.abs().max().item() for k, v in one.items() if "lora_B" in k)  # lora_B starts at 0
     gap = max((one[k] - two[k]).abs().max().item() for k in one)
-    print(f"2-rank vs 1-rank adapter: max |gap| {gap:.1e} after two steps that moved lora_B by {moved:.1e}")
-    # Float sums run in another order (two ranks, an all-reduce), and Adam's first steps turn
-    # gradient differences at rounding level into update differences: allow 0.1% of the move.
-    assert moved > 1e-3 and gap < 1e-3 * moved, (moved, gap)
+    lp_gap = max(abs(a - b) for x, y in zip(lp1, lp2) for a, b in zip(x, y))
+    print(f"2-rank vs 1-rank adapter: max |gap| {gap:.1e} after two steps that moved lora_B by {moved:.1e}; "
+          f"log-probs within {lp_gap:.1e}")
+    # Float sums run in another order (two ranks, an all-reduce), and Adam's first steps divide
+    # each gradient by its own magnitude, which turns rounding-level differences into update
+    # differences: allow 0.5% of the move (measured up to 0.06%). The log-prob gap is printed,
+    # not asserted: lora_alpha/r = 32 scales weight rounding into ~1e-4..1e-3 nats.
+    assert moved > 1e-3 and gap < 5e-3 * moved, (moved, gap)
     for a, b in zip(steps1, steps2):
-        assert a["learner/loss"] == pytest.approx(b["learner/loss"], abs=1e-5)
+        assert a["learner/loss"] == pytest.approx(b["learner/loss"], rel=1e-5)
         assert a["learner/ratio_mean"] == pytest.approx(b["learner/ratio_mean"], abs=1e-6)
         assert a["learner/grad_norm"] == pytest.approx(b["learner/grad_norm"], rel=1e-4)
 

@@ -83,6 +83,9 @@ def test_async_job_learns_within_the_staleness_bound(tmp_path):
     assert all(r["learner/ratio_ess"] > 0.5 and r["learner/mismatch_kl"] >= 0 for r in rows[1:])
     before, after = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]
     assert after >= before + 0.10, (before, after)
+    # The run ended cleanly: none of its actor processes is left.
+    pids = {a["pid"] for a in json.loads((tmp_path / "async" / "placement.json").read_text()).values()}
+    assert len(pids) == 2 and not running(pids)
 
 
 def with_descendants(pids: set[int]) -> set[int]:
