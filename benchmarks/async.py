@@ -34,7 +34,10 @@ def run(mode: str, steps: int, max_staleness: int, extra: list[str], out: str) -
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = rows[2:]
     seconds = sum(r["time/step"] - r.get("time/eval", 0.0) for r in timed)
-    mean = lambda key: round(statistics.fmean(r[key] for r in timed), 4)  # noqa: E731
+
+    def mean(key: str) -> float:
+        return round(statistics.fmean(r[key] for r in timed), 4)
+
     return {
         "steps_per_min": round(60 * len(timed) / seconds, 2),
         "accuracy_before": rows[0]["eval/accuracy"],

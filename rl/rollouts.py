@@ -49,7 +49,7 @@ def collect(cfg, samplers, rewards, rows_P: list[dict], seed: int) -> tuple[list
                     r.max_tokens, seed)
     sampled = time.perf_counter()
     completions = [c for g in groups for c in g["completions"]]
-    samples = [fields(row) for row in rows_P for _ in range(r.group_size)]
+    samples = [sample for row in rows_P for sample in [fields(row)] * r.group_size]  # one dict per row
     scores, metrics = rewards.score([(c["text"], s) for c, s in zip(completions, samples)])
     totals = shaped(cfg, completions, scores, metrics)
     for i, (row, g) in enumerate(zip(rows_P, groups)):

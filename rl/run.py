@@ -42,16 +42,8 @@ def main(argv: list[str]) -> Path:
     import ray
 
     from rewards.pool import RewardPool
-    from rl.setup import (
-        build_actors,
-        dead_actors,
-        load_splits,
-        make_run_dir,
-        placement,
-        resolve_model,
-        shutdown,
-        write_adapter,
-    )
+    from rl.setup import (build_actors, dead_actors, load_splits, make_run_dir, placement, resolve_model, shutdown,
+                          write_adapter)
 
     ray.init()  # joins RAY_ADDRESS's cluster, or the job's; else starts a local instance
     run_dir = make_run_dir(cfg)
