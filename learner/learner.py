@@ -10,7 +10,9 @@ handed to DeepSpeed, which avoids compiling DeepSpeed's own CPU Adam op.
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import socket
 import tempfile
 import time
@@ -20,7 +22,7 @@ import torch
 
 from learner.loss import denominator, policy_gradient_loss
 from rl.config import pin_cpus
-from rollout.channel import AdapterSender, encode
+from rollout.channel import AdapterSender, Unacknowledged, encode
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -71,6 +73,16 @@ def sequence_logprobs(model, seqs: list[dict], temperature: float) -> tuple[torc
     return torch.stack(rows), mask
 
 
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be skipped entirely: a step on zeroed gradients would still
+    decay Adam's moments and count towards its bias correction."""
+
+    skip = False
+
+    def step(self, closure=None):
+        return None if self.skip else super().step(closure)
+
+
 def merge_metrics(results: list[dict]) -> dict:
     """The step's metrics from each rank's sums (`Learner.train_shard`)."""
     totals = {k: sum(r["totals"][k] for r in results) for k in results[0]["totals"]}
@@ -86,8 +98,26 @@ def merge_metrics(results: list[dict]) -> dict:
         "learner/truncated_frac": totals["limited"] / tokens,
         "learner/grad_norm": results[0]["grad_norm"],  # before clipping; gradients are averaged over ranks
         "learner/tokens_per_s": totals["tokens"] / seconds,
+        "learner/skipped": int(results[0]["skipped"]),  # a non-finite loss or gradient: no update this step
         "time/learn": seconds,
     }
+
+
+def rng_states() -> dict:
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict):
+    import numpy as np
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class Learner:
@@ -130,7 +160,7 @@ class Learner:
         self.gas = -(-batch // self.micro)
         self.peers: list = []  # ranks 1.. (rank 0 only)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lcfg["lr"], weight_decay=lcfg["weight_decay"])
+        self.optimizer = SkippableAdamW(params, lr=lcfg["lr"], weight_decay=lcfg["weight_decay"])
         ds_config = {
             "train_micro_batch_size_per_gpu": self.micro,
             "gradient_accumulation_steps": self.gas,
@@ -139,7 +169,7 @@ class Learner:
             "bf16": {"enabled": dtype == torch.bfloat16},
             "steps_per_print": 10**9,
         }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         self.sender = AdapterSender()
         self._frames: list[bytes] = []  # the last published version, for catch-up
         self.version = 0
@@ -172,11 +202,15 @@ class Learner:
         """Send the current adapter as version `self.version` to every sampler; wait for all acks.
 
         Latency runs from "the learner has new weights" (serialisation included) to "every
-        sampler serves them". The frames are kept for samplers that join later.
+        sampler serves them". The frames are kept for samplers that join later. Samplers that
+        did not acknowledge within sync.ack_timeout_s are listed in "sync/missing".
         """
         start = time.perf_counter()
         self._frames = encode_tensors(self.version, self.step, self._wire_tensors(), self.peft_config_dict(), self.secret)
-        metrics = self.sender.publish(self._frames, self.version, self.cfg["sync"]["ack_timeout_s"])
+        try:
+            metrics = self.sender.publish(self._frames, self.version, self.cfg["sync"]["ack_timeout_s"])
+        except Unacknowledged as e:  # a sampler died (or hangs): the driver restarts it or stops the run
+            metrics = {"sync/missing": e.missing, "sync/bytes": sum(len(f) for f in self._frames)}
         metrics["sync/latency_ms"] = 1e3 * (time.perf_counter() - start)
         metrics["sync/version"] = self.version
         metrics["sync/digest"] = json.loads(self._frames[0])["payload_sha256"]
@@ -245,20 +279,68 @@ class Learner:
                 loss = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
             # The loss is already normalised over the whole step: no extra 1/GAS scaling.
             self.engine.backward(loss, scale_wrt_gas=False)
-            if i == len(chunks) - 1:
-                grad_norm = self._grad_norm()
-            self.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
             totals["loss"] += loss.item()
+            if i == len(chunks) - 1:  # the accumulation boundary: DeepSpeed's step below updates
+                grad_norm = self._grad_norm()
+                self.optimizer.skip = self._non_finite(totals["loss"], grad_norm)
+            self.engine.step()
+        # A skipped step leaves weights and optimiser state as they were (ZeRO 1/2 check their
+        # own gradient partitions, and skip, when they hold a NaN or inf).
+        skipped = self.optimizer.skip or not self.engine.was_step_applied()
+        self.optimizer.skip = False
         self.step += 1
-        self.version += 1
+        self.version += 1  # a skipped step still makes a version (the same weights): versions count steps
         elapsed = time.perf_counter() - start
         if grad_norm is None:  # ZeRO 1/2 keep gradients in their own partitions
             grad_norm = self.engine.get_global_grad_norm()
-        return {"totals": totals, "grad_norm": None if grad_norm is None else float(grad_norm), "seconds": elapsed}
+        return {"totals": totals, "grad_norm": None if grad_norm is None else float(grad_norm), "seconds": elapsed,
+                "skipped": skipped}
+
+    def _non_finite(self, loss: float, grad_norm: float | None) -> bool:
+        """Whether any rank's loss or the (already averaged) gradient is NaN or infinite."""
+        bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+        if self.world_size == 1:
+            return bad
+        flag = torch.tensor([float(bad)], device=self.engine.device)  # every rank takes the same decision
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _grad_norm(self) -> float | None:
         grads = [p.grad for p in self.engine.module.parameters() if p.requires_grad and p.grad is not None]
         return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
+
+    # -- checkpoints ------------------------------------------------------------------
+    def state_files(self) -> dict[str, bytes]:
+        """The training state as files (name -> bytes), rank 0's gathered with its peers':
+        DeepSpeed's checkpoint of the trainable weights and optimiser (and scheduler) state,
+        without the frozen base model, and each rank's RNG states. The driver writes them."""
+        import ray
+
+        pending = [peer.state_files.remote() for peer in self.peers]  # saving is collective: all ranks at once
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False, exclude_frozen_parameters=True,
+                                        client_state={"step": self.step, "version": self.version})
+            torch.save(rng_states(), Path(tmp) / f"rng-rank{self.rank}.pt")
+            files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
+        for peer_files in ray.get(pending):
+            files.update(peer_files)
+        return files
+
+    def load_state_files(self, files: dict[str, bytes]) -> dict:
+        """Resume from `state_files` (every rank reads what it wrote); returns {"step", "version"}."""
+        import ray
+
+        pending = [peer.load_state_files.remote(files) for peer in self.peers]
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / name).write_bytes(data)
+            # load_module_strict=False: the frozen base weights are not in the checkpoint.
+            _, client = self.engine.load_checkpoint(tmp, tag="deepspeed", load_module_strict=False)
+            set_rng_states(torch.load(Path(tmp) / f"rng-rank{self.rank}.pt", weights_only=False))
+        ray.get(pending)
+        self.step, self.version = client["step"], client["version"]
+        return {"step": self.step, "version": self.version}
 
     def adapter_files(self) -> dict[str, bytes]:
         """The adapter in PEFT layout (file name -> bytes), loadable by PeftModel and vLLM."""

@@ -85,8 +85,10 @@ def _worker_main(conn: multiprocessing.connection.Connection, spec: str) -> None
     # Scoring is single-threaded; do not let a numeric library start a thread per core.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
-    # Ctrl-C goes to the whole process group; the parent decides when workers stop.
+    # Ctrl-C goes to the whole process group, and `ray job stop` signals the driver's children
+    # too: the parent decides when workers stop (it finishes a step and checkpoints first).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         fn = _resolve(spec)
     except BaseException:
@@ -325,10 +327,7 @@ class RewardPool:
 
     @staticmethod
     def _stop(w: _Worker) -> None:
-        if w.process.is_alive():
-            w.process.terminate()
-            w.process.join(_TERMINATE_GRACE_S)
-        if w.process.is_alive():
+        if w.process.is_alive():  # workers ignore SIGTERM (see _worker_main)
             w.process.kill()
             w.process.join()
         w.conn.close()

@@ -82,6 +82,9 @@ class RolloutConfig:
     max_staleness: int = doc(0, "Adapter versions a rollout may lag the learner; versions kept resident = this + 1.")
     on_stale: str = doc("drop", "A group from outside the window: drop | regenerate (sample it again); counted.")
     cpu_cores: str = doc("", 'CPU ids for each sampler and its vLLM threads, e.g. "0" or "0-3"; "" = vLLM chooses.')
+    max_restarts: int = doc(3, "Times Ray restarts a sampler that died; its lost groups are sampled again. 0: a death "
+                               "ends the run.")
+    restart_timeout_s: float = doc(600.0, "How long to wait for a restarted sampler to come back (its engine starts).")
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ class LearnerConfig:
     world_size: int = doc(1, "Data-parallel learner ranks (one DeepSpeed group); the batch is split across them.")
     resources: dict[str, float] = doc({}, "Custom Ray resources per learner rank, to place them.")
     cpu_cores: str = doc("", 'CPU ids the learner is pinned to, e.g. "1" or "4-7", one torch thread each; "" = all.')
+    max_skipped_steps: int = doc(3, "A step with a non-finite loss or gradient is skipped (counted); this many in a "
+                                    "row end the run with an error, after a checkpoint of the last good state.")
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,12 @@ class RunConfig:
     output_dir: str = doc("runs", "Parent folder of run directories.")
     name: str = doc("", 'Run directory name under output_dir; "" means a timestamp.')
     progress: bool = doc(True, "Show a progress bar with the current reward.")
+    checkpoint_every: int = doc(50, "Checkpoint every N steps (also at the end and on SIGTERM/SIGINT); 0: only then.")
+    keep_checkpoints: int = doc(2, "Newest complete checkpoints kept in run_dir/checkpoints; older ones are deleted.")
+    resume: str = doc("auto", "auto: continue from the run directory's newest complete checkpoint, if any | never: "
+                              "refuse a run directory that has checkpoints | a checkpoint folder to start from.")
+    resume_allow: tuple[str, ...] = doc((), "Config keys that may differ from the checkpoint's (e.g. [learner.lr]); "
+                                            '["all"] allows any change.')
 
 
 @dataclass(frozen=True)
@@ -186,6 +197,10 @@ class Config:
               "data.eval_size must be > 0 for the generated arithmetic eval split")
         check(":" in self.reward.fn, 'reward.fn must look like "module:function" or "path/to/file.py:function"')
         check(self.data.on_bad_row in ("error", "skip"), "data.on_bad_row must be error or skip")
+        check(self.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0")
+        check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+        check(self.rollout.max_restarts >= 0, "rollout.max_restarts must be >= 0")
+        check(self.learner.max_skipped_steps >= 1, "learner.max_skipped_steps must be >= 1")
         check(0 <= self.reward.overlong_buffer < self.rollout.max_tokens,
               "reward.overlong_buffer must be >= 0 and < rollout.max_tokens")
 

@@ -19,34 +19,107 @@ is dropped or sampled again (rollout.on_stale), and counted.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 
+log = logging.getLogger(__name__)
 
-def sample(samplers, prompt_ids_P: list[list[int]], n: int, temperature: float, top_p: float,
-           max_tokens: int, seed: int) -> list[dict]:
-    """Split the prompts across samplers; per prompt {"completions", "version", "digest"}."""
-    import ray
 
-    shards = [prompt_ids_P[i :: len(samplers)] for i in range(len(samplers))]
-    results = ray.get([
-        s.generate.remote(shard, n, temperature, max_tokens, top_p, seed + i)
-        for i, (s, shard) in enumerate(zip(samplers, shards)) if shard
-    ])
-    groups = [None] * len(prompt_ids_P)
-    for i, res in enumerate(results):
-        for j, completions in zip(range(i, len(prompt_ids_P), len(samplers)), res["groups"]):
-            groups[j] = {"completions": completions, "version": res["version"], "digest": res["digest"]}
-    return groups
+class Samplers:
+    """The sampler actors as one: prompts are split across them.
+
+    A sampler that dies is restarted by Ray (rollout.max_restarts); the first call that
+    notices waits for it (its engine starts again), has the learner bring it to the newest
+    adapter, and samples its share again with the same seed. Both are counted. Without a
+    learner (tests with stand-in samplers) a death is raised.
+    """
+
+    def __init__(self, actors: list, learner=None, restart_timeout_s: float = 600.0):
+        import ray
+
+        self.actors, self.learner, self.restart_timeout_s = list(actors), learner, restart_timeout_s
+        self.endpoints = ray.get([a.endpoint.remote() for a in self.actors]) if learner else []
+        self.restarts = 0  # samplers brought back after they died
+        self.resampled_groups = 0  # groups sampled again because their sampler died
+        self._lock = threading.Lock()  # the async producer and the main thread (eval, probe) both sample
+
+    def __iter__(self):
+        return iter(self.actors)
+
+    def __len__(self):
+        return len(self.actors)
+
+    def generate(self, prompt_ids_P: list[list[int]], n: int, temperature: float, top_p: float,
+                 max_tokens: int, seed: int) -> list[dict]:
+        """Per prompt {"completions", "version", "digest"}, in prompt order."""
+        import ray
+
+        k = len(self.actors)
+        shards = {i: prompt_ids_P[i::k] for i in range(k) if prompt_ids_P[i::k]}
+        args = {i: (shard, n, temperature, max_tokens, top_p, seed + i) for i, shard in shards.items()}
+        sent_to = list(self.endpoints)  # which incarnation of each sampler got the request
+        refs = {i: self.actors[i].generate.remote(*a) for i, a in args.items()}
+        groups = [None] * len(prompt_ids_P)
+        for i, ref in refs.items():
+            while True:
+                try:
+                    res = ray.get(ref)
+                    break
+                except ray.exceptions.RayActorError as e:
+                    self.recover(i, sent_to[i] if self.learner else "", e)
+                    sent_to[i] = self.endpoints[i]
+                    ref = self.actors[i].generate.remote(*args[i])  # the same prompts and seed
+                    self.resampled_groups += len(shards[i])
+            for j, completions in zip(range(i, len(prompt_ids_P), k), res["groups"]):
+                groups[j] = {"completions": completions, "version": res["version"], "digest": res["digest"]}
+        return groups
+
+    def recover(self, i: int, lost_endpoint: str, error: BaseException | None = None):
+        """Wait for Ray to restart sampler i (which served at `lost_endpoint`), then bring it
+        to the learner's newest adapter."""
+        import ray
+
+        if self.learner is None:
+            raise error or RuntimeError(f"sampler-{i} died")
+        with self._lock:
+            if self.endpoints[i] != lost_endpoint:
+                return  # another caller (the async producer, an evaluation, a publish) brought it back
+            try:  # queued until the restarted actor's constructor (the engine start) has run
+                endpoint = ray.get(self.actors[i].endpoint.remote(), timeout=self.restart_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"sampler-{i} did not come back within rollout.restart_timeout_s="
+                                   f"{self.restart_timeout_s:g}") from error
+            except ray.exceptions.RayActorError as e:
+                raise RuntimeError(f"sampler-{i} died and Ray will not restart it (rollout.max_restarts "
+                                   "used up, or its node is gone)") from e
+            if endpoint == lost_endpoint:
+                raise RuntimeError(f"sampler-{i} is alive but failed to sample or to acknowledge the adapter within "
+                                   "sync.ack_timeout_s") from error
+            ray.get(self.learner.disconnect.remote(lost_endpoint))
+            ray.get(self.learner.catch_up.remote(endpoint))
+            self.endpoints[i] = endpoint
+            self.restarts += 1
+            log.warning("sampler-%d died; Ray restarted it and it serves the learner's newest adapter again "
+                        "(%d restarts in this run so far)", i, self.restarts)
+
+    def recover_missing(self, missing: list[str]):
+        """After a publish: restart-and-catch-up each sampler that did not acknowledge it."""
+        for endpoint in missing:
+            if endpoint in self.endpoints:
+                self.recover(self.endpoints.index(endpoint), endpoint)
+
+    def metrics(self) -> dict:
+        return {"fault/sampler_restarts": self.restarts, "fault/resampled_groups": self.resampled_groups}
 
 
 def collect(cfg, samplers, rewards, rows_P: list[dict], seed: int) -> tuple[list[dict], dict]:
     """Sample G completions for each row and score them: the groups, and their metrics."""
     r = cfg.rollout
     start = time.perf_counter()
-    groups = sample(samplers, [row["prompt_ids"] for row in rows_P], r.group_size, r.temperature, r.top_p,
-                    r.max_tokens, seed)
+    groups = samplers.generate([row["prompt_ids"] for row in rows_P], r.group_size, r.temperature, r.top_p,
+                               r.max_tokens, seed)
     sampled = time.perf_counter()
     completions = [c for g in groups for c in g["completions"]]
     samples = [sample for row in rows_P for sample in [fields(row)] * r.group_size]  # one dict per row
@@ -117,9 +190,11 @@ def rollout_metrics(groups: list[dict], newest: int, max_staleness: int) -> dict
 class Batches:
     """Step s's groups, sampled when the learner asks (run.mode=sync)."""
 
-    def __init__(self, cfg, samplers, rewards, train, published: dict[int, str]):
+    def __init__(self, cfg, samplers, rewards, train, published: dict[int, str], first_step: int = 1):
         self.cfg, self.samplers, self.rewards, self.train = cfg, samplers, rewards, train
         self.published = published  # version -> payload digest, as the learner published them
+        self.first_step = first_step  # > 1 when a run resumes
+        self.consumed = train.position  # train rows drawn for the batches handed to the learner (checkpointed)
         self._last_end: float | None = None  # when the samplers last finished a batch
 
     def publish(self, version: int, digest: str):
@@ -130,12 +205,14 @@ class Batches:
         start = time.perf_counter()
         groups, metrics = self._collect(step)
         metrics["time/learner_idle"] = time.perf_counter() - start  # the learner waits for all of it
+        self.consumed = metrics["data/position"]
         return self._in_window(step, groups, metrics)
 
     def _collect(self, step: int) -> tuple[list[dict], dict]:
         start = time.perf_counter()
         rows_P = self.train.next_batch(self.cfg.rollout.prompts_per_step)
         groups, metrics = collect(self.cfg, self.samplers, self.rewards, rows_P, self._seed(step))
+        metrics["data/position"] = self.train.position  # rows drawn so far, epochs included
         # Between two batches the samplers only serve adapter loads (and evaluations).
         metrics["time/sampler_idle"] = start - self._last_end if self._last_end else 0.0
         self._last_end = time.perf_counter()
@@ -175,8 +252,8 @@ class Batches:
 class AsyncBatches(Batches):
     """Step s's groups, sampled ahead by a thread while the learner trains (run.mode=async)."""
 
-    def __init__(self, cfg, samplers, rewards, train, published: dict[int, str]):
-        super().__init__(cfg, samplers, rewards, train, published)
+    def __init__(self, cfg, samplers, rewards, train, published: dict[int, str], first_step: int = 1):
+        super().__init__(cfg, samplers, rewards, train, published, first_step)
         self._ready: queue.Queue = queue.Queue(maxsize=cfg.rollout.max_staleness + 1)
         self._version = max(published)  # newest version every sampler serves
         self._changed = threading.Condition()
@@ -194,7 +271,7 @@ class AsyncBatches(Batches):
     def _produce(self):
         lag = self.cfg.rollout.max_staleness
         try:
-            for step in range(1, self.cfg.run.steps + 1):
+            for step in range(self.first_step, self.cfg.run.steps + 1):
                 with self._changed:  # start step s's batch on version >= s - 1 - lag
                     self._changed.wait_for(lambda s=step: self._stopping or self._version >= s - 1 - lag)
                 if self._stopping:
@@ -221,6 +298,7 @@ class AsyncBatches(Batches):
                 if not self._thread.is_alive():
                     raise RuntimeError(f"the rollout thread stopped before step {step}") from None
         assert made_for == step, (made_for, step)
+        self.consumed = metrics["data/position"]  # the producer has drawn further ahead
         metrics["time/learner_idle"] = time.perf_counter() - start
         metrics["async/queue_depth"] = self._ready.qsize() + 1  # batches ready when the learner took this one
         return self._in_window(step, groups, metrics)

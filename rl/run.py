@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,35 +43,45 @@ def main(argv: list[str]) -> Path:
     import ray
 
     from rewards.pool import RewardPool
+    from rl.rollouts import Samplers
     from rl.setup import (build_actors, dead_actors, load_splits, make_run_dir, placement, resolve_model, shutdown,
                           write_adapter)
 
     ray.init()  # joins RAY_ADDRESS's cluster, or the job's; else starts a local instance
-    run_dir = make_run_dir(cfg)
+    try:
+        run_dir, resume = make_run_dir(cfg)  # resume: the newest complete checkpoint there (run.resume), or None
+    except ConfigError as e:  # a changed config, or run.resume pointing at no checkpoint
+        raise SystemExit(f"config error: {e}")
     print(f"run directory: {run_dir}", flush=True)
     model_path = resolve_model(cfg)
     train, evals = load_splits(cfg, model_path)
     secret = secrets.token_bytes(32)  # the adapter channel's key, handed out through Ray only
-    learners, samplers = build_actors(cfg, model_path, secret)  # learners[0]: rank 0, the learner we talk to
+    learners, actors = build_actors(cfg, model_path, secret)  # learners[0]: rank 0, the learner we talk to
+    stop = StopSignal()
     try:
-        (run_dir / "placement.json").write_text(json.dumps(placement(learners, samplers), indent=1))
+        (run_dir / "placement.json").write_text(json.dumps(placement(learners, actors), indent=1))
+        samplers = Samplers(actors, learners[0], cfg.rollout.restart_timeout_s)
         with RewardPool(cfg.reward.fn, cfg.reward.num_workers, cfg.reward.timeout_s) as rewards:
-            before, after = rl_loop(cfg, learners[0], samplers, rewards, train, evals, run_dir / "metrics.jsonl")
+            before, after, step = rl_loop(cfg, learners[0], samplers, rewards, train, evals, run_dir, resume, stop)
         adapter = write_adapter(learners[0], run_dir)
     except Exception as e:
-        dead = dead_actors(learners, samplers)  # the root cause when an actor, or its node, went away
+        dead = dead_actors(learners, actors)  # the root cause when an actor, or its node, went away
         if dead:
             raise RuntimeError(f"run stopped: {' and '.join(dead)} died (see the error above)") from e
         raise
     finally:
-        shutdown(learners, samplers)
-    print(f"eval/accuracy: {before:.3f} before training, {after:.3f} after {cfg.run.steps} steps")
+        shutdown(learners, actors)
+    print(f"eval/accuracy: {before:.3f} before training, {after:.3f} at step {step}")
     print(f"adapter: {adapter}\nrun directory: {run_dir}", flush=True)
+    if stop.signal:
+        print(f"stopped by {stop.signal.name} after step {step}; the same command resumes", flush=True)
+        raise SystemExit(128 + stop.signal)
     return run_dir
 
 
-def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, metrics_path: Path) -> tuple[float, float]:
-    """The loop; returns held-out accuracy before and after training."""
+def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, run_dir: Path, resume: Path | None,
+            stop: StopSignal) -> tuple[float, float, int]:
+    """The loop; returns held-out accuracy before training and at the last step, and that step."""
     import ray
     import torch
     from tqdm import tqdm
@@ -79,18 +90,27 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, metrics_path:
     from rl.probe import run_probe
     from rl.rollouts import AsyncBatches, Batches
 
-    sync = ray.get(learner.publish.remote())  # version 0, the zero adapter: samplers serve it from the start
-    published = {0: sync["sync/digest"]}  # version -> payload digest; rollouts must match one of these
+    metrics_path = run_dir / "metrics.jsonl"
+    start, faults = 0, {"fault/skipped_steps": 0, "fault/resumes": 0}
+    if resume:  # the learner's weights, optimiser and RNG; the data position; the counters
+        start, faults = restore(resume, learner, train, samplers, metrics_path)
+    sync = ray.get(learner.publish.remote())  # version `start` (0: the zero adapter): samplers serve it first
+    published = {start: sync["sync/digest"]}  # version -> payload digest; rollouts must match one of these
     probe_prompts = [row["prompt_ids"] for row in evals.rows[:4]]
+    skipped_in_row = 0
     with open(metrics_path, "a") as sink:
-        metrics = {"step": 0, "data/skipped_rows": train.skipped + evals.skipped,
-                   **evaluate(samplers, rewards, evals, cfg.rollout.max_tokens)}
-        sink.write(json.dumps(metrics) + "\n")
-        before = last_acc = metrics["eval/accuracy"]
+        if start == 0:
+            metrics = {"step": 0, "data/skipped_rows": train.skipped + evals.skipped,
+                       **evaluate(samplers, rewards, evals, cfg.rollout.max_tokens)}
+            sink.write(json.dumps(metrics) + "\n")
+            sink.flush()
+        before, last_acc = logged_accuracy(metrics_path)
         print(f"eval/accuracy before training: {before:.3f}", flush=True)
         make_batches = AsyncBatches if cfg.run.mode == "async" else Batches
-        bar = tqdm(range(1, cfg.run.steps + 1), disable=not cfg.run.progress, desc="rl", dynamic_ncols=True)
-        with make_batches(cfg, samplers, rewards, train, published) as batches:
+        bar = tqdm(range(start + 1, cfg.run.steps + 1), disable=not cfg.run.progress, desc="rl", dynamic_ncols=True,
+                   initial=start, total=cfg.run.steps)
+        with make_batches(cfg, samplers, rewards, train, published, start + 1) as batches:
+            step = start
             for step in bar:
                 t0 = time.perf_counter()
                 groups, sample_metrics = batches.next(step)  # sync: sampled now; async: sampled ahead
@@ -102,14 +122,17 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, metrics_path:
                     for g, adv_G in zip(groups, advantages_P_G)
                     for c, a in zip(g["completions"], adv_G)
                 ]
-                learn_metrics = ray.get(learner.train_step.remote(batch_B))
+                learn_metrics = ray.get(learner.train_step.remote(batch_B))  # skipped when not finite
+                skipped_in_row = skipped_in_row + 1 if learn_metrics["learner/skipped"] else 0
+                faults["fault/skipped_steps"] += learn_metrics["learner/skipped"]
                 sync_metrics = ray.get(learner.publish.remote())  # returns once every sampler serves it
+                samplers.recover_missing(sync_metrics.pop("sync/missing", []))  # died: restarted, caught up
                 batches.publish(step, sync_metrics.pop("sync/digest"))
                 every = cfg.sync.probe_every
-                if step == 1 and every >= 0 or every > 0 and step % every == 0:
+                if step == start + 1 and every >= 0 or every > 0 and step % every == 0:
                     sync_metrics.update(run_probe(learner, samplers, probe_prompts, cfg))
-                metrics = {"step": step, **sample_metrics, **learn_metrics, **sync_metrics,
-                           "time/sync": sync_metrics["sync/latency_ms"] / 1e3}
+                metrics = {"step": step, **sample_metrics, **learn_metrics, **sync_metrics, **faults,
+                           **samplers.metrics(), "time/sync": sync_metrics["sync/latency_ms"] / 1e3}
                 if step == cfg.run.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
                     metrics.update(evaluate(samplers, rewards, evals, cfg.rollout.max_tokens))
                     last_acc = metrics["eval/accuracy"]
@@ -117,15 +140,81 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, metrics_path:
                 sink.write(json.dumps(metrics) + "\n")
                 sink.flush()
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval_acc=f"{last_acc:.3f}")
-    return before, last_acc
+                every = cfg.run.checkpoint_every
+                stopping = stop.signal or skipped_in_row >= cfg.learner.max_skipped_steps
+                if step == cfg.run.steps or stopping or every and step % every == 0:
+                    save(cfg, run_dir, step, learner, train.state(batches.consumed), faults, samplers)
+                if skipped_in_row >= cfg.learner.max_skipped_steps:
+                    raise FloatingPointError(
+                        f"{skipped_in_row} steps in a row (to step {step}) had a non-finite loss or gradient "
+                        f"(loss {learn_metrics['learner/loss']}, grad norm {learn_metrics['learner/grad_norm']}): "
+                        f"learner.max_skipped_steps={cfg.learner.max_skipped_steps}. The last good weights and "
+                        f"optimiser state are in {run_dir / 'checkpoints'}.")
+                if stop.signal:
+                    break
+    return before, last_acc, step
+
+
+def restore(path: Path, learner, train, samplers, metrics_path: Path) -> tuple[int, dict]:
+    """Put a checkpoint back: learner state, data position, counters; drop later metrics."""
+    import ray
+
+    from rl import checkpoint
+
+    files, state = checkpoint.read(path)
+    ray.get(learner.load_state_files.remote(files))
+    train.restore(state["data"])
+    faults = {**state["faults"], "fault/resumes": state["faults"]["fault/resumes"] + 1}
+    samplers.restarts, samplers.resampled_groups = faults.pop("fault/sampler_restarts"), faults.pop(
+        "fault/resampled_groups")
+    checkpoint.truncate_metrics(metrics_path, state["step"])
+    print(f"resumed from {path} (step {state['step']})", flush=True)
+    return state["step"], faults
+
+
+def save(cfg: Config, run_dir: Path, step: int, learner, data: dict, faults: dict, samplers) -> Path:
+    """A checkpoint of the state after `step` (rl/checkpoint.py says what it holds)."""
+    import ray
+
+    from rl import checkpoint
+
+    files = {f"learner/{k}": v for k, v in ray.get(learner.state_files.remote()).items()}
+    files.update({f"adapter/{k}": v for k, v in ray.get(learner.adapter_files.remote()).items()})
+    config = to_dict(cfg)
+    state = {"step": step, "version": step, "data": data, "faults": {**faults, **samplers.metrics()},
+             "config": config, "config_hash": checkpoint.config_hash(config), "time": time.time()}
+    return checkpoint.write(run_dir / "checkpoints", step, files, state, cfg.run.keep_checkpoints)
+
+
+def logged_accuracy(metrics_path: Path) -> tuple[float, float]:
+    """The held-out accuracy logged before training (step 0) and the latest one."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    accuracies = [row["eval/accuracy"] for row in rows if "eval/accuracy" in row]
+    return (rows[0]["eval/accuracy"] if rows and rows[0]["step"] == 0 else float("nan"),
+            accuracies[-1] if accuracies else float("nan"))
+
+
+class StopSignal:
+    """SIGTERM or SIGINT (Ctrl-C): finish the step, checkpoint, stop. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signal: signal.Signals | None = None
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+        print(f"\n{self.signal.name}: stopping after this step, with a checkpoint", flush=True)
 
 
 def evaluate(samplers, rewards, evals, max_tokens: int) -> dict:
     """Greedy (temperature 0) accuracy on the held-out split."""
-    from rl.rollouts import fields, sample
+    from rl.rollouts import fields
 
     start = time.perf_counter()
-    greedy = sample(samplers, [row["prompt_ids"] for row in evals.rows], 1, 0.0, 1.0, max_tokens, seed=0)
+    greedy = samplers.generate([row["prompt_ids"] for row in evals.rows], 1, 0.0, 1.0, max_tokens, seed=0)
     scores, _ = rewards.score([(g["completions"][0]["text"], fields(row)) for row, g in zip(evals.rows, greedy)])
     return {"eval/accuracy": sum(scores) / len(scores), "time/eval": time.perf_counter() - start}
 

@@ -16,12 +16,17 @@ from rl.config import Config, ConfigError, to_dict
 log = logging.getLogger(__name__)
 
 
-def make_run_dir(cfg: Config) -> Path:
+def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """The run directory, and the checkpoint this launch resumes from (run.resume), whose
+    config is checked before this launch's config.yaml is written."""
+    from rl.checkpoint import resume_point
+
     name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.output_dir).expanduser().resolve() / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    resume = resume_point(cfg, run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return run_dir
+    return run_dir, resume
 
 
 def resolve_model(cfg: Config) -> str:
@@ -46,8 +51,10 @@ class Split:
     skipped: int = 0  # bad source rows left out (data.on_bad_row=skip)
     _order: list[int] = field(default_factory=list)
 
-    def state(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "size": len(self.rows)}
+    def state(self, position: int | None = None) -> dict:
+        """The order's state after `position` rows (default: all handed out so far)."""
+        return {"position": self.position if position is None else position, "seed": self.seed,
+                "size": len(self.rows)}
 
     def restore(self, state: dict):
         if (state["seed"], state["size"]) != (self.seed, len(self.rows)):
@@ -195,8 +202,11 @@ def start_sampler(cfg: Config, model_path: str, secret: bytes, manifest: dict, i
     from rollout.sampler import Sampler
 
     r = cfg.rollout
+    # Ray restarts a sampler that dies (the same arguments, so the same seed); its calls are
+    # not retried: the driver samples its lost groups again once it serves the newest adapter.
     actor = ray.remote(Sampler).options(name=f"sampler-{index}", num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                                         resources=dict(r.resources), **(bundle or {}))
+                                         resources=dict(r.resources), max_restarts=r.max_restarts,
+                                         max_task_retries=0, **(bundle or {}))
     return actor.remote(model_path, to_dict(cfg), secret, manifest, cfg.run.seed + index)
 
 

@@ -42,6 +42,14 @@ class ChannelError(ValueError):
     """A message refused by the receiver, or a version a sampler did not acknowledge."""
 
 
+class Unacknowledged(ChannelError):
+    """Some samplers did not acknowledge a version in time (dead, or hung); `missing` names them."""
+
+    def __init__(self, message: str, missing: list[str]):
+        super().__init__(message)
+        self.missing = missing
+
+
 @dataclass(frozen=True)
 class Adapter:
     version: int
@@ -224,7 +232,8 @@ class AdapterSender:
         while pending:
             left_ms = 1e3 * (deadline - time.perf_counter())
             if left_ms <= 0:
-                raise ChannelError(f"version {version}: no acknowledgement within {timeout_s} s from {sorted(pending)}")
+                raise Unacknowledged(f"version {version}: no acknowledgement within {timeout_s} s from "
+                                     f"{sorted(pending)}", sorted(pending))
             for sock, _ in poller.poll(left_ms):
                 reply = json.loads(sock.recv())
                 ep = next(e for e, s in pending.items() if s is sock)

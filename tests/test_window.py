@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from rl.config import load_config
-from rl.rollouts import AsyncBatches, Batches, keep_in_window
+from rl.rollouts import AsyncBatches, Batches, Samplers, keep_in_window
 from rl.setup import Split
 
 PUBLISHED = {3: "d3", 4: "d4", 5: "d5"}
@@ -69,7 +69,7 @@ def drive(mode, max_staleness, steps=12, on_stale="drop", digest_prefix="d", lag
     lag: sampler index -> versions it stays behind the learner (a sampler that missed loads)."""
     cfg = load_config(None, [f"run.mode={mode}", f"run.steps={steps}", f"rollout.max_staleness={max_staleness}",
                              f"rollout.on_stale={on_stale}", "rollout.prompts_per_step=4", "rollout.group_size=2"])
-    samplers = [ray.remote(FakeSampler).remote(i, digest_prefix) for i in range(2)]
+    samplers = Samplers([ray.remote(FakeSampler).remote(i, digest_prefix) for i in range(2)])
     train = Split([{"prompt_ids": [i], "answer": "1"} for i in range(50)])
     rng, history = random.Random(0), []
     make = AsyncBatches if mode == "async" else Batches
