@@ -166,6 +166,7 @@ class Learner:
             "gradient_accumulation_steps": self.gas,
             "gradient_clipping": lcfg["grad_clip"],
             "zero_optimization": {"stage": lcfg["zero_stage"]},
+            "zero_allow_untested_optimizer": True,  # ZeRO knows AdamW by exact type; ours only adds the skip
             "bf16": {"enabled": dtype == torch.bfloat16},
             "steps_per_print": 10**9,
         }

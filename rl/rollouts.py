@@ -86,14 +86,19 @@ class Samplers:
         with self._lock:
             if self.endpoints[i] != lost_endpoint:
                 return  # another caller (the async producer, an evaluation, a publish) brought it back
-            try:  # queued until the restarted actor's constructor (the engine start) has run
-                endpoint = ray.get(self.actors[i].endpoint.remote(), timeout=self.restart_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(f"sampler-{i} did not come back within rollout.restart_timeout_s="
-                                   f"{self.restart_timeout_s:g}") from error
-            except ray.exceptions.RayActorError as e:
-                raise RuntimeError(f"sampler-{i} died and Ray will not restart it (rollout.max_restarts "
-                                   "used up, or its node is gone)") from e
+            deadline = time.monotonic() + self.restart_timeout_s
+            while True:  # until the restarted actor's constructor (the engine start) has run
+                try:
+                    endpoint = ray.get(self.actors[i].endpoint.remote(), timeout=self.restart_timeout_s)
+                    break
+                except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):  # restarting
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"sampler-{i} did not come back within rollout.restart_timeout_s="
+                                           f"{self.restart_timeout_s:g}") from error
+                    time.sleep(1.0)
+                except ray.exceptions.RayActorError as e:
+                    raise RuntimeError(f"sampler-{i} died and Ray will not restart it (rollout.max_restarts "
+                                       "used up, or its node is gone)") from e
             if endpoint == lost_endpoint:
                 raise RuntimeError(f"sampler-{i} is alive but failed to sample or to acknowledge the adapter within "
                                    "sync.ack_timeout_s") from error

@@ -70,6 +70,7 @@ def main(argv: list[str]) -> Path:
             raise RuntimeError(f"run stopped: {' and '.join(dead)} died (see the error above)") from e
         raise
     finally:
+        stop.restore()
         shutdown(learners, actors)
     print(f"eval/accuracy: {before:.3f} before training, {after:.3f} at step {step}")
     print(f"adapter: {adapter}\nrun directory: {run_dir}", flush=True)
@@ -199,8 +200,12 @@ class StopSignal:
 
     def __init__(self):
         self.signal: signal.Signals | None = None
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        self._before = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        """Put back the handlers that were there before."""
+        for signum, handler in self._before.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:

@@ -210,6 +210,44 @@ def test_zero_stages_take_the_same_step(stack, zero_stage):
         ray.kill(learner)
 
 
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_a_non_finite_step_is_skipped_and_the_state_restores_exactly(stack, zero_stage):
+    """A NaN in the loss (here from a NaN sampler log-prob, as a broken engine could return)
+    skips the step: the weights stay, and so does the optimiser state, since the next step is
+    bit for bit the one taken from a checkpoint saved before the NaN. ZeRO 1 checks its own
+    gradient partitions. The checkpoint's state files restore the learner exactly."""
+    import math
+
+    from learner.learner import Learner
+
+    out = generate(stack, seed=8)
+    good = [{"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
+             "advantage": 1.0 if i % 3 == 0 else -0.5}
+            for p, g in zip(stack["prompt_ids"], out["groups"]) for i, c in enumerate(g)]
+    bad = [dict(b) for b in good]
+    bad[3] = {**bad[3], "sampler_logprobs": [math.nan] + bad[3]["sampler_logprobs"][1:]}
+    plain = to_dict(stack["cfg"])
+    learner = ray.remote(num_cpus=0)(Learner).remote(
+        stack["model_path"], {**plain, "learner": {**plain["learner"], "zero_stage": zero_stage}}, b"k" * 32, 5)
+
+    def adapter():
+        return ray.get(learner.adapter_files.remote())["adapter_model.safetensors"]
+
+    assert ray.get(learner.train_step.remote(good))["learner/skipped"] == 0  # Adam has moments now
+    saved, before = ray.get(learner.state_files.remote()), adapter()
+    skipped = ray.get(learner.train_step.remote(bad))
+    assert skipped["learner/skipped"] == 1 and not math.isfinite(skipped["learner/loss"])
+    assert adapter() == before
+    assert ray.get(learner.train_step.remote(good))["learner/skipped"] == 0
+    after_skip = adapter()
+    assert after_skip != before
+    assert ray.get(learner.load_state_files.remote(saved)) == {"step": 1, "version": 1}
+    assert adapter() == before
+    ray.get(learner.train_step.remote(good))
+    assert adapter() == after_skip
+    ray.kill(learner)
+
+
 def test_two_rank_learner_takes_the_one_rank_step(stack):
     """learner.world_size=2: two DeepSpeed ranks (gloo), each on half the completions, take
     the step one rank takes on all of them: the adapters agree within 0.5% of the step's move

@@ -1,0 +1,115 @@
+"""The driver loop's fault handling, with small Ray actors in the learner's and samplers' parts.
+
+The real learner's skip of a non-finite step is tested in test_integration.py; a real job
+killed and resumed, and a real sampler killed mid-rollout, in test_run.py.
+"""
+
+import json
+import math
+import signal
+
+import pytest
+import ray
+
+from rl.config import load_config
+from rl.rollouts import Samplers
+from rl.run import rl_loop
+from rl.setup import Split
+from tests.test_window import FakeRewards, FakeSampler
+
+
+class FakeLearner:
+    """Publishes versions to the fake samplers; its loss is NaN at the given steps."""
+
+    def __init__(self, samplers, nan_steps=()):
+        self.samplers, self.nan_steps, self.version = samplers, set(nan_steps), 0
+
+    def publish(self):
+        ray.get([s.load.remote(self.version) for s in self.samplers])
+        return {"sync/digest": f"d{self.version}", "sync/latency_ms": 1.0, "sync/bytes": 1, "sync/version": self.version}
+
+    def train_step(self, batch):
+        self.version += 1
+        bad = self.version in self.nan_steps
+        return {"learner/loss": math.nan if bad else 0.1, "learner/grad_norm": math.nan if bad else 1.0,
+                "learner/skipped": int(bad), "time/learn": 0.0, "batch": len(batch)}
+
+    def state_files(self):
+        return {"deepspeed/state.pt": self.version.to_bytes(4, "little")}
+
+    def load_state_files(self, files):
+        self.version = int.from_bytes(files["deepspeed/state.pt"], "little")
+        return {"step": self.version, "version": self.version}
+
+    def adapter_files(self):
+        return {"adapter_config.json": b"{}"}
+
+
+class StopAfter:
+    """Plays StopSignal: SIGTERM arrives once `step` has been logged."""
+
+    def __init__(self, metrics_path, step):
+        self.metrics_path, self.step = metrics_path, step
+
+    @property
+    def signal(self):
+        if self.metrics_path.exists() and len(self.metrics_path.read_text().splitlines()) > self.step:
+            return signal.SIGTERM
+        return None
+
+
+class NoSignal:
+    signal = None
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def setup(nan_steps=(), steps=10):
+    cfg = load_config(None, [f"run.steps={steps}", "rollout.prompts_per_step=4", "rollout.group_size=2",
+                             "sync.probe_every=-1", "run.checkpoint_every=0", "learner.max_skipped_steps=3"])
+    fakes = [ray.remote(FakeSampler).remote(i) for i in range(2)]
+    learner = ray.remote(FakeLearner).remote(fakes, nan_steps)
+    train = Split([{"prompt_ids": [i], "answer": "1", "prompt": str(i)} for i in range(50)])
+    evals = Split([{"prompt_ids": [i], "answer": "1", "prompt": str(i)} for i in range(4)])
+    return cfg, learner, Samplers(fakes), train, evals
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_non_finite_steps_are_skipped_and_k_in_a_row_stop_the_run_with_a_checkpoint(local_ray, tmp_path):
+    # Step 2 is skipped and the run goes on; 4, 5, 6 in a row end it.
+    cfg, learner, samplers, train, evals = setup(nan_steps={2, 4, 5, 6})
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row \(to step 6\).*learner.max_skipped_steps=3"):
+        rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, None, NoSignal())
+    logged = rows(tmp_path)
+    assert [r["step"] for r in logged] == list(range(7))
+    assert [r["learner/skipped"] for r in logged[1:]] == [0, 1, 0, 1, 1, 1]
+    assert [r["fault/skipped_steps"] for r in logged[1:]] == [0, 1, 1, 2, 3, 4]
+    saved = json.loads((tmp_path / "checkpoints" / "step-000006" / "state.json").read_text())
+    assert saved["faults"]["fault/skipped_steps"] == 4 and saved["data"]["position"] == 6 * 4
+
+
+def test_sigterm_checkpoints_and_stops_and_the_same_command_resumes(local_ray, tmp_path):
+    cfg, learner, samplers, train, evals = setup()
+    before, _, step = rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, None,
+                              StopAfter(tmp_path / "metrics.jsonl", 2))
+    assert step == 2 and [r["step"] for r in rows(tmp_path)] == [0, 1, 2]
+    path = tmp_path / "checkpoints" / "step-000002"
+    assert json.loads((path / "state.json").read_text())["data"]["position"] == 2 * 4
+
+    # Relaunch: a new learner and split, as a new driver would have; it resumes at step 3.
+    cfg, learner, samplers, train, evals = setup()
+    again, after, step = rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, path, NoSignal())
+    logged = rows(tmp_path)
+    assert step == 10 and [r["step"] for r in logged] == list(range(11))
+    assert again == before  # the accuracy before training is the one logged by the first launch
+    assert [r["data/position"] for r in logged[1:]] == [4 * s for s in range(1, 11)]  # no row drawn twice
+    assert [r["fault/resumes"] for r in logged[1:]] == [0, 0] + [1] * 8
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000010"]
