@@ -69,8 +69,9 @@ def local_ray():
     ray.shutdown()
 
 
-def setup(nan_steps=(), steps=10):
-    cfg = load_config(None, [f"run.steps={steps}", "rollout.prompts_per_step=4", "rollout.group_size=2",
+def setup(nan_steps=(), steps=10, mode="sync"):
+    cfg = load_config(None, [f"run.steps={steps}", f"run.mode={mode}", "rollout.max_staleness=1",
+                             "rollout.prompts_per_step=4", "rollout.group_size=2",
                              "sync.probe_every=-1", "run.checkpoint_every=0", "learner.max_skipped_steps=3"])
     fakes = [ray.remote(FakeSampler).remote(i) for i in range(2)]
     learner = ray.remote(FakeLearner).remote(fakes, nan_steps)
@@ -96,16 +97,20 @@ def test_non_finite_steps_are_skipped_and_k_in_a_row_stop_the_run_with_a_checkpo
     assert saved["faults"]["fault/skipped_steps"] == 4 and saved["data"]["position"] == 6 * 4
 
 
-def test_sigterm_checkpoints_and_stops_and_the_same_command_resumes(local_ray, tmp_path):
-    cfg, learner, samplers, train, evals = setup()
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigterm_checkpoints_and_stops_and_the_same_command_resumes(local_ray, tmp_path, mode):
+    """In async mode the sampling thread has drawn rows ahead of the learner: the checkpoint
+    holds the position the learner consumed, so no row is skipped or drawn twice."""
+    cfg, learner, samplers, train, evals = setup(mode=mode)
     before, _, step = rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, None,
                               StopAfter(tmp_path / "metrics.jsonl", 2))
     assert step == 2 and [r["step"] for r in rows(tmp_path)] == [0, 1, 2]
     path = tmp_path / "checkpoints" / "step-000002"
     assert json.loads((path / "state.json").read_text())["data"]["position"] == 2 * 4
+    assert train.position > 2 * 4 if mode == "async" else train.position == 2 * 4  # drawn ahead, or not
 
     # Relaunch: a new learner and split, as a new driver would have; it resumes at step 3.
-    cfg, learner, samplers, train, evals = setup()
+    cfg, learner, samplers, train, evals = setup(mode=mode)
     again, after, step = rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, path, NoSignal())
     logged = rows(tmp_path)
     assert step == 10 and [r["step"] for r in logged] == list(range(11))

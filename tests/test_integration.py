@@ -252,7 +252,6 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
     """learner.world_size=2: two DeepSpeed ranks (gloo), each on half the completions, take
     the step one rank takes on all of them: the adapters agree within 0.5% of the step's move
     (measured: 2.4e-5 or less against a move of 4e-2)."""
-    import torch
     from ray.util.placement_group import remove_placement_group
     from safetensors.torch import load
 
