@@ -135,6 +135,26 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    extra: dict[str, str] = doc({}, "More held-out sets, name -> path (read like data.eval), logged as eval/<name>/*.")
+    samples: int = doc(4, "Completions per prompt at rollout.temperature for pass@k and mean@n; 0: greedy only.")
+    k: int = doc(4, "k of pass@k, estimated without bias from eval.samples completions (k <= samples).")
+    best_metric: str = doc("eval/accuracy", "The metric (higher is better) whose best value's adapter is kept "
+                                            "in run_dir/best_adapter.")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = doc(False, "Also write TensorBoard event files to run_dir/tensorboard.")
+    wandb: bool = doc(False, "Also log to Weights & Biases (pip install .[loggers]).")
+    wandb_project: str = doc("rl-lora", "W&B project.")
+    wandb_mode: str = doc("online", "W&B mode: online | offline (no network; `wandb sync` later).")
+    samples_every: int = doc(25, "Log a table of sample completions (prompt, completion, reward, advantage) every "
+                                 "N steps; 0: never.")
+    samples: int = doc(8, "Completions in each sample table.")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     steps: int = doc(60, "RL steps (one optimiser step each).")
     placement: str = doc("pack", "Ray placement of learner ranks and samplers: pack (fill nodes; colocate when "
@@ -165,6 +185,8 @@ class Config:
     learner: LearnerConfig = doc(LearnerConfig(), "Optimisation with DeepSpeed.")
     reward: RewardConfig = doc(RewardConfig(), "Grading.")
     sync: SyncConfig = doc(SyncConfig(), "The adapter channel.")
+    eval: EvalConfig = doc(EvalConfig(), "Held-out evaluation (every run.eval_every steps).")
+    logging: LogConfig = doc(LogConfig(), "Where metrics go besides metrics.jsonl.")
     run: RunConfig = doc(RunConfig(), "The loop and the run directory.")
 
     def __post_init__(self):
@@ -197,6 +219,9 @@ class Config:
               "data.eval_size must be > 0 for the generated arithmetic eval split")
         check(":" in self.reward.fn, 'reward.fn must look like "module:function" or "path/to/file.py:function"')
         check(self.data.on_bad_row in ("error", "skip"), "data.on_bad_row must be error or skip")
+        check(self.eval.samples == 0 or 0 < self.eval.k <= self.eval.samples,
+              "eval.k must be between 1 and eval.samples")
+        check(self.logging.wandb_mode in ("online", "offline"), "logging.wandb_mode must be online or offline")
         check(self.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0")
         check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
         check(self.rollout.max_restarts >= 0, "rollout.max_restarts must be >= 0")

@@ -43,6 +43,7 @@ def main(argv: list[str]) -> Path:
     import ray
 
     from rewards.pool import RewardPool
+    from rl import report
     from rl.rollouts import Samplers
     from rl.setup import (build_actors, dead_actors, load_splits, make_run_dir, placement, resolve_model, shutdown,
                           write_adapter)
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> Path:
         raise SystemExit(f"config error: {e}")
     print(f"run directory: {run_dir}", flush=True)
     model_path = resolve_model(cfg)
-    train, evals = load_splits(cfg, model_path)
+    train, evals = load_splits(cfg, model_path)  # evals: name -> held-out split
     secret = secrets.token_bytes(32)  # the adapter channel's key, handed out through Ray only
     learners, actors = build_actors(cfg, model_path, secret)  # learners[0]: rank 0, the learner we talk to
     stop = StopSignal()
@@ -62,8 +63,8 @@ def main(argv: list[str]) -> Path:
         (run_dir / "placement.json").write_text(json.dumps(placement(learners, actors), indent=1))
         samplers = Samplers(actors, learners[0], cfg.rollout.restart_timeout_s)
         with RewardPool(cfg.reward.fn, cfg.reward.num_workers, cfg.reward.timeout_s) as rewards:
-            before, after, step = rl_loop(cfg, learners[0], samplers, rewards, train, evals, run_dir, resume, stop)
-        adapter = write_adapter(learners[0], run_dir)
+            step = rl_loop(cfg, learners[0], samplers, rewards, train, evals, run_dir, resume, stop)
+        write_adapter(learners[0], run_dir)
     except Exception as e:
         dead = dead_actors(learners, actors)  # the root cause when an actor, or its node, went away
         if dead:
@@ -72,57 +73,50 @@ def main(argv: list[str]) -> Path:
     finally:
         stop.restore()
         shutdown(learners, actors)
-    print(f"eval/accuracy: {before:.3f} before training, {after:.3f} at step {step}")
-    print(f"adapter: {adapter}\nrun directory: {run_dir}", flush=True)
+    report.write(run_dir)  # plots/*.png and report.md
+    print(report.summary(report.read(run_dir), run_dir), flush=True)
+    print(f"run directory: {run_dir}", flush=True)
     if stop.signal:
         print(f"stopped by {stop.signal.name} after step {step}; the same command resumes", flush=True)
         raise SystemExit(128 + stop.signal)
     return run_dir
 
 
-def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, run_dir: Path, resume: Path | None,
-            stop: StopSignal) -> tuple[float, float, int]:
-    """The loop; returns held-out accuracy before training and at the last step, and that step."""
+def rl_loop(cfg: Config, learner, samplers, rewards, train, evals: dict, run_dir: Path, resume: Path | None,
+            stop: StopSignal) -> int:
+    """The loop, from step 1 or from the checkpoint `resume`; returns the last step it ran."""
     import ray
-    import torch
     from tqdm import tqdm
 
-    from learner.loss import group_advantages
+    from rl.evaluate import evaluate
+    from rl.loggers import Loggers
     from rl.probe import run_probe
     from rl.rollouts import AsyncBatches, Batches
 
-    metrics_path = run_dir / "metrics.jsonl"
     start, faults = 0, {"fault/skipped_steps": 0, "fault/resumes": 0}
     if resume:  # the learner's weights, optimiser and RNG; the data position; the counters
-        start, faults = restore(resume, learner, train, samplers, metrics_path)
+        start, faults = restore(resume, learner, train, samplers, run_dir / "metrics.jsonl")
     sync = ray.get(learner.publish.remote())  # version `start` (0: the zero adapter): samplers serve it first
     published = {start: sync["sync/digest"]}  # version -> payload digest; rollouts must match one of these
-    probe_prompts = [row["prompt_ids"] for row in evals.rows[:4]]
+    probe_prompts = [row["prompt_ids"] for row in evals["eval"].rows[:4]]
+    best = BestAdapter(cfg.eval.best_metric, run_dir)
     skipped_in_row = 0
-    with open(metrics_path, "a") as sink:
+    with Loggers(cfg, run_dir) as log:
         if start == 0:
-            metrics = {"step": 0, "data/skipped_rows": train.skipped + evals.skipped,
-                       **evaluate(samplers, rewards, evals, cfg.rollout.max_tokens)}
-            sink.write(json.dumps(metrics) + "\n")
-            sink.flush()
-        before, last_acc = logged_accuracy(metrics_path)
-        print(f"eval/accuracy before training: {before:.3f}", flush=True)
+            metrics = {"data/skipped_rows": train.skipped + sum(e.skipped for e in evals.values()),
+                       **evaluate(cfg, samplers, rewards, evals)}
+            best.update(0, metrics, learner)
+            log.log(0, metrics)
+            print(f"eval/accuracy before training: {metrics['eval/accuracy']:.3f}", flush=True)
         make_batches = AsyncBatches if cfg.run.mode == "async" else Batches
-        bar = tqdm(range(start + 1, cfg.run.steps + 1), disable=not cfg.run.progress, desc="rl", dynamic_ncols=True,
-                   initial=start, total=cfg.run.steps)
+        bar = tqdm(range(start + 1, cfg.run.steps + 1), disable=not cfg.run.progress, desc="rl", unit="step",
+                   initial=start, total=cfg.run.steps, dynamic_ncols=True)
         with make_batches(cfg, samplers, rewards, train, published, start + 1) as batches:
             step = start
             for step in bar:
                 t0 = time.perf_counter()
                 groups, sample_metrics = batches.next(step)  # sync: sampled now; async: sampled ahead
-                rewards_P_G = torch.tensor([g["rewards"] for g in groups])
-                advantages_P_G = group_advantages(rewards_P_G, cfg.loss.std_normalize).tolist()
-                batch_B = [
-                    {"prompt_ids": g["row"]["prompt_ids"], "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
-                     "advantage": a}
-                    for g, adv_G in zip(groups, advantages_P_G)
-                    for c, a in zip(g["completions"], adv_G)
-                ]
+                batch_B, table = training_batch(groups, cfg.loss.std_normalize)  # group-centred advantages
                 learn_metrics = ray.get(learner.train_step.remote(batch_B))  # skipped when not finite
                 skipped_in_row = skipped_in_row + 1 if learn_metrics["learner/skipped"] else 0
                 faults["fault/skipped_steps"] += learn_metrics["learner/skipped"]
@@ -132,15 +126,19 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, run_dir: Path
                 every = cfg.sync.probe_every
                 if step == start + 1 and every >= 0 or every > 0 and step % every == 0:
                     sync_metrics.update(run_probe(learner, samplers, probe_prompts, cfg))
-                metrics = {"step": step, **sample_metrics, **learn_metrics, **sync_metrics, **faults,
-                           **samplers.metrics(), "time/sync": sync_metrics["sync/latency_ms"] / 1e3}
+                metrics = {**sample_metrics, **learn_metrics, **sync_metrics, **faults, **samplers.metrics(),
+                           "time/sync": sync_metrics["sync/latency_ms"] / 1e3}
                 if step == cfg.run.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
-                    metrics.update(evaluate(samplers, rewards, evals, cfg.rollout.max_tokens))
-                    last_acc = metrics["eval/accuracy"]
+                    metrics.update(evaluate(cfg, samplers, rewards, evals))
+                    best.update(step, metrics, learner)
                 metrics["time/step"] = time.perf_counter() - t0
-                sink.write(json.dumps(metrics) + "\n")
-                sink.flush()
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval_acc=f"{last_acc:.3f}")
+                metrics.update(phase_shares(metrics))
+                log.log(step, metrics)
+                if cfg.logging.samples_every and step % cfg.logging.samples_every == 0:
+                    log.table(step, table[: cfg.logging.samples])
+                rate = bar.format_dict.get("rate") or 0.0
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval_acc=f"{best.last:.3f}",
+                                steps_per_min=f"{60 * rate:.1f}")
                 every = cfg.run.checkpoint_every
                 stopping = stop.signal or skipped_in_row >= cfg.learner.max_skipped_steps
                 if step == cfg.run.steps or stopping or every and step % every == 0:
@@ -153,7 +151,52 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals, run_dir: Path
                         f"optimiser state are in {run_dir / 'checkpoints'}.")
                 if stop.signal:
                     break
-    return before, last_acc, step
+    return step
+
+
+def training_batch(groups: list[dict], std_normalize: bool) -> tuple[list[dict], list[dict]]:
+    """The learner's batch, one entry per completion with its group-centred advantage, and
+    the same completions as rows of a sample table."""
+    import torch
+
+    from learner.loss import group_advantages
+
+    advantages_P_G = group_advantages(torch.tensor([g["rewards"] for g in groups]), std_normalize).tolist()
+    batch_B, table = [], []
+    for g, adv_G in zip(groups, advantages_P_G):
+        for c, reward, a in zip(g["completions"], g["rewards"], adv_G):
+            batch_B.append({"prompt_ids": g["row"]["prompt_ids"], "tokens": c["tokens"],
+                            "sampler_logprobs": c["logprobs"], "advantage": a})
+            table.append({"prompt": g["row"]["prompt"], "completion": c["text"], "reward": reward, "advantage": a})
+    return batch_B, table
+
+
+def phase_shares(metrics: dict) -> dict:
+    """Each phase's share of the step's wall time (in async mode sampling overlaps learning)."""
+    return {f"time/share/{phase}": metrics.get(f"time/{phase}", 0.0) / metrics["time/step"]
+            for phase in ("sample", "score", "learn", "sync", "eval")}
+
+
+class BestAdapter:
+    """The adapter with the best eval.best_metric so far, kept in run_dir/best_adapter with
+    best.json ({"step", "metric", "value"})."""
+
+    def __init__(self, metric: str, run_dir: Path):
+        self.metric, self.run_dir, self.last = metric, run_dir, float("nan")
+        saved = run_dir / "best_adapter" / "best.json"
+        self.value = json.loads(saved.read_text())["value"] if saved.exists() else float("-inf")
+
+    def update(self, step: int, metrics: dict, learner):
+        from rl.setup import write_adapter
+
+        if self.metric not in metrics:
+            raise ConfigError(f"eval.best_metric={self.metric!r} is not an evaluation metric; these are: "
+                              + ", ".join(k for k in metrics if k.startswith("eval/")))
+        self.last = metrics.get("eval/accuracy", self.last)
+        if metrics[self.metric] > self.value:
+            self.value = metrics[self.metric]
+            out = write_adapter(learner, self.run_dir, "best_adapter")
+            (out / "best.json").write_text(json.dumps({"step": step, "metric": self.metric, "value": self.value}))
 
 
 def restore(path: Path, learner, train, samplers, metrics_path: Path) -> tuple[int, dict]:
@@ -187,14 +230,6 @@ def save(cfg: Config, run_dir: Path, step: int, learner, data: dict, faults: dic
     return checkpoint.write(run_dir / "checkpoints", step, files, state, cfg.run.keep_checkpoints)
 
 
-def logged_accuracy(metrics_path: Path) -> tuple[float, float]:
-    """The held-out accuracy logged before training (step 0) and the latest one."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    accuracies = [row["eval/accuracy"] for row in rows if "eval/accuracy" in row]
-    return (rows[0]["eval/accuracy"] if rows and rows[0]["step"] == 0 else float("nan"),
-            accuracies[-1] if accuracies else float("nan"))
-
-
 class StopSignal:
     """SIGTERM or SIGINT (Ctrl-C): finish the step, checkpoint, stop. A second Ctrl-C stops at once."""
 
@@ -212,16 +247,6 @@ class StopSignal:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum)
         print(f"\n{self.signal.name}: stopping after this step, with a checkpoint", flush=True)
-
-
-def evaluate(samplers, rewards, evals, max_tokens: int) -> dict:
-    """Greedy (temperature 0) accuracy on the held-out split."""
-    from rl.rollouts import fields
-
-    start = time.perf_counter()
-    greedy = samplers.generate([row["prompt_ids"] for row in evals.rows], 1, 0.0, 1.0, max_tokens, seed=0)
-    scores, _ = rewards.score([(g["completions"][0]["text"], fields(row)) for row, g in zip(evals.rows, greedy)])
-    return {"eval/accuracy": sum(scores) / len(scores), "time/eval": time.perf_counter() - start}
 
 
 def parse_args(argv: list[str]) -> Config:

@@ -103,21 +103,25 @@ def tokenize_prompt(tokenizer, cfg: Config, prompt: str) -> list[int]:
                                               tokenize=True)["input_ids"])
 
 
-def load_splits(cfg: Config, model_path: str) -> tuple[Split, Split]:
-    """Train and held-out splits with prompts rendered by the template and tokenized once."""
+def load_splits(cfg: Config, model_path: str) -> tuple[Split, dict[str, Split]]:
+    """The train split and the held-out sets ("eval": data.eval, then eval.extra by name),
+    with prompts rendered by the template and tokenized once."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_size = ARITHMETIC_TRAIN_SIZE if cfg.data.train == "arithmetic" else 0
     train, train_skipped = _rows(cfg.data.train, "train", train_size, cfg)
-    evals, eval_skipped = _rows(cfg.data.eval, "eval", cfg.data.eval_size, cfg)
-    for row in train + evals:
+    held_out = {name: _rows(path, "eval", cfg.data.eval_size, cfg)
+                for name, path in {"eval": cfg.data.eval, **cfg.eval.extra}.items()}
+    every = train + [row for rows, _ in held_out.values() for row in rows]
+    for row in every:
         row["prompt_ids"] = tokenize_prompt(tokenizer, cfg, row["prompt"])
-    too_long = [r for r in train + evals if len(r["prompt_ids"]) + cfg.rollout.max_tokens > cfg.model.max_model_len]
+    too_long = [r for r in every if len(r["prompt_ids"]) + cfg.rollout.max_tokens > cfg.model.max_model_len]
     if too_long:
         raise ValueError(f"{len(too_long)} prompts exceed model.max_model_len - rollout.max_tokens "
                          f"({cfg.model.max_model_len} - {cfg.rollout.max_tokens}), e.g. {too_long[0]['prompt'][:80]!r}")
-    return Split(train, seed=cfg.run.seed, skipped=train_skipped), Split(evals, skipped=eval_skipped)
+    return (Split(train, seed=cfg.run.seed, skipped=train_skipped),
+            {name: Split(rows, skipped=skipped) for name, (rows, skipped) in held_out.items()})
 
 
 def bundles(cfg: Config) -> list[dict[str, float]]:
@@ -228,14 +232,20 @@ def remove_sampler(learner, sampler):
     ray.kill(sampler)
 
 
-def write_adapter(learner, run_dir: Path) -> Path:
-    """Fetch the adapter's PEFT files from the learner (maybe on another node) into run_dir/adapter."""
+def write_adapter(learner, run_dir: Path, name: str = "adapter") -> Path:
+    """Fetch the adapter's PEFT files from the learner (maybe on another node) into
+    run_dir/name, replacing what was there only once all files are written."""
+    import shutil
+
     import ray
 
-    out = run_dir / "adapter"
-    out.mkdir(exist_ok=True)
-    for name, data in ray.get(learner.adapter_files.remote()).items():
-        (out / name).write_bytes(data)
+    out, tmp = run_dir / name, run_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for file, data in ray.get(learner.adapter_files.remote()).items():
+        (tmp / file).write_bytes(data)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     return out
 
 

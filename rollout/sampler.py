@@ -25,6 +25,7 @@ from rl.config import pin_cpus
 from rollout.channel import Adapter, AdapterReceiver
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
+CPU_MAX_SEQS = 256  # vLLM-CPU's default for max_num_seqs
 
 
 def node_ip() -> str:
@@ -58,6 +59,12 @@ class Sampler:
         if rollout["cpu_cores"]:  # this actor and vLLM's processes (which inherit it), on these cores only
             pin_cpus(rollout["cpu_cores"])
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout["cpu_cores"]
+        budget = {}
+        if not rollout["num_gpus"]:
+            # vLLM-CPU crashes ("CPU Generator does not use offset") when it splits the prefill of
+            # a seeded request: it rewinds the request's RNG with a CUDA-only call. A token budget
+            # that holds every running sequence's whole context means no prefill is ever split.
+            budget = {"max_num_seqs": CPU_MAX_SEQS, "max_num_batched_tokens": CPU_MAX_SEQS * model["max_model_len"]}
         self.llm = LLM(
             model=model_path,
             dtype=model["dtype"],
@@ -73,6 +80,7 @@ class Sampler:
             tensor_parallel_size=max(1, int(rollout["num_gpus"])),
             enable_prefix_caching=True,
             worker_extension_cls="rollout.vllm_ext.InMemoryAdapters",
+            **budget,
         )
         self.lock = threading.Lock()
         self.adapters: OrderedDict[int, tuple] = OrderedDict()  # version -> (LoRARequest, digest), oldest first

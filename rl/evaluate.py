@@ -1,0 +1,59 @@
+"""Held-out evaluation on the samplers, with the adapter they serve.
+
+For each held-out set: accuracy of one greedy completion (temperature 0), and, when
+eval.samples = n > 0, n completions at rollout.temperature per prompt, from which
+pass@k (the chance that at least one of k completions is right) is estimated without bias
+as 1 - C(n-c, k) / C(n, k) per prompt with c right (Chen et al., 2021, "Evaluating Large
+Language Models Trained on Code"), and mean@n, the mean accuracy of a sampled completion.
+All sets go to the samplers as one greedy and one sampled request, scored together.
+
+Metric names: eval/accuracy, eval/pass@k, eval/mean@n for data.eval; eval/<name>/... for
+each set in eval.extra.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n completions of which c are right (k <= n)."""
+    if not 0 < k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0  # C(n-c, k) / C(n, k) as a product, which stays exact-ish for large n
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def prefix(name: str) -> str:
+    return "eval/" if name == "eval" else f"eval/{name}/"
+
+
+def evaluate(cfg, samplers, rewards, sets: dict) -> dict:
+    """Metrics of every held-out set (name -> Split; "eval" is data.eval)."""
+    from rl.rollouts import fields
+
+    start = time.perf_counter()
+    r, n, k = cfg.rollout, cfg.eval.samples, cfg.eval.k
+    rows = [(name, row) for name, split in sets.items() for row in split.rows]
+    prompts = [row["prompt_ids"] for _, row in rows]
+    greedy = samplers.generate(prompts, 1, 0.0, 1.0, r.max_tokens, seed=0)
+    sampled = samplers.generate(prompts, n, r.temperature, r.top_p, r.max_tokens, seed=1) if n else []
+    items = [(g["completions"][0]["text"], fields(row)) for (_, row), g in zip(rows, greedy)]
+    items += [(c["text"], fields(row)) for (_, row), g in zip(rows, sampled) for c in g["completions"]]
+    scores, _ = rewards.score(items)
+    right = [s == 1.0 for s in scores]
+    metrics = {}
+    for name in sets:
+        mine = [i for i, (set_name, _) in enumerate(rows) if set_name == name]
+        p = prefix(name)
+        metrics[p + "accuracy"] = sum(right[i] for i in mine) / len(mine)
+        if n:
+            counts = [sum(right[len(rows) + i * n: len(rows) + (i + 1) * n]) for i in mine]
+            metrics[f"{p}pass@{k}"] = sum(pass_at_k(n, c, k) for c in counts) / len(counts)
+            metrics[f"{p}mean@{n}"] = sum(counts) / (n * len(counts))
+    metrics["time/eval"] = time.perf_counter() - start
+    return metrics

@@ -1,0 +1,133 @@
+"""Where a run's numbers go: metrics.jsonl always; TensorBoard and Weights & Biases when the
+config enables them (logging.tensorboard, logging.wandb), imported only then.
+
+    loggers = Loggers(cfg, run_dir)     # logs the resolved config once
+    loggers.log(step, metrics)          # one flat dict per step
+    loggers.table(step, rows)           # sample completions: prompt, completion, reward, advantage
+    loggers.close()
+
+metrics.jsonl holds every value as logged (lists too); TensorBoard and W&B get the numbers.
+Sample tables go to samples.jsonl, a TensorBoard text panel and a W&B table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+COLUMNS = ("prompt", "completion", "reward", "advantage")
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class JsonlLogger:
+    def __init__(self, run_dir: Path):
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        self.samples = open(run_dir / "samples.jsonl", "a")
+
+    def config(self, config: dict):
+        pass  # config.yaml is written with the run directory
+
+    def log(self, step: int, metrics: dict):
+        self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.metrics.flush()
+
+    def table(self, step: int, rows: list[dict]):
+        self.samples.write(json.dumps({"step": step, "rows": rows}) + "\n")
+        self.samples.flush()
+
+    def close(self):
+        self.metrics.close()
+        self.samples.close()
+
+
+class TensorBoardLogger:
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def config(self, config: dict):
+        self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+
+    def log(self, step: int, metrics: dict):
+        for key, value in scalars(metrics).items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def table(self, step: int, rows: list[dict]):
+        def cell(x):
+            return (f"{x:.3f}" if isinstance(x, float) else str(x)).replace("|", "\\|").replace("\n", " ")
+
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+        self.writer.add_text("samples", "\n".join(lines), step)
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbLogger:
+    def __init__(self, cfg, run_dir: Path, config: dict):
+        import wandb
+
+        self.wandb = wandb
+        # One W&B run per run directory: a resumed run continues it (W&B ignores the steps it
+        # already has, which the resumed run logs again).
+        run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[-64:]
+        self.run = wandb.init(project=cfg.logging.wandb_project, name=run_dir.name, id=run_id, resume="allow",
+                              dir=str(run_dir), mode=cfg.logging.wandb_mode, config=config)
+
+    def config(self, config: dict):
+        pass  # given to wandb.init
+
+    def log(self, step: int, metrics: dict):
+        self.run.log({k: v for k, v in scalars(metrics).items() if math.isfinite(v)}, step=step)
+
+    def table(self, step: int, rows: list[dict]):
+        table = self.wandb.Table(columns=list(COLUMNS), data=[[row[c] for c in COLUMNS] for row in rows])
+        self.run.log({"samples": table}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class Loggers:
+    """Every enabled logger behind one interface."""
+
+    def __init__(self, cfg, run_dir: Path):
+        from rl.config import to_dict
+
+        config = to_dict(cfg)
+        self.all = [JsonlLogger(run_dir)]
+        if cfg.logging.tensorboard:
+            self.all.append(TensorBoardLogger(run_dir))
+        if cfg.logging.wandb:
+            self.all.append(WandbLogger(cfg, run_dir, config))
+        for logger in self.all:
+            logger.config(config)
+
+    def log(self, step: int, metrics: dict):
+        for logger in self.all:
+            logger.log(step, metrics)
+
+    def table(self, step: int, rows: list[dict]):
+        for logger in self.all:
+            logger.table(step, rows)
+
+    def close(self):
+        for logger in self.all:
+            logger.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,163 @@
+"""Figures and a one-page report of a run, from its metrics.jsonl alone.
+
+    python rl/report.py RUN_DIR          # any time, also while the run goes on
+
+Writes RUN_DIR/plots/*.png and RUN_DIR/report.md (which links them, with the headline
+numbers). The driver calls it at the end of a run and prints `summary` to the console.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+PHASES = ("sample", "score", "learn", "sync", "eval")  # time/<phase>, seconds per step
+
+
+def read(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path} holds no metrics yet")
+    return rows
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def eval_keys(rows: list[dict]) -> list[str]:
+    return sorted({k for r in rows for k in r if k.startswith("eval/") and k != "eval/best"})
+
+
+def headline(rows: list[dict]) -> dict:
+    """The numbers a reader wants first."""
+    trained = [r for r in rows if r["step"] > 0]
+    steps, acc = series(rows, "eval/accuracy")
+    out = {"steps": max(r["step"] for r in rows)}
+    if acc:
+        best = max(range(len(acc)), key=lambda i: acc[i])
+        out.update(eval_before=acc[0] if steps[0] == 0 else None, eval_final=acc[-1], eval_final_step=steps[-1],
+                   eval_best=acc[best], eval_best_step=steps[best])
+    if trained:
+        k = out["reward_window"] = min(10, len(trained))
+        out["reward_first"] = statistics.fmean(r["reward/mean"] for r in trained[:k])
+        out["reward_last"] = statistics.fmean(r["reward/mean"] for r in trained[-k:])
+        step_times = [r["time/step"] for r in trained if "time/step" in r]
+        if step_times:
+            total = sum(step_times)
+            out["step_s_median"] = statistics.median(step_times)
+            out["steps_per_min"] = 60 * len(step_times) / total
+            out["phase_share"] = {p: sum(r.get(f"time/{p}", 0.0) for r in trained) / total for p in PHASES}
+        sync = [r["sync/latency_ms"] for r in trained if "sync/latency_ms" in r]
+        if sync:
+            out["sync_ms_median"] = statistics.median(sync)
+            out["sync_bytes"] = trained[-1].get("sync/bytes")
+        for key in ("fault/skipped_steps", "fault/sampler_restarts", "fault/resampled_groups", "fault/resumes"):
+            if key in trained[-1]:
+                out[key] = trained[-1][key]
+    return out
+
+
+def summary(rows: list[dict], run_dir: Path) -> str:
+    """One screen: eval before / best / final, time split by phase, sync, faults, where things are."""
+    h = headline(rows)
+    lines = [f"run {Path(run_dir).name}: {h['steps']} steps"]
+    if "eval_final" in h:
+        before = "n/a" if h.get("eval_before") is None else f"{h['eval_before']:.3f}"
+        lines.append(f"  eval/accuracy  before {before}   best {h['eval_best']:.3f} (step {h['eval_best_step']})   "
+                     f"final {h['eval_final']:.3f} (step {h['eval_final_step']})")
+        last = [r for r in rows if "eval/accuracy" in r][-1]
+        others = [f"{k} {last[k]:.3f}" for k in eval_keys(rows) if k != "eval/accuracy" and k in last]
+        if others:
+            lines.append("  final  " + "   ".join(others))
+    if "reward_first" in h:
+        k = h["reward_window"]
+        lines.append(f"  reward/mean    first {k} steps {h['reward_first']:.3f} -> last {k} {h['reward_last']:.3f}")
+    if "phase_share" in h:
+        shares = "  ".join(f"{p} {100 * v:.0f}%" for p, v in h["phase_share"].items())
+        lines.append(f"  time           {h['steps_per_min']:.1f} steps/min, median step {h['step_s_median']:.2f} s: "
+                     + shares)
+    if "sync_ms_median" in h:
+        size = f", {h['sync_bytes'] / 1e6:.2f} MB per version" if h.get("sync_bytes") else ""
+        lines.append(f"  adapter sync   median {h['sync_ms_median']:.1f} ms{size}")
+    faults = {k.split("/")[1]: v for k, v in h.items() if k.startswith("fault/") and v}
+    lines.append("  faults         " + (", ".join(f"{k} {v}" for k, v in faults.items()) or "none"))
+    run_dir = Path(run_dir)
+    for name in ("adapter", "best_adapter", "report.md", "plots"):
+        if (run_dir / name).exists():
+            lines.append(f"  {name:<14} {run_dir / name}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """The run's figures as PNG files in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+
+    def figure(name: str, title: str, panels: list[tuple[str, list[str]]]):
+        panels = [(label, [k for k in keys if series(rows, k)[0]]) for label, keys in panels]
+        panels = [(label, keys) for label, keys in panels if keys]
+        if not panels:
+            return
+        fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
+        for ax, (label, keys) in zip(axes[:, 0], panels):
+            for key in keys:
+                steps, values = series(rows, key)
+                style = {"marker": "o"} if len(steps) < len(rows) / 2 else {}  # sparse series: evaluations
+                ax.plot(steps, values, label=key, **style)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=110)
+        plt.close(fig)
+        made.append(out / f"{name}.png")
+
+    figure("reward", "Reward and held-out accuracy",
+           [("train reward", ["reward/mean", "reward/accuracy"]), ("held-out", eval_keys(rows))])
+    figure("time", "Time per step, by phase", [("seconds", [f"time/{p}" for p in PHASES] + ["time/step"]),
+                                               ("tokens / s", ["rollout/tokens_per_s", "learner/tokens_per_s"])])
+    figure("sync", "Adapter sync", [("ms", ["sync/latency_ms", "sync/load_ms"])])
+    figure("ratio", "Importance ratio (learner / sampler)",
+           [("ratio", ["learner/ratio_mean", "learner/ratio_max"]), ("ESS fraction", ["learner/ratio_ess"]),
+            ("KL(sampler||learner)", ["learner/mismatch_kl"])])
+    figure("length", "Completions", [("tokens", ["rollout/response_len"]),
+                                     ("fraction", ["rollout/truncated_frac", "rollout/zero_signal_frac"])])
+    return made
+
+
+def write(run_dir: Path) -> Path:
+    """plots/*.png and report.md in run_dir; returns the report's path."""
+    run_dir = Path(run_dir)
+    rows = read(run_dir)
+    figures = plot(rows, run_dir / "plots")
+    h = headline(rows)
+    text = ["# Run report: " + run_dir.name, "", "```", summary(rows, run_dir), "```", ""]
+    captions = {"reward": "Training reward and held-out metrics against step.",
+                "time": "Seconds per step in each phase (sample, score, learn, sync, eval) and throughput.",
+                "sync": "Time from the learner's new weights to every sampler serving them.",
+                "ratio": "Importance-ratio statistics: mean and max, effective sample size, sampler/learner KL.",
+                "length": "Completion length, share cut at max_tokens, share of groups with no signal."}
+    for path in figures:
+        text += [f"## {path.stem}", "", captions[path.stem], "", f"![{path.stem}](plots/{path.name})", ""]
+    text += ["Headline numbers as JSON:", "", "```json", json.dumps(h, indent=1), "```", ""]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(text))
+    return report
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python rl/report.py RUN_DIR")
+    print(write(Path(sys.argv[1])))

@@ -1,0 +1,160 @@
+"""What a researcher watches: evaluation metrics, the loggers, the report and its plots.
+
+The samplers here are the small stand-in actors of test_window.py; the default job's run
+directory (report.md, plots) is checked on the real stack in test_run.py.
+"""
+
+import json
+import subprocess
+import sys
+from math import comb
+from pathlib import Path
+
+import pytest
+import ray
+
+from rl.config import load_config
+from rl.evaluate import evaluate, pass_at_k
+from rl.loggers import Loggers
+from rl.rollouts import Samplers
+from rl.setup import Split
+from tests.test_window import FakeSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pass_at_k_matches_a_hand_computation():
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 is the fraction right
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 3, 2) == 1.0  # n - c < k: some right one is always drawn
+    for n, c, k in [(20, 5, 7), (64, 1, 16), (16, 15, 16)]:
+        assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k), rel=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+class ScriptedRewards:
+    """Scores items in the order given (greedy completions first, then the sampled ones)."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score(self, items):
+        assert len(items) == len(self.scores)
+        return list(self.scores), {}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_evaluate_reports_accuracy_pass_at_k_and_mean_at_n_per_set(local_ray):
+    cfg = load_config(None, ["eval.samples=4", "eval.k=2"])
+    sets = {"eval": Split([{"prompt_ids": [1], "prompt": "a", "answer": "1"},
+                           {"prompt_ids": [2], "prompt": "b", "answer": "1"}]),
+            "hard": Split([{"prompt_ids": [3], "prompt": "c", "answer": "1"}])}
+    greedy = [1, 0, 1]
+    sampled = [1, 0, 0, 0] + [0, 0, 0, 0] + [1, 1, 1, 0]  # right: 1 of 4, 0 of 4, 3 of 4
+    samplers = Samplers([ray.remote(FakeSampler).remote(0)])
+    m = evaluate(cfg, samplers, ScriptedRewards(greedy + sampled), sets)
+    assert m["eval/accuracy"] == 0.5 and m["eval/hard/accuracy"] == 1.0
+    assert m["eval/pass@2"] == pytest.approx((0.5 + 0.0) / 2)
+    assert m["eval/mean@4"] == pytest.approx(1 / 8) and m["eval/hard/mean@4"] == pytest.approx(0.75)
+    assert m["eval/hard/pass@2"] == 1.0 and m["time/eval"] >= 0
+
+
+def tensorboard_scalars(folder: Path) -> tuple[dict, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return scalars, events.Tags()["tensors"]
+
+
+def wandb_history(path: Path) -> dict[int, dict]:
+    """The history records of an offline W&B run file: LevelDB-log framing (32 KiB blocks,
+    7-byte record headers) around protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, records, pending = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            records.append(pending)
+            pending = b""
+    history = {}
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.HasField("history"):
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            history[items["_step"]] = items
+    return history
+
+
+def test_tensorboard_and_wandb_offline_hold_the_logged_scalars(tmp_path):
+    cfg = load_config(None, ["logging.tensorboard=true", "logging.wandb=true", "logging.wandb_mode=offline",
+                             "logging.wandb_project=test"])
+    rows = [{"prompt": "1+1?", "completion": "\\boxed{2}", "reward": 1.0, "advantage": 0.5}]
+    with Loggers(cfg, tmp_path) as log:
+        for step in range(3):
+            log.log(step, {"reward/mean": 0.25 * step, "learner/loss": 1.0 - step, "rollout/staleness_hist": [3, 1]})
+        log.table(2, rows)
+
+    scalars, tensors = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["reward/mean"] == [(0, 0.0), (1, 0.25), (2, 0.5)]
+    assert [v for _, v in scalars["learner/loss"]] == [1.0, 0.0, -1.0]
+    assert "rollout/staleness_hist" not in scalars  # lists stay in metrics.jsonl
+    assert {"config/text_summary", "samples/text_summary"} <= set(tensors)
+
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    history = wandb_history(run_file)
+    assert [history[s]["reward/mean"] for s in range(3)] == [0.0, 0.25, 0.5]
+    assert history[2]["samples/_type"] == "table-file" and history[2]["samples/nrows"] == 1
+
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [0, 1, 2] and logged[2]["rollout/staleness_hist"] == [3, 1]
+    assert json.loads((tmp_path / "samples.jsonl").read_text())["rows"] == rows
+
+
+def test_the_report_builds_from_metrics_jsonl_alone(tmp_path):
+    steps = 30
+    rows = [{"step": 0, "eval/accuracy": 0.5, "eval/pass@4": 0.7, "eval/mean@4": 0.45}]
+    for s in range(1, steps + 1):
+        row = {"step": s, "reward/mean": 0.3 + 0.01 * s, "reward/accuracy": 0.3 + 0.01 * s,
+               "time/sample": 0.5, "time/score": 0.05, "time/learn": 0.35, "time/sync": 0.02, "time/step": 1.0,
+               "sync/latency_ms": 20.0 + s % 3, "sync/load_ms": 5.0, "sync/bytes": 2_250_000,
+               "learner/ratio_mean": 1.0, "learner/ratio_max": 1.2, "learner/ratio_ess": 0.99,
+               "learner/mismatch_kl": 1e-3, "rollout/response_len": 30 - s / 3, "rollout/truncated_frac": 0.1,
+               "rollout/tokens_per_s": 400.0, "learner/tokens_per_s": 900.0, "fault/sampler_restarts": 0}
+        if s % 10 == 0:
+            row.update({"eval/accuracy": [0.6, 0.8, 0.75][s // 10 - 1], "eval/pass@4": 0.9, "eval/mean@4": 0.6,
+                        "time/eval": 2.0, "time/step": 3.0})
+        rows.append(row)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    out = subprocess.run([sys.executable, str(ROOT / "rl/report.py"), str(tmp_path)], capture_output=True,
+                         text=True, cwd=tmp_path, check=False)
+    assert out.returncode == 0, out.stderr
+    report = (tmp_path / "report.md").read_text()
+    for name in ("reward", "time", "sync", "ratio", "length"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(plots/{name}.png)" in report
+    assert "before 0.500   best 0.800 (step 20)   final 0.750 (step 30)" in report
+    assert "adapter sync   median 21.0 ms, 2.25 MB per version" in report
