@@ -174,7 +174,8 @@ def read(path: Path) -> tuple[dict[str, bytes], dict]:
 
 
 def truncate_metrics(metrics_path: Path, step: int):
-    """Drop the metrics of steps after `step`: a resumed run logs them again."""
+    """Drop the lines of a step-keyed JSONL file (metrics, samples) after `step`: a resumed
+    run logs those steps again."""
     if not metrics_path.exists():
         return
     lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]

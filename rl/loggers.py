@@ -49,10 +49,11 @@ class JsonlLogger:
 
 
 class TensorBoardLogger:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, resumed_at: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        # A resumed run hides the events of the steps it logs again.
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_at)
 
     def config(self, config: dict):
         self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
@@ -102,13 +103,14 @@ class WandbLogger:
 class Loggers:
     """Every enabled logger behind one interface."""
 
-    def __init__(self, cfg, run_dir: Path):
+    def __init__(self, cfg, run_dir: Path, resumed_at: int | None = None):
+        """resumed_at: the step a resumed run logs first."""
         from rl.config import to_dict
 
         config = to_dict(cfg)
         self.all = [JsonlLogger(run_dir)]
         if cfg.logging.tensorboard:
-            self.all.append(TensorBoardLogger(run_dir))
+            self.all.append(TensorBoardLogger(run_dir, resumed_at))
         if cfg.logging.wandb:
             self.all.append(WandbLogger(cfg, run_dir, config))
         for logger in self.all:

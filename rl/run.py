@@ -8,8 +8,12 @@ math-verify -> group-centred advantages -> one learner step (importance-correcte
 gradient) -> publish the adapter to every sampler and wait for their acknowledgements ->
 log one flat dict of metrics. With run.mode=async the sampling and scoring of the next
 batches runs ahead, while the learner trains, at most rollout.max_staleness adapter versions
-behind (rl/rollouts.py); the loop below is the same. The held-out split is evaluated
-greedily before training, every `run.eval_every` steps and at the end.
+behind (rl/rollouts.py); the loop below is the same. The held-out sets are evaluated
+(greedy accuracy, pass@k and mean@n: rl/evaluate.py) before training, every run.eval_every
+steps and at the end. Every run.checkpoint_every steps, at the end and on SIGTERM a
+checkpoint is written (rl/checkpoint.py); launching the same command again resumes from the
+newest one. Metrics go to metrics.jsonl and the enabled loggers (rl/loggers.py); the end of
+the run writes plots and report.md (rl/report.py).
 
 Departures from GRPO, as DESIGN.md says: the advantage is not divided by the group std,
 there is no KL penalty and no ratio clipping by default, and the importance ratio uses the
@@ -101,7 +105,7 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals: dict, run_dir
     probe_prompts = [row["prompt_ids"] for row in evals["eval"].rows[:4]]
     best = BestAdapter(cfg.eval.best_metric, run_dir)
     skipped_in_row = 0
-    with Loggers(cfg, run_dir) as log:
+    with Loggers(cfg, run_dir, resumed_at=start + 1 if start else None) as log:
         if start == 0:
             metrics = {"data/skipped_rows": train.skipped + sum(e.skipped for e in evals.values()),
                        **evaluate(cfg, samplers, rewards, evals)}
@@ -211,7 +215,8 @@ def restore(path: Path, learner, train, samplers, metrics_path: Path) -> tuple[i
     faults = {**state["faults"], "fault/resumes": state["faults"]["fault/resumes"] + 1}
     samplers.restarts, samplers.resampled_groups = faults.pop("fault/sampler_restarts"), faults.pop(
         "fault/resampled_groups")
-    checkpoint.truncate_metrics(metrics_path, state["step"])
+    for logged in (metrics_path, metrics_path.with_name("samples.jsonl")):
+        checkpoint.truncate_metrics(logged, state["step"])
     print(f"resumed from {path} (step {state['step']})", flush=True)
     return state["step"], faults
 
@@ -222,12 +227,16 @@ def save(cfg: Config, run_dir: Path, step: int, learner, data: dict, faults: dic
 
     from rl import checkpoint
 
+    start = time.perf_counter()
     files = {f"learner/{k}": v for k, v in ray.get(learner.state_files.remote()).items()}
     files.update({f"adapter/{k}": v for k, v in ray.get(learner.adapter_files.remote()).items()})
     config = to_dict(cfg)
     state = {"step": step, "version": step, "data": data, "faults": {**faults, **samplers.metrics()},
              "config": config, "config_hash": checkpoint.config_hash(config), "time": time.time()}
-    return checkpoint.write(run_dir / "checkpoints", step, files, state, cfg.run.keep_checkpoints)
+    path = checkpoint.write(run_dir / "checkpoints", step, files, state, cfg.run.keep_checkpoints)
+    logging.getLogger(__name__).info("checkpoint %s: %.2f MB in %.0f ms", path, sum(map(len, files.values())) / 1e6,
+                                     1e3 * (time.perf_counter() - start))
+    return path
 
 
 class StopSignal:

@@ -14,6 +14,7 @@ thread-safe, so the receiver thread and `generate` take turns under one lock.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from rl.config import pin_cpus
 from rollout.channel import Adapter, AdapterReceiver
+
+log = logging.getLogger(__name__)
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
 CPU_MAX_SEQS = 256  # vLLM-CPU's default for max_num_seqs
@@ -82,11 +85,24 @@ class Sampler:
             worker_extension_cls="rollout.vllm_ext.InMemoryAdapters",
             **budget,
         )
+        self._closing = threading.Event()
+        threading.Thread(target=self._watch_engine, name="engine-watchdog", daemon=True).start()
         self.lock = threading.Lock()
         self.adapters: OrderedDict[int, tuple] = OrderedDict()  # version -> (LoRARequest, digest), oldest first
         self.adapter_dir = adapter_dir()
         self.receiver = AdapterReceiver(host or node_ip(), secret, manifest,
                                         int(cfg["sync"]["max_message_mb"] * 2**20), self._load)
+
+    def _watch_engine(self):
+        """vLLM's client waits forever for the outputs of an engine process that was killed
+        (an OOM kill): leave with it, so that Ray restarts this sampler with a new engine."""
+        import psutil
+
+        engines = [p for p in psutil.Process().children() if p.name().startswith("VLLM::")]
+        while not self._closing.wait(1.0):
+            if any(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in engines):
+                log.error("the vLLM engine process died; exiting so that Ray restarts this sampler")
+                os._exit(1)
 
     def endpoint(self) -> str:
         return self.receiver.endpoint
@@ -130,6 +146,7 @@ class Sampler:
         version and payload digest name the exact adapter that produced every completion.
         """
         from vllm import SamplingParams
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                 logprobs=0, seed=seed)
@@ -138,8 +155,14 @@ class Sampler:
                 raise RuntimeError("no adapter loaded yet: the learner publishes version 0 first")
             version = next(reversed(self.adapters))
             request, digest = self.adapters[version]
-            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params,
-                                        lora_request=request, use_tqdm=False)
+            try:
+                outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params,
+                                            lora_request=request, use_tqdm=False)
+            except EngineDeadError:
+                # vLLM's engine process is gone (OOM-killed, crashed): end this actor too, so that
+                # Ray restarts it with a new engine and the driver samples these prompts again.
+                log.exception("the vLLM engine died; exiting so that Ray restarts this sampler")
+                os._exit(1)
         groups = []
         for out in outputs:
             group = []
@@ -152,6 +175,7 @@ class Sampler:
 
     def close(self):
         """Stop the receiver and the engine's processes; remove the adapter files."""
+        self._closing.set()
         self.receiver.close()
         self.llm.llm_engine.engine_core.shutdown()
         shutil.rmtree(self.adapter_dir, ignore_errors=True)

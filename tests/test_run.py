@@ -221,10 +221,12 @@ def test_a_killed_job_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000008", "step-000012"]
 
 
-def test_a_sampler_killed_mid_rollout_is_restarted_and_no_group_is_lost(tmp_path):
-    """os.kill the sampler's process the moment the driver starts sampling step 3: Ray
-    restarts it, the learner brings it to the newest adapter, its 8 groups are sampled again,
-    and every step trains on exactly its 8 prompts (none lost, none drawn twice)."""
+@pytest.mark.parametrize("victim", ["actor", "engine"])
+def test_a_sampler_killed_mid_rollout_is_restarted_and_no_group_is_lost(tmp_path, victim):
+    """os.kill the sampler's process (the Ray actor, or vLLM's engine process below it, as an
+    OOM kill would pick) the moment the driver starts sampling step 3: Ray restarts the
+    sampler, the learner brings it to the newest adapter, its 8 groups are sampled again, and
+    every step trains on exactly its 8 prompts (none lost, none drawn twice)."""
     run_dir = tmp_path / "restart"
     with open(tmp_path / "restart.log", "w") as log:
         proc = subprocess.Popen(
@@ -237,7 +239,8 @@ def test_a_sampler_killed_mid_rollout_is_restarted_and_no_group_is_lost(tmp_path
             time.sleep(0.005)
         first = json.loads((run_dir / "placement.json").read_text())["sampler-0"]["pid"]
         engine = with_descendants({first})
-        os.kill(first, signal.SIGKILL)
+        engine_core = [pid for pid in engine if Path(f"/proc/{pid}/comm").read_text().startswith("VLLM::Engine")]
+        os.kill(first if victim == "actor" else engine_core[0], signal.SIGKILL)
         assert proc.wait(timeout=900) == 0, (tmp_path / "restart.log").read_text()[-3000:]
     output = (tmp_path / "restart.log").read_text()
     assert "sampler-0 died; Ray restarted it" in output
