@@ -104,20 +104,27 @@ def merge_metrics(results: list[dict]) -> dict:
 
 
 def rng_states() -> dict:
+    """This process's RNG states as plain JSON data (no pickle in checkpoints)."""
     import numpy as np
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
 
 
 def set_rng_states(states: dict):
     import numpy as np
 
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
     if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
 
 
 class Learner:
@@ -321,7 +328,7 @@ class Learner:
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False, exclude_frozen_parameters=True,
                                         client_state={"step": self.step, "version": self.version})
-            torch.save(rng_states(), Path(tmp) / f"rng-rank{self.rank}.pt")
+            (Path(tmp) / f"rng-rank{self.rank}.json").write_text(json.dumps(rng_states()))
             files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
         for peer_files in ray.get(pending):
             files.update(peer_files)
@@ -338,7 +345,7 @@ class Learner:
                 (Path(tmp) / name).write_bytes(data)
             # load_module_strict=False: the frozen base weights are not in the checkpoint.
             _, client = self.engine.load_checkpoint(tmp, tag="deepspeed", load_module_strict=False)
-            set_rng_states(torch.load(Path(tmp) / f"rng-rank{self.rank}.pt", weights_only=False))
+            set_rng_states(json.loads((Path(tmp) / f"rng-rank{self.rank}.json").read_text()))
         ray.get(pending)
         self.step, self.version = client["step"], client["version"]
         return {"step": self.step, "version": self.version}
