@@ -31,9 +31,11 @@ from rl.config import Config, ConfigError, to_dict
 
 log = logging.getLogger(__name__)
 
-# Keys that change where and how fast a run goes, not what it computes: they may differ on
-# resume. (More samplers split the prompts differently, so other random completions are
-# drawn, from the same distribution.) Any other difference needs run.resume_allow.
+# Keys that change where and how fast a run goes, or what it reports, not what it computes:
+# they may differ on resume, as may every key of the eval and logging sections. (More
+# samplers split the prompts differently, so other random completions are drawn, from the
+# same distribution.) Any other difference needs run.resume_allow.
+FREE_SECTIONS = ("eval", "logging")
 FREE_KEYS = frozenset({
     "run.steps", "run.name", "run.output_dir", "run.progress", "run.eval_every", "run.checkpoint_every",
     "run.keep_checkpoints", "run.resume", "run.resume_allow", "run.placement", "run.placement_timeout_s",
@@ -46,27 +48,22 @@ FREE_KEYS = frozenset({
 })
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key not in ("resources",):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
+def run_keys(config: dict) -> dict:
+    """The config as {"section.key": value}, without the keys that are free on resume."""
+    return {f"{section}.{key}": value for section, fields in config.items() if section not in FREE_SECTIONS
+            for key, value in fields.items() if f"{section}.{key}" not in FREE_KEYS}
 
 
 def config_hash(config: dict) -> str:
     """SHA-256 of the keys that change what a run computes."""
-    kept = {k: v for k, v in sorted(flatten(config).items()) if k not in FREE_KEYS}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(run_keys(config), sort_keys=True).encode()).hexdigest()
 
 
 def changed_keys(saved: dict, current: dict) -> list[str]:
-    """'key: old -> new' for each key outside FREE_KEYS that differs."""
-    a, b = flatten(saved), flatten(current)
+    """'key: old -> new' for each key that changes the run and differs."""
+    a, b = run_keys(saved), run_keys(current)
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
-            for k in sorted(set(a) | set(b)) if k not in FREE_KEYS and a.get(k) != b.get(k)]
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 # -- writing ----------------------------------------------------------------------------

@@ -74,13 +74,15 @@ def test_a_changed_config_is_refused_with_the_keys_named(tmp_path):
     cfg = load_config(None, ["learner.lr=0.001", "rollout.group_size=8"])
     checkpoint.write(tmp_path / "checkpoints", 5, files(5), state(cfg, 5), keep=1)
     changed = load_config(None, ["learner.lr=0.002", "rollout.group_size=4", "run.steps=500",
-                                 "rollout.num_cpus=2", "reward.num_workers=4"])
+                                 "rollout.num_cpus=2", "reward.num_workers=4", "eval.extra={gsm8k: /data/t.jsonl}",
+                                 "logging.tensorboard=true", "rollout.resources={sampler_node: 1}"])
     with pytest.raises(ConfigError) as refused:
         checkpoint.resume_point(changed, tmp_path)
     message = str(refused.value)
     assert "learner.lr: 0.001 -> 0.002" in message and "rollout.group_size: 8 -> 4" in message
     # Keys that only change where and how long the run goes are free.
     assert "run.steps" not in message and "num_cpus" not in message and "num_workers" not in message
+    assert "eval" not in message and "logging" not in message and "resources" not in message
     allowed = load_config(None, ["learner.lr=0.002", "rollout.group_size=4",
                                  "run.resume_allow=[learner.lr, rollout.group_size]"])
     assert checkpoint.resume_point(allowed, tmp_path) is not None
