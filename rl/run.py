@@ -212,9 +212,10 @@ def restore(path: Path, learner, train, samplers, metrics_path: Path) -> tuple[i
     files, state = checkpoint.read(path)
     ray.get(learner.load_state_files.remote(files))
     train.restore(state["data"])
-    faults = {**state["faults"], "fault/resumes": state["faults"]["fault/resumes"] + 1}
-    samplers.restarts, samplers.resampled_groups = faults.pop("fault/sampler_restarts"), faults.pop(
-        "fault/resampled_groups")
+    faults = dict(state["faults"])
+    samplers.restarts = faults.pop("fault/sampler_restarts")  # the samplers keep counting these
+    samplers.resampled_groups = faults.pop("fault/resampled_groups")
+    faults["fault/resumes"] += 1
     for logged in (metrics_path, metrics_path.with_name("samples.jsonl")):
         checkpoint.truncate_metrics(logged, state["step"])
     print(f"resumed from {path} (step {state['step']})", flush=True)
