@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from learner.logprobs import micro_batches, sequence_logprobs
 from learner.loss import denominator, policy_gradient_loss
 from rl.config import pin_cpus
 from rollout.channel import AdapterSender, Unacknowledged, encode
@@ -49,30 +50,6 @@ def encode_tensors(version: int, step: int, named: list[tuple[str, torch.Tensor]
     return encode(version, step, tensors, config, secret)
 
 
-def sequence_logprobs(model, seqs: list[dict], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of each completion under `model`, at the sampling temperature.
-
-    seqs: [{"prompt_ids": [...], "tokens": [...]}]. Returns (logprobs_B_T, mask_B_T) over the
-    completion tokens, right-padded. Dividing logits by the temperature matches vLLM's
-    processed log-probs, which are taken after temperature.
-    """
-    ids = [s["prompt_ids"] + s["tokens"] for s in seqs]
-    width = max(len(i) for i in ids)
-    input_ids = torch.tensor([i + [0] * (width - len(i)) for i in ids])
-    attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
-    logits = model(input_ids=input_ids, attention_mask=attention).logits.float() / temperature
-    logp_all = torch.log_softmax(logits[:, :-1], dim=-1)
-    logp_all = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # logp of token t+1 given :t+1
-    T = max(len(s["tokens"]) for s in seqs)
-    mask = torch.zeros(len(seqs), T)
-    rows = []
-    for b, s in enumerate(seqs):
-        start, n = len(s["prompt_ids"]) - 1, len(s["tokens"])
-        rows.append(torch.nn.functional.pad(logp_all[b, start:start + n], (0, T - n)))
-        mask[b, :n] = 1
-    return torch.stack(rows), mask
-
-
 class SkippableAdamW(torch.optim.AdamW):
     """AdamW whose next step can be skipped entirely: a step on zeroed gradients would still
     decay Adam's moments and count towards its bias correction."""
@@ -96,6 +73,8 @@ def merge_metrics(results: list[dict]) -> dict:
         "learner/ratio_ess": totals["ratio_sum"] ** 2 / (tokens * sq) if sq else 1.0,
         "learner/mismatch_kl": totals["kl_sum"] / tokens,  # KL(sampler || learner) per token, k3 estimator
         "learner/truncated_frac": totals["limited"] / tokens,
+        # The share of padding in the forward passes (prompt and completion positions).
+        "learner/pad_frac": 1 - totals["positions"] / totals["padded"] if totals["padded"] else 0.0,
         "learner/grad_norm": results[0]["grad_norm"],  # before clipping; gradients are averaged over ranks
         "learner/tokens_per_s": totals["tokens"] / seconds,
         "learner/skipped": int(results[0]["skipped"]),  # a non-finite loss or gradient: no update this step
@@ -143,11 +122,18 @@ class Learner:
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.model_path, self.secret = cfg, model_path, secret
-        if cfg["learner"]["cpu_cores"]:
-            torch.set_num_threads(pin_cpus(cfg["learner"]["cpu_cores"]))
+        lcfg, rcfg = cfg["learner"], cfg["rollout"]
+        # Ray starts an actor with OMP_NUM_THREADS = its num_cpus (1 here), which would leave the
+        # other cores idle while the sampler waits in the sync loop: one torch thread per core
+        # this process may run on (learner.cpu_cores pins it to fewer).
+        torch.set_num_threads(pin_cpus(lcfg["cpu_cores"]) if lcfg["cpu_cores"] else len(os.sched_getaffinity(0)))
         torch.manual_seed(seed)
         dtype = getattr(torch, cfg["model"]["dtype"])
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model.config.use_cache = False  # the learner scores whole sequences: no KV cache
+        if lcfg["gradient_checkpointing"]:
+            # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lora = cfg["lora"]
         self.peft_config = LoraConfig(
             r=lora["rank"], lora_alpha=lora["alpha"], target_modules=list(lora["target_modules"]),
@@ -155,22 +141,23 @@ class Learner:
         )
         model = get_peft_model(model, self.peft_config)
         # One process group for the learner's ranks (each rank sees one GPU, as Ray assigns them).
-        lcfg, rcfg = cfg["learner"], cfg["rollout"]
         self.rank, self.world_size = rank, lcfg["world_size"] if master else 1
         address, port = master or ("127.0.0.1", _free_port())
         os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK="0",
                           WORLD_SIZE=str(self.world_size))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        self.micro = lcfg["micro_batch_size"]
+        self.micro, self.micro_tokens, self.chunk = lcfg["micro_batch_size"], lcfg["max_tokens_per_micro"], lcfg["logprob_chunk"]
         batch = -(-rcfg["prompts_per_step"] * rcfg["group_size"] // self.world_size)  # per rank
-        self.gas = -(-batch // self.micro)
+        # DeepSpeed's accumulation count only sizes its batch bookkeeping: each step marks its
+        # last micro-batch as the boundary itself (train_shard), since their number varies.
+        gas = -(-batch // self.micro)
         self.peers: list = []  # ranks 1.. (rank 0 only)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = SkippableAdamW(params, lr=lcfg["lr"], weight_decay=lcfg["weight_decay"])
         ds_config = {
             "train_micro_batch_size_per_gpu": self.micro,
-            "gradient_accumulation_steps": self.gas,
+            "gradient_accumulation_steps": gas,
             "gradient_clipping": lcfg["grad_clip"],
             "zero_optimization": {"stage": lcfg["zero_stage"]},
             "zero_allow_untested_optimizer": True,  # ZeRO knows AdamW by exact type; ours only adds the skip
@@ -238,7 +225,8 @@ class Learner:
         temperature unless another is given (the probe tries others to diagnose a mismatch)."""
         self.engine.eval()
         with torch.no_grad():
-            lp, mask = sequence_logprobs(self.engine.module, seqs, temperature or self.cfg["rollout"]["temperature"])
+            lp, mask = sequence_logprobs(self.engine.module, seqs, temperature or self.cfg["rollout"]["temperature"],
+                                         self.chunk)
         return [row[: int(m.sum())].tolist() for row, m in zip(lp, mask)]
 
     def attach_peers(self, peers: list):
@@ -249,33 +237,45 @@ class Learner:
         """One optimiser step over all completions: [{"prompt_ids", "tokens", "sampler_logprobs", "advantage"}].
 
         With peers, completion i goes to rank i % world_size; every rank normalises by the
-        whole step's size, so the averaged gradient is the one-rank gradient.
+        whole step's size, so the averaged gradient is the one-rank gradient. Every rank runs
+        as many micro-batches as the busiest one (ZeRO 2 reduces gradients in each backward,
+        collectively), the others padding with empty ones.
         """
         import ray
 
         shards = [seqs[r::self.world_size] for r in range(self.world_size)]
         counts = (len(seqs), sum(len(s["tokens"]) for s in seqs))
-        pending = [peer.train_shard.remote(shard, counts) for peer, shard in zip(self.peers, shards[1:])]
-        results = [self.train_shard(shards[0], counts)] + ray.get(pending)
+        n_micro = max(len(self._micro_batches(shard)) for shard in shards)
+        pending = [peer.train_shard.remote(shard, counts, n_micro) for peer, shard in zip(self.peers, shards[1:])]
+        results = [self.train_shard(shards[0], counts, n_micro)] + (ray.get(pending) if pending else [])
         return merge_metrics(results)
 
-    def train_shard(self, seqs: list[dict], counts: tuple[int, int]) -> dict:
-        """This rank's share of a step; counts: (completions, tokens) of the whole step."""
+    def _micro_batches(self, seqs: list[dict]) -> list[list[int]]:
+        """learner.micro_batch_size completions at most, and learner.max_tokens_per_micro padded
+        tokens when set (longest first, so that similar lengths share a micro-batch)."""
+        return micro_batches([len(s["prompt_ids"]) + len(s["tokens"]) for s in seqs], self.micro, self.micro_tokens)
+
+    def train_shard(self, seqs: list[dict], counts: tuple[int, int], n_micro: int = 1) -> dict:
+        """This rank's share of a step; counts: (completions, tokens) of the whole step;
+        n_micro: the micro-batches every rank runs (at least this rank's own)."""
         start = time.perf_counter()
         self.engine.train()
         lcfg, temperature = self.cfg["loss"], self.cfg["rollout"]["temperature"]
         # DeepSpeed averages gradients over ranks: scale back up to the step's sum / denominator.
+        # Each micro-batch's loss is its share of the step's sum / denominator, so the gradient
+        # is the same however the completions are grouped into micro-batches.
         denom = denominator(lcfg["normalizer"], *counts) / self.world_size
         totals = dict.fromkeys(("ratio_sum", "ratio_sq_sum", "ratio_max", "kl_sum", "limited", "tokens", "loss"), 0.0)
-        if len(seqs) > self.gas * self.micro:
-            raise ValueError(f"{len(seqs)} completions for a rank's step of at most {self.gas} x {self.micro}")
-        # Exactly `gas` micro-batches, as DeepSpeed counts them (fewer completions when groups
-        # were dropped: the last micro-batches are shorter, or empty).
-        chunks = [seqs[i * self.micro:(i + 1) * self.micro] for i in range(self.gas)]
-        grad_norm = None
-        for i, chunk in enumerate(chunks):
+        plan = self._micro_batches(seqs)
+        plan += [[] for _ in range(max(n_micro, 1) - len(plan))]
+        sizes = [len(s["prompt_ids"]) + len(s["tokens"]) for s in seqs]
+        totals["positions"], totals["padded"] = sum(sizes), sum(len(b) * max(sizes[j] for j in b) for b in plan if b)
+        for i, indices in enumerate(plan):
+            chunk = [seqs[j] for j in indices]
+            # The last micro-batch is the accumulation boundary: gradients are reduced there.
+            self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
             if chunk:
-                lp, mask = sequence_logprobs(self.engine.module, chunk, temperature)
+                lp, mask = sequence_logprobs(self.engine.module, chunk, temperature, self.chunk)
                 T = lp.shape[1]
                 old = torch.tensor([s["sampler_logprobs"] + [0.0] * (T - len(s["sampler_logprobs"])) for s in chunk])
                 adv = torch.tensor([s["advantage"] for s in chunk])
@@ -283,15 +283,14 @@ class Learner:
                 totals["ratio_max"] = max(totals["ratio_max"], stats["ratio_max"].item())
                 for k in ("ratio_sum", "ratio_sq_sum", "kl_sum", "limited", "tokens"):
                     totals[k] += stats[k].item()
-            else:  # an empty micro-batch still counts towards DeepSpeed's accumulation boundary
+            else:  # no completions for this rank (dropped groups, or a busier peer): a zero gradient
                 loss = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
             # The loss is already normalised over the whole step: no extra 1/GAS scaling.
             self.engine.backward(loss, scale_wrt_gas=False)
             totals["loss"] += loss.item()
-            if i == len(chunks) - 1:  # the accumulation boundary: DeepSpeed's step below updates
-                grad_norm = self._grad_norm()
-                self.optimizer.skip = self._non_finite(totals["loss"], grad_norm)
-            self.engine.step()
+        grad_norm = self._grad_norm()
+        self.optimizer.skip = self._non_finite(totals["loss"], grad_norm)
+        self.engine.step()
         # A skipped step leaves weights and optimiser state as they were (ZeRO 1/2 check their
         # own gradient partitions, and skip, when they hold a NaN or inf).
         skipped = self.optimizer.skip or not self.engine.was_step_applied()

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 # Keys that change where and how fast a run goes, or what it reports, not what it computes:
 # they may differ on resume, as may every key of the eval and logging sections. (More
 # samplers split the prompts differently, so other random completions are drawn, from the
-# same distribution.) Any other difference needs run.resume_allow.
+# same distribution; how the learner groups and chunks its work changes only the order of
+# float sums.) Any other difference needs run.resume_allow.
 FREE_SECTIONS = ("eval", "logging")
 FREE_KEYS = frozenset({
     "run.steps", "run.name", "run.output_dir", "run.progress", "run.eval_every", "run.checkpoint_every",
@@ -43,7 +44,8 @@ FREE_KEYS = frozenset({
     "rollout.num_samplers", "rollout.num_cpus", "rollout.num_gpus", "rollout.resources", "rollout.cpu_cores",
     "rollout.kv_cache_gb", "rollout.gpu_memory_utilization", "rollout.enforce_eager", "rollout.max_restarts",
     "rollout.restart_timeout_s", "learner.num_cpus", "learner.num_gpus", "learner.resources", "learner.cpu_cores",
-    "learner.max_skipped_steps", "reward.num_workers", "reward.timeout_s", "sync.ack_timeout_s",
+    "learner.max_skipped_steps", "learner.micro_batch_size", "learner.max_tokens_per_micro", "learner.logprob_chunk",
+    "learner.gradient_checkpointing", "reward.num_workers", "reward.timeout_s", "sync.ack_timeout_s",
     "sync.max_message_mb", "sync.probe_every", "sync.probe_tolerance",
 })
 

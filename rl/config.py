@@ -103,7 +103,14 @@ class LearnerConfig:
     lr: float = doc(1e-3, "Adam learning rate (LoRA wants ~10x the full fine-tuning rate).")
     weight_decay: float = doc(0.0, "AdamW weight decay.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 means no clipping.")
-    micro_batch_size: int = doc(16, "Completions per forward/backward pass; the step accumulates over all.")
+    micro_batch_size: int = doc(16, "Most completions per forward/backward pass; the step accumulates over all.")
+    max_tokens_per_micro: int = doc(8192, "Most padded tokens (prompt + completion, x completions) per micro-batch; "
+                                          "completions go longest first; a longer one goes alone. 0: "
+                                          "micro_batch_size completions in batch order.")
+    logprob_chunk: int = doc(512, "Tokens per block of the LM head and logsumexp, applied only where completion "
+                                  "tokens are predicted; 0: full logits at every position (V floats per token).")
+    gradient_checkpointing: bool = doc(True, "Recompute each layer's activations in backward instead of keeping "
+                                             "them (~1/3 more compute, a fraction of the memory per token).")
     zero_stage: int = doc(0, "DeepSpeed ZeRO stage (0, 1 or 2).")
     num_cpus: float = doc(1.0, "CPUs reserved in Ray for the learner actor.")
     num_gpus: float = doc(0.0, "GPUs per learner rank (0 on CPU).")
@@ -199,6 +206,9 @@ class Config:
         check(self.loss.ratio_cap is None or self.loss.ratio_cap >= 1, "loss.ratio_cap must be >= 1 or null")
         check(self.loss.clip_eps is None or self.loss.clip_eps > 0, "loss.clip_eps must be > 0 or null")
         check(self.learner.zero_stage in (0, 1, 2), "learner.zero_stage must be 0, 1 or 2")
+        check(self.learner.micro_batch_size >= 1, "learner.micro_batch_size must be >= 1")
+        check(self.learner.max_tokens_per_micro >= 0, "learner.max_tokens_per_micro must be >= 0 (0: off)")
+        check(self.learner.logprob_chunk >= 0, "learner.logprob_chunk must be >= 0 (0: full logits)")
         check(self.sync.wire_dtype in ("float32", "bfloat16"), "sync.wire_dtype must be float32 or bfloat16")
         check(self.rollout.num_samplers >= 1, "rollout.num_samplers must be >= 1")
         check(self.run.steps >= 0, "run.steps must be >= 0")

@@ -1,0 +1,142 @@
+"""Per-token log-probs of completions under a causal LM, and micro-batches by token budget.
+
+At real shapes the vocabulary dominates a naive learner's memory: full logits for every
+position of every sequence (prompts included) are B x L x V float32 (151,936 x 4 bytes =
+0.6 MB per token for Qwen's vocabulary), and the temperature and log-softmax make more
+copies of the same size, all kept for backward. Here the LM head is applied only at the
+positions that predict completion tokens, `chunk` tokens at a time, and each token's log-prob
+is its logit minus a logsumexp over the vocabulary; backward recomputes each chunk's logits
+(one more matmul) instead of keeping them, so at most a chunk x V block of logits is alive.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to float32 for the softmax; float32 and float64 stay."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _logits(hidden_C_H: torch.Tensor, weight_V_H: torch.Tensor, bias_V, temperature: float) -> torch.Tensor:
+    """A chunk's logits at the sampling temperature, at least float32 (the matmul in the
+    model's dtype, as the LM head computes it)."""
+    logits = hidden_C_H @ weight_V_H.T
+    if bias_V is not None:
+        logits = logits + bias_V
+    return _upcast(logits).div_(temperature)
+
+
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    """log softmax(hidden W^T / temperature)[target] for N tokens, `chunk` tokens at a time.
+
+    Forward keeps the inputs and one logsumexp per token; backward recomputes each chunk's
+    logits, turns them into probabilities in place (exp(logit - logsumexp)) and applies
+    d logp / d logits = (onehot(target) - p) / temperature.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_N_H, weight_V_H, bias_V, targets_N, temperature: float, chunk: int):
+        logprobs_N = torch.empty(len(targets_N), dtype=_upcast(hidden_N_H[:0]).dtype, device=hidden_N_H.device)
+        lse_N = torch.empty_like(logprobs_N)
+        for s in range(0, len(targets_N), chunk):
+            logits = _logits(hidden_N_H[s:s + chunk], weight_V_H, bias_V, temperature)
+            lse_N[s:s + chunk] = torch.logsumexp(logits, dim=1)
+            logprobs_N[s:s + chunk] = logits.gather(1, targets_N[s:s + chunk, None]).squeeze(1) - lse_N[s:s + chunk]
+        ctx.save_for_backward(hidden_N_H, weight_V_H, bias_V, targets_N, lse_N)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logprobs_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(_upcast(weight)) if want_w else None
+        grad_b = torch.zeros_like(_upcast(weight[:, 0])) if want_b else None
+        for s in range(0, len(targets), ctx.chunk):
+            h, g_up = hidden[s:s + ctx.chunk], grad_N[s:s + ctx.chunk].to(lse.dtype)
+            probs = _logits(h, weight, bias, ctx.temperature).sub_(lse[s:s + ctx.chunk, None]).exp_()
+            g = probs.mul_(-g_up[:, None])  # d loss / d logit = upstream * (onehot - p) / temperature
+            g[torch.arange(len(h), device=g.device), targets[s:s + ctx.chunk]] += g_up
+            g.div_(ctx.temperature)
+            if want_b:
+                grad_b += g.sum(0)
+            g = g.to(weight.dtype)
+            if want_h:
+                grad_h[s:s + ctx.chunk] = g @ weight
+            if want_w:
+                grad_w += g.T @ h
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def _batch(seqs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and attention mask of prompt + completion."""
+    ids = [s["prompt_ids"] + s["tokens"] for s in seqs]
+    width = max(len(i) for i in ids)
+    input_ids = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+    attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    return input_ids, attention
+
+
+def _output_head(model):
+    """The causal LM under any PEFT wrapper, its decoder body and its LM head (a Linear)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(f"learner.logprob_chunk needs a plain Linear LM head, got {type(head).__name__} "
+                         "(an adapter on lm_head?); set learner.logprob_chunk=0")
+    return lm.base_model, head
+
+
+def sequence_logprobs(model, seqs: list[dict], temperature: float, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each completion under `model`, at the sampling temperature.
+
+    seqs: [{"prompt_ids": [...], "tokens": [...]}]. Returns (logprobs_B_T, mask_B_T) over the
+    completion tokens, right-padded. Dividing logits by the temperature matches vLLM's
+    processed log-probs, which are taken after temperature. chunk > 0: the LM head only at
+    positions that predict completion tokens, `chunk` tokens at a time (module doc); 0: full
+    logits at every position and a log-softmax over them (the reference).
+    """
+    input_ids, attention = _batch(seqs)
+    B, T = len(seqs), max(len(s["tokens"]) for s in seqs)
+    lengths = [len(s["tokens"]) for s in seqs]
+    mask = torch.zeros(B, T)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    # Completion token t of row b sits at position len(prompt) + t and is predicted one earlier.
+    rows = torch.tensor([b for b, n in enumerate(lengths) for _ in range(n)], dtype=torch.long)
+    cols = torch.tensor([t for n in lengths for t in range(n)], dtype=torch.long)
+    starts = torch.tensor([len(s["prompt_ids"]) for s in seqs])
+    positions = starts[rows] + cols - 1
+    targets = input_ids[rows, positions + 1]
+    if chunk:
+        body, head = _output_head(model)
+        hidden = body(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        logprobs_N = ChunkedTokenLogprobs.apply(hidden[rows, positions], head.weight, head.bias, targets,
+                                                temperature, chunk)
+    else:
+        logits = _upcast(model(input_ids=input_ids, attention_mask=attention).logits) / temperature
+        logprobs_N = torch.log_softmax(logits, dim=-1)[rows, positions, targets]
+    logprobs_B_T = torch.zeros(B, T, dtype=logprobs_N.dtype).index_put((rows, cols), logprobs_N)
+    return logprobs_B_T, mask
+
+
+def micro_batches(sizes: list[int], max_count: int, max_tokens: int = 0) -> list[list[int]]:
+    """Indices of the completions in each micro-batch; sizes: prompt + completion tokens each.
+
+    max_tokens 0: runs of `max_count` in the given order. Otherwise the longest first, each
+    micro-batch as many (at most max_count) as keep its padded size, count x longest, within
+    max_tokens; a completion longer than the budget goes alone.
+    """
+    if not max_tokens:
+        return [list(range(i, min(i + max_count, len(sizes)))) for i in range(0, len(sizes), max_count)]
+    batches: list[list[int]] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if batches and len(batches[-1]) < max_count and (len(batches[-1]) + 1) * sizes[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
