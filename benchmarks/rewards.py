@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: learner.py there would shadow the package
 
 
 def mix(n: int, seed: int = 0) -> list[tuple[str, dict]]:
