@@ -166,14 +166,56 @@ def _in_bundle(group, index: int) -> dict:
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}
 
 
+def split_cores(node_of_bundle: list[str], cpus: list[float], node_cpus: dict[str, int]) -> list[str]:
+    """Disjoint CPU ids ("0", "1-3") for the actors (bundles) that share a node, in proportion
+    to their num_cpus and in bundle order, at least one each; "" for an actor alone on its
+    node, or on a node with fewer cores than actors."""
+    cores = [""] * len(node_of_bundle)
+    for node in set(node_of_bundle):
+        here = [i for i, n in enumerate(node_of_bundle) if n == node]
+        free, total = node_cpus.get(node, 0), sum(cpus[i] for i in here) or 1.0
+        if len(here) < 2 or free < len(here):
+            continue
+        first = 0
+        for k, i in enumerate(here):
+            later = len(here) - k - 1  # actors still to place, one core each at least
+            count = free - first if not later else max(1, min(round(free * cpus[i] / total), free - first - later))
+            cores[i] = str(first) if count == 1 else f"{first}-{first + count - 1}"
+            first += count
+    return cores
+
+
+def actor_configs(cfg: Config, group) -> list[Config]:
+    """The config of each bundle's actor (learner ranks, then samplers): cfg itself, except in
+    run.mode=async on CPUs with neither cpu_cores set, where the learner and the samplers run
+    at once: those that share a node get disjoint cores (split_cores) rather than contend."""
+    import dataclasses
+
+    import ray
+
+    configs = [cfg] * len(bundles(cfg))
+    on_cpu = not (cfg.learner.num_gpus or cfg.rollout.num_gpus)
+    if (cfg.run.mode != "async" or not on_cpu or cfg.learner.cpu_cores or cfg.rollout.cpu_cores
+            or cfg.learner.world_size > 1):
+        return configs
+    table = ray.util.placement_group_table(group)["bundles_to_node_id"]
+    node_cpus = {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]}
+    cores = split_cores([table[i] for i in range(len(configs))], [b.get("CPU", 0.0) for b in bundles(cfg)], node_cpus)
+    print(f"run.mode=async: learner on CPUs {cores[0] or 'all'}, samplers on {[c or 'all' for c in cores[1:]]}",
+          flush=True)
+    return ([dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, cpu_cores=cores[0]))]
+            + [dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, cpu_cores=c)) for c in cores[1:]])
+
+
 def build_actors(cfg: Config, model_path: str, secret: bytes) -> tuple[list, list]:
     """The learner's ranks, then the samplers (which need the learner's manifest), placed and connected."""
     import ray
 
     group = place(cfg)
-    learners = start_learners(cfg, model_path, secret, group)
+    configs, world = actor_configs(cfg, group), cfg.learner.world_size
+    learners = start_learners(configs[0], model_path, secret, group)
     manifest = ray.get(learners[0].manifest.remote())
-    samplers = [start_sampler(cfg, model_path, secret, manifest, i, _in_bundle(group, cfg.learner.world_size + i))
+    samplers = [start_sampler(configs[world + i], model_path, secret, manifest, i, _in_bundle(group, world + i))
                 for i in range(cfg.rollout.num_samplers)]
     ray.get(learners[0].connect.remote(ray.get([s.endpoint.remote() for s in samplers])))
     return learners, samplers

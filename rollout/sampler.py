@@ -59,11 +59,16 @@ class Sampler:
         model, rollout, lora = cfg["model"], cfg["rollout"], cfg["lora"]
         self.model_path, self.cfg = model_path, cfg
         self.keep = rollout["max_staleness"] + 1
-        if rollout["cpu_cores"]:  # this actor and vLLM's processes (which inherit it), on these cores only
-            pin_cpus(rollout["cpu_cores"])
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout["cpu_cores"]
         budget = {}
         if not rollout["num_gpus"]:
+            # vLLM-CPU's default ("auto") binds its OMP threads to all cores but `local world size`
+            # (here: core 0, core 1 "reserved" for its scheduler process, which mostly waits), so
+            # half of this machine sat idle while the sampler ran. Bind them to every core this
+            # actor may use, or to rollout.cpu_cores (this actor and vLLM's processes, which
+            # inherit the pinning, on those cores only).
+            if rollout["cpu_cores"]:
+                pin_cpus(rollout["cpu_cores"])
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(os.sched_getaffinity(0))))
             # vLLM-CPU crashes ("CPU Generator does not use offset") when it splits the prefill of
             # a seeded request: it rewinds the request's RNG with a CUDA-only call. A token budget
             # that holds every running sequence's whole context means no prefill is ever split.
