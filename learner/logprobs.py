@@ -31,25 +31,41 @@ def _logits(hidden_C_H: torch.Tensor, weight_V_H: torch.Tensor, bias_V, temperat
 class ChunkedTokenLogprobs(torch.autograd.Function):
     """log softmax(hidden W^T / temperature)[target] for N tokens, `chunk` tokens at a time.
 
-    Forward keeps the inputs and one logsumexp per token; backward recomputes each chunk's
-    logits, turns them into probabilities in place (exp(logit - logsumexp)) and applies
-    d logp / d logits = (onehot(target) - p) / temperature.
+    d logp / d logits = (onehot(target) - p) / temperature. With a frozen head (LoRA) only the
+    hidden states need a gradient, and each token's is its upstream scalar times
+    d logp / d hidden = (onehot - p) W / temperature: forward computes that [N, H] block while
+    the chunk's probabilities are at hand, and backward only scales it (no second pass over the
+    vocabulary). Where the head itself trains, forward keeps one logsumexp per token and
+    backward recomputes each chunk's logits instead.
     """
 
     @staticmethod
     def forward(ctx, hidden_N_H, weight_V_H, bias_V, targets_N, temperature: float, chunk: int):
         logprobs_N = torch.empty(len(targets_N), dtype=_upcast(hidden_N_H[:0]).dtype, device=hidden_N_H.device)
         lse_N = torch.empty_like(logprobs_N)
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        precompute = want_h and not (want_w or want_b)
+        dlogp_dh = torch.empty(hidden_N_H.shape, dtype=logprobs_N.dtype, device=hidden_N_H.device) if precompute else None
         for s in range(0, len(targets_N), chunk):
             logits = _logits(hidden_N_H[s:s + chunk], weight_V_H, bias_V, temperature)
             lse_N[s:s + chunk] = torch.logsumexp(logits, dim=1)
             logprobs_N[s:s + chunk] = logits.gather(1, targets_N[s:s + chunk, None]).squeeze(1) - lse_N[s:s + chunk]
-        ctx.save_for_backward(hidden_N_H, weight_V_H, bias_V, targets_N, lse_N)
-        ctx.temperature, ctx.chunk = temperature, chunk
+            if precompute:
+                g = _dlogp_dlogits(logits, lse_N[s:s + chunk], targets_N[s:s + chunk], temperature)
+                dlogp_dh[s:s + chunk] = g.to(weight_V_H.dtype) @ weight_V_H
+        if precompute:
+            ctx.save_for_backward(dlogp_dh)
+        else:
+            ctx.save_for_backward(hidden_N_H, weight_V_H, bias_V, targets_N, lse_N)
+        ctx.precompute, ctx.temperature, ctx.chunk, ctx.hidden_dtype = precompute, temperature, chunk, hidden_N_H.dtype
         return logprobs_N
 
     @staticmethod
     def backward(ctx, grad_N):
+        if ctx.precompute:
+            (dlogp_dh,) = ctx.saved_tensors
+            grad_h = (grad_N[:, None].to(dlogp_dh.dtype) * dlogp_dh).to(ctx.hidden_dtype)
+            return grad_h, None, None, None, None, None
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if want_h else None
@@ -57,10 +73,9 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         grad_b = torch.zeros_like(_upcast(weight[:, 0])) if want_b else None
         for s in range(0, len(targets), ctx.chunk):
             h, g_up = hidden[s:s + ctx.chunk], grad_N[s:s + ctx.chunk].to(lse.dtype)
-            probs = _logits(h, weight, bias, ctx.temperature).sub_(lse[s:s + ctx.chunk, None]).exp_()
-            g = probs.mul_(-g_up[:, None])  # d loss / d logit = upstream * (onehot - p) / temperature
-            g[torch.arange(len(h), device=g.device), targets[s:s + ctx.chunk]] += g_up
-            g.div_(ctx.temperature)
+            logits = _logits(h, weight, bias, ctx.temperature)
+            g = _dlogp_dlogits(logits, lse[s:s + ctx.chunk], targets[s:s + ctx.chunk], ctx.temperature)
+            g.mul_(g_up[:, None])  # d loss / d logit
             if want_b:
                 grad_b += g.sum(0)
             g = g.to(weight.dtype)
@@ -70,6 +85,14 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
                 grad_w += g.T @ h
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def _dlogp_dlogits(logits_C_V: torch.Tensor, lse_C: torch.Tensor, targets_C: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """(onehot(target) - softmax) / temperature, written over the logits (in place)."""
+    g = logits_C_V.sub_(lse_C[:, None]).exp_().neg_()
+    g[torch.arange(len(g), device=g.device), targets_C] += 1
+    return g.div_(temperature)
 
 
 def _batch(seqs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
