@@ -53,6 +53,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             if precompute:
                 g = _dlogp_dlogits(logits, lse_N[s:s + chunk], targets_N[s:s + chunk], temperature)
                 dlogp_dh[s:s + chunk] = g.to(weight_V_H.dtype) @ weight_V_H
+            logits = g = None  # freed before the next chunk's block: one chunk x V block alive at a time
         if precompute:
             ctx.save_for_backward(dlogp_dh)
         else:
@@ -73,8 +74,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         grad_b = torch.zeros_like(_upcast(weight[:, 0])) if want_b else None
         for s in range(0, len(targets), ctx.chunk):
             h, g_up = hidden[s:s + ctx.chunk], grad_N[s:s + ctx.chunk].to(lse.dtype)
-            logits = _logits(h, weight, bias, ctx.temperature)
-            g = _dlogp_dlogits(logits, lse[s:s + ctx.chunk], targets[s:s + ctx.chunk], ctx.temperature)
+            g = _dlogp_dlogits(_logits(h, weight, bias, ctx.temperature), lse[s:s + ctx.chunk],
+                               targets[s:s + ctx.chunk], ctx.temperature)
             g.mul_(g_up[:, None])  # d loss / d logit
             if want_b:
                 grad_b += g.sum(0)
@@ -83,6 +84,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
                 grad_h[s:s + ctx.chunk] = g @ weight
             if want_w:
                 grad_w += g.T @ h
+            g = None  # freed before the next chunk's block
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
