@@ -42,6 +42,7 @@ FREE_KEYS = frozenset({
     "run.keep_checkpoints", "run.resume", "run.resume_allow", "run.placement", "run.placement_timeout_s",
     "model.cache_dir", "data.eval", "data.eval_split", "data.eval_size",
     "rollout.num_samplers", "rollout.num_cpus", "rollout.num_gpus", "rollout.resources", "rollout.cpu_cores",
+    "rollout.separate_engine",
     "rollout.kv_cache_gb", "rollout.gpu_memory_utilization", "rollout.enforce_eager", "rollout.max_restarts",
     "rollout.restart_timeout_s", "learner.num_cpus", "learner.num_gpus", "learner.resources", "learner.cpu_cores",
     "learner.max_skipped_steps", "learner.micro_batch_size", "learner.max_tokens_per_micro", "learner.logprob_chunk",

@@ -81,7 +81,11 @@ class RolloutConfig:
     resources: dict[str, float] = doc({}, 'Custom Ray resources per sampler, e.g. {"sampler_node": 1}, to place them.')
     max_staleness: int = doc(0, "Adapter versions a rollout may lag the learner; versions kept resident = this + 1.")
     on_stale: str = doc("drop", "A group from outside the window: drop | regenerate (sample it again); counted.")
-    cpu_cores: str = doc("", 'CPU ids for each sampler and its vLLM threads, e.g. "0" or "0-3"; "" = vLLM chooses.')
+    cpu_cores: str = doc("", 'CPU ids for each sampler and its vLLM threads, e.g. "0" or "0-3"; "" = every core it '
+                             "may use (split with the learner in async mode).")
+    separate_engine: bool | None = doc(None, "Run vLLM's engine core and worker in processes of their own (vLLM's "
+                                             "default); null: on GPUs only (on CPUs the engine runs inside the sampler, "
+                                             "with no inter-process hop per decoding step).")
     max_restarts: int = doc(3, "Times Ray restarts a sampler that died; its lost groups are sampled again. 0: a death "
                                "ends the run.")
     restart_timeout_s: float = doc(600.0, "How long to wait for a restarted sampler to come back (its engine starts).")
@@ -116,7 +120,8 @@ class LearnerConfig:
     num_gpus: float = doc(0.0, "GPUs per learner rank (0 on CPU).")
     world_size: int = doc(1, "Data-parallel learner ranks (one DeepSpeed group); the batch is split across them.")
     resources: dict[str, float] = doc({}, "Custom Ray resources per learner rank, to place them.")
-    cpu_cores: str = doc("", 'CPU ids the learner is pinned to, e.g. "1" or "4-7", one torch thread each; "" = all.')
+    cpu_cores: str = doc("", 'CPU ids the learner is pinned to, e.g. "1" or "4-7", one torch thread each; "" = every '
+                             "core it may use (split with the samplers in async mode).")
     max_skipped_steps: int = doc(3, "A step with a non-finite loss or gradient is skipped (counted); this many in a "
                                     "row end the run with an error, after a checkpoint of the last good state.")
 
@@ -221,6 +226,8 @@ class Config:
         check(self.rollout.num_gpus <= 1 or self.rollout.num_gpus == int(self.rollout.num_gpus),
               "rollout.num_gpus above 1 must be a whole number (vLLM's tensor parallel size)")
         check(self.rollout.max_staleness >= 0, "rollout.max_staleness must be >= 0")
+        check(self.rollout.separate_engine is not False or self.rollout.num_gpus <= 1,
+              "rollout.separate_engine=false runs one engine process: rollout.num_gpus must be <= 1")
         check(self.rollout.on_stale in ("drop", "regenerate"), "rollout.on_stale must be drop or regenerate")
         for key, cores in ("rollout.cpu_cores", self.rollout.cpu_cores), ("learner.cpu_cores", self.learner.cpu_cores):
             check(not cores or re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", cores),

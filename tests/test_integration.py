@@ -80,6 +80,24 @@ def test_logprobs_agree_on_version_0(stack):
     assert gap < LOGPROB_RTOL
 
 
+def test_vllm_runs_in_the_sampler_on_every_core(stack):
+    """On a CPU machine the engine runs inside the sampler's process (no engine or worker
+    processes below it: no inter-process hop per decoding step), with one torch thread per
+    core this machine gives the sampler, although Ray started it with OMP_NUM_THREADS=1."""
+    import os
+
+    import psutil
+
+    def threads(sampler):
+        import torch
+
+        return os.getpid(), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+
+    pid, n, omp = ray.get(stack["sampler"].__ray_call__.remote(threads))
+    assert n == len(os.sched_getaffinity(0)) and omp == "1"
+    assert not [p for p in psutil.Process(pid).children(recursive=True) if p.name().startswith("VLLM::")]
+
+
 def test_logprobs_agree_after_training(stack):
     """After two real steps the adapter is far from zero and vLLM applies it exactly as PEFT does."""
     learner = stack["learner"]
@@ -353,8 +371,7 @@ def test_late_sampler_catches_up_before_prompts(stack):
         assert (out["version"], out["digest"]) == (current["version"], current["digest"])
         seqs = [{"prompt_ids": p, "tokens": c["tokens"]} for p, g in zip(stack["prompt_ids"], out["groups"]) for c in g]
         learner_lp = ray.get(stack["learner"].logprobs.remote(seqs))
-        sampler_lp = [c["logprobs"] for g in out["groups"] for c in g]
-        assert max(abs(a - b) for x, y in zip(learner_lp, sampler_lp) for a, b in zip(x, y)) < 1e-4
+        assert logprob_gap(learner_lp, [c["logprobs"] for g in out["groups"] for c in g]) < LOGPROB_RTOL
     finally:
         remove_sampler(stack["learner"], late)
     # The learner no longer waits for the removed sampler: the next version reaches the remaining one.

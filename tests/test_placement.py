@@ -1,11 +1,12 @@
-"""Placement from the config: bundles per learner rank and sampler, and errors that name
-the resources the cluster lacks (a real local Ray instance; no actors are started)."""
+"""Placement from the config: bundles per learner rank and sampler, errors that name the
+resources the cluster lacks, and CPU cores split in async mode (a real local Ray instance;
+no actors are started)."""
 
 import pytest
 import ray
 
 from rl.config import ConfigError, load_config
-from rl.setup import bundles, place
+from rl.setup import actor_configs, bundles, place, split_cores
 
 
 def test_bundles_follow_the_config():
@@ -25,5 +26,30 @@ def test_missing_resources_are_named():
         assert "GPU 4 (the cluster has 0)" in message and "big_node 1 (the cluster has 0)" in message
         group = place(load_config(None, ["learner.num_cpus=0.5", "rollout.num_cpus=0.5"]))  # fits: placed
         assert ray.get(group.ready(), timeout=30) is not None
+    finally:
+        ray.shutdown()
+
+
+def test_cores_are_split_between_actors_that_share_a_node():
+    # The learner (bundle 0) and two samplers on node a, one sampler alone on node b.
+    assert split_cores(["a", "a", "a", "b"], [2, 1, 1, 1], {"a": 8, "b": 4}) == ["0-3", "4-5", "6-7", ""]
+    assert split_cores(["a", "a"], [1, 1], {"a": 2}) == ["0", "1"]
+    assert split_cores(["a", "a", "a"], [1, 1, 4], {"a": 3}) == ["0", "1", "2"]  # one core each at least
+    assert split_cores(["a", "a", "a"], [1, 1, 1], {"a": 2}) == ["", "", ""]  # fewer cores than actors
+
+
+def test_async_mode_pins_the_learner_and_the_sampler_apart():
+    """run.mode=async on 2 CPUs: the learner and the sampler overlap, so each gets a core of
+    its own; sync mode and explicit cpu_cores are left as configured."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        base = ["learner.num_cpus=1", "rollout.num_cpus=1"]
+        for mode, pinned, expected in (("async", [], ("0", "1")), ("sync", [], ("", "")),
+                                       ("async", ["rollout.cpu_cores=1"], ("", "1"))):
+            cfg = load_config(None, base + [f"run.mode={mode}", *pinned])
+            group = place(cfg)
+            configs = actor_configs(cfg, group)
+            assert (configs[0].learner.cpu_cores, configs[1].rollout.cpu_cores) == expected, mode
+            ray.util.remove_placement_group(group)
     finally:
         ray.shutdown()
