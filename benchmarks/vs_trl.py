@@ -1,6 +1,6 @@
 """Side by side with TRL's GRPOTrainer: the same model, prompts, reward and settings.
 
-    pip install -e .[bench]        # TRL, pinned; never a dependency of the project itself
+    .venv/bin/pip install -c constraints/cpu.txt -e ".[cpu,bench]"   # TRL, pinned: never a runtime dependency
     python benchmarks/vs_trl.py [--steps 30] [--shapes default|0.5b]
 
 Both train a rank-1 LoRA on the 7 projections (alpha 32) with a group-centred policy

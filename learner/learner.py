@@ -147,7 +147,8 @@ class Learner:
                           WORLD_SIZE=str(self.world_size))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        self.micro, self.micro_tokens, self.chunk = lcfg["micro_batch_size"], lcfg["max_tokens_per_micro"], lcfg["logprob_chunk"]
+        self.micro, self.micro_tokens = lcfg["micro_batch_size"], lcfg["max_tokens_per_micro"]
+        self.chunk = lcfg["logprob_chunk"]
         batch = -(-rcfg["prompts_per_step"] * rcfg["group_size"] // self.world_size)  # per rank
         # DeepSpeed's accumulation count only sizes its batch bookkeeping: each step marks its
         # last micro-batch as the boundary itself (train_shard), since their number varies.

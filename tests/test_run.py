@@ -129,10 +129,11 @@ def running(pids: set[int]) -> set[int]:
     return alive
 
 
-@pytest.mark.parametrize("mode, victim", [("async", "sampler-0"), ("sync", "learner")])
-def test_a_dead_actor_ends_the_run_with_a_clear_error_and_no_leftovers(tmp_path, mode, victim):
+@pytest.mark.parametrize("mode, victim, separate", [("async", "sampler-0", True), ("sync", "learner", False)])
+def test_a_dead_actor_ends_the_run_with_a_clear_error_and_no_leftovers(tmp_path, mode, victim, separate):
     """Kill an actor after step 2 (as a node failure or an OOM kill would): the run stops
-    with an error that names it, and no engine or actor process outlives the run."""
+    with an error that names it, and no engine or actor process outlives the run, with vLLM's
+    engine in processes of its own (as on GPUs) or inside the sampler (CPUs)."""
     import ray
 
     from rl.run import main
@@ -153,10 +154,11 @@ def test_a_dead_actor_ends_the_run_with_a_clear_error_and_no_leftovers(tmp_path,
     with pytest.raises(Exception) as failure:
         main([str(ROOT / "configs/default.yaml"), f"run.mode={mode}", "rollout.max_staleness=1", "run.steps=30",
               "data.eval_size=16", "sync.ack_timeout_s=10", f"run.output_dir={tmp_path}", "run.name=dead",
-              "run.progress=false"])
+              "run.progress=false", f"rollout.separate_engine={str(separate).lower()}"])
     killer.join(timeout=5)
     assert f"run stopped: {victim} died" in str(failure.value), failure.value
-    assert len(actors) >= 4  # learner, sampler, and vLLM's engine core and worker below the sampler
+    # The learner and the sampler, and with a separate engine vLLM's engine core and worker below the sampler.
+    assert len(actors) >= (4 if separate else 2)
     deadline = time.time() + 30
     while running(actors) and time.time() < deadline:
         time.sleep(0.5)
