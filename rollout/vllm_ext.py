@@ -9,7 +9,8 @@ except that the weights come from memory, not from a file: the folder holds only
 adapter_config.json, and the worker keeps each resident version's tensors until it is removed.
 
 This module runs inside vLLM's engine process; it relies on one vLLM internal,
-`WorkerLoRAManager._lora_model_cls`, checked at first use.
+`WorkerLoRAManager._lora_model_cls`, checked at first use. vLLM imports it before the worker
+builds its model, which is when vLLM-CPU is given rollout/cpu_lora.py's LoRA ops.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from __future__ import annotations
 import torch
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.request import LoRARequest
+
+from rollout import cpu_lora
+
+cpu_lora.install()
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
