@@ -75,12 +75,13 @@ def run_variant(model_path: str, name: str, args, out: Path):
     from transformers import AutoConfig
 
     from learner.learner import Learner
-    from rl.config import load_config, to_dict
+    from rl.config import load_config
+    from rl.fleet import learner_spec
 
     cfg = load_config(None, [f"rollout.prompts_per_step={args.completions}", "rollout.group_size=2",
                              f"model.max_model_len={args.prompt + args.tokens}", *VARIANTS[name]])
     seqs = batch(args.completions, args.prompt, args.tokens, AutoConfig.from_pretrained(model_path).vocab_size)
-    learner = Learner(model_path, to_dict(cfg), b"k" * 32, 0)
+    learner = Learner(learner_spec(cfg, model_path), b"k" * 32)
     import torch
 
     logprobs = learner.logprobs(seqs)

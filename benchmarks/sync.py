@@ -82,7 +82,7 @@ def build_model(out: Path) -> str:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from rl.tiny_model import build_tiny_model
+    from demo.tiny_model import build_tiny_model
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(torch_dtype="float32", **QWEN25_05B))
@@ -114,7 +114,9 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from learner.learner import ST_DTYPES, encode_tensors
-    from rl.config import load_config, to_dict
+    from common.records import Sampling
+    from rl.config import load_config
+    from rl.fleet import sampler_spec
     from rollout.channel import AdapterSender
 
     for name, shape in PUBLISHED.items():
@@ -133,11 +135,11 @@ def main():
     full_bytes = sum(v.numel() * v.element_size() for _, v in full)
     del peft_model
 
-    cfg = to_dict(load_config(None, ["model.max_model_len=512", "rollout.kv_cache_gb=0.25"]))
+    cfg = load_config(None, ["model.max_model_len=512", "rollout.kv_cache_gb=0.25"])
     secret = secrets.token_bytes(32)
     ray.init(num_cpus=2, include_dashboard=False)
     actor = ray.remote(num_cpus=0)(BenchSampler)
-    samplers = [actor.remote(model_path, cfg, secret, manifest, i, "127.0.0.1") for i in range(max(counts))]
+    samplers = [actor.remote(sampler_spec(cfg, model_path, i), secret, manifest, "127.0.0.1") for i in range(max(counts))]
     tx, full_tx = AdapterSender(), AdapterSender()
     endpoints = ray.get([s.endpoint.remote() for s in samplers])
     full_endpoints = ray.get([s.start_full_receiver.remote(secret, full_manifest, full_bytes + (1 << 20))
@@ -169,7 +171,7 @@ def main():
         for _ in range(args.full_versions if count in full_counts else 0):
             ms, _ = sync(full_tx, full_endpoints[:count], full, {})
             lat_f.append(ms)
-        served = ray.get([s.generate.remote([[1, 2, 3]], 1, 0.0, 4) for s in samplers[:count]])
+        served = ray.get([s.generate.remote([[1, 2, 3]], Sampling(1, 0.0, 4)) for s in samplers[:count]])
         assert all(len(out["groups"][0][0]["tokens"]) > 0 for out in served)
         for key, xs in (("adapter", lat_a), ("full", lat_f)) if lat_f else (("adapter", lat_a),):
             result[f"{key}_p50_ms_{count}"] = round(statistics.median(xs), 2)

@@ -39,7 +39,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def task(shapes: str, tmp: Path) -> dict:
     """Model path and the settings both frameworks share."""
-    from rl.tiny_model import build_tiny_model
+    from demo.tiny_model import build_tiny_model
 
     if shapes == "default":
         return {"model": build_tiny_model(), "prompts": 8, "group": 8, "tokens": 48, "lr": 1e-3, "max_model_len": 256}
@@ -93,7 +93,7 @@ def run_trl(t: dict, steps: int) -> dict:
 
     from rewards.math import math_reward
     from rl.config import load_config
-    from rl.setup import load_splits
+    from rl.splits import load_splits
 
     torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
     cfg = load_config(str(ROOT / "configs/default.yaml"), [f"model.path={t['model']}", "data.eval_size=8"])

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+from common.cpus import pin_cpus
+from common.records import Published
+from common.specs import LearnerSpec
 from learner.logprobs import micro_batches, sequence_logprobs
 from learner.loss import denominator, policy_gradient_loss
-from rl.config import pin_cpus
 from rollout.channel import AdapterSender, Unacknowledged, encode
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -111,9 +113,8 @@ class Learner:
     step's batch across its peers (`attach_peers`), trains its own share, merges the metrics,
     and alone publishes the adapter. DeepSpeed averages the gradients across ranks."""
 
-    def __init__(self, model_path: str, cfg: dict, secret: bytes, seed: int, rank: int = 0,
-                 master: tuple[str, int] | None = None):
-        """cfg: the resolved config as a dict (plain values cross the Ray boundary);
+    def __init__(self, spec: LearnerSpec, secret: bytes, rank: int = 0, master: tuple[str, int] | None = None):
+        """spec: what this learner is built from (common/specs.py, made by rl/fleet.py);
         secret: the run's adapter-channel key, handed out by the driver through Ray;
         master: rank 0's (node address, port) for the process group, found through Ray
         (`rl/setup.py`); None for a single rank on this node."""
@@ -121,46 +122,40 @@ class Learner:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        self.cfg, self.model_path, self.secret = cfg, model_path, secret
-        lcfg, rcfg = cfg["learner"], cfg["rollout"]
+        self.spec, self.secret = spec, secret
         # Ray starts an actor with OMP_NUM_THREADS = its num_cpus (1 here), which would leave the
         # other cores idle while the sampler waits in the sync loop: one torch thread per core
         # this process may run on (learner.cpu_cores pins it to fewer).
-        torch.set_num_threads(pin_cpus(lcfg["cpu_cores"]) if lcfg["cpu_cores"] else len(os.sched_getaffinity(0)))
-        torch.manual_seed(seed)
-        dtype = getattr(torch, cfg["model"]["dtype"])
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        torch.set_num_threads(pin_cpus(spec.cpu_cores) if spec.cpu_cores else len(os.sched_getaffinity(0)))
+        torch.manual_seed(spec.seed)
+        dtype = getattr(torch, spec.dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
         model.config.use_cache = False  # the learner scores whole sequences: no KV cache
-        if lcfg["gradient_checkpointing"]:
+        if spec.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lora = cfg["lora"]
         self.peft_config = LoraConfig(
-            r=lora["rank"], lora_alpha=lora["alpha"], target_modules=list(lora["target_modules"]),
+            r=spec.lora.rank, lora_alpha=spec.lora.alpha, target_modules=list(spec.lora.target_modules),
             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, self.peft_config)
         # One process group for the learner's ranks (each rank sees one GPU, as Ray assigns them).
-        self.rank, self.world_size = rank, lcfg["world_size"] if master else 1
+        self.rank, self.world_size = rank, spec.world_size if master else 1
         address, port = master or ("127.0.0.1", _free_port())
         os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK="0",
                           WORLD_SIZE=str(self.world_size))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        self.micro, self.micro_tokens = lcfg["micro_batch_size"], lcfg["max_tokens_per_micro"]
-        self.chunk = lcfg["logprob_chunk"]
-        batch = -(-rcfg["prompts_per_step"] * rcfg["group_size"] // self.world_size)  # per rank
-        # DeepSpeed's accumulation count only sizes its batch bookkeeping: each step marks its
-        # last micro-batch as the boundary itself (train_shard), since their number varies.
-        gas = -(-batch // self.micro)
         self.peers: list = []  # ranks 1.. (rank 0 only)
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = SkippableAdamW(params, lr=lcfg["lr"], weight_decay=lcfg["weight_decay"])
+        self.optimizer = SkippableAdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
         ds_config = {
-            "train_micro_batch_size_per_gpu": self.micro,
-            "gradient_accumulation_steps": gas,
-            "gradient_clipping": lcfg["grad_clip"],
-            "zero_optimization": {"stage": lcfg["zero_stage"]},
+            "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+            # Only sizes DeepSpeed's batch bookkeeping: each step marks its last micro-batch as the
+            # boundary itself (train_shard), since their number varies with the lengths.
+            "gradient_accumulation_steps": spec.accumulation_steps,
+            "gradient_clipping": spec.grad_clip,
+            "zero_optimization": {"stage": spec.zero_stage},
             "zero_allow_untested_optimizer": True,  # ZeRO knows AdamW by exact type; ours only adds the skip
             "bf16": {"enabled": dtype == torch.bfloat16},
             "steps_per_print": 10**9,
@@ -180,7 +175,7 @@ class Learner:
 
     def _wire_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """The adapter as it travels: in sync.wire_dtype (bfloat16 halves the bytes)."""
-        dtype = getattr(torch, self.cfg["sync"]["wire_dtype"])
+        dtype = getattr(torch, self.spec.wire_dtype)
         return [(k, v.to(dtype)) for k, v in self._adapter_tensors()]
 
     def manifest(self) -> dict:
@@ -194,23 +189,23 @@ class Learner:
     def connect(self, endpoints: list[str]):
         self.sender.connect(endpoints)
 
-    def publish(self) -> dict:
+    def publish(self) -> Published:
         """Send the current adapter as version `self.version` to every sampler; wait for all acks.
 
         Latency runs from "the learner has new weights" (serialisation included) to "every
         sampler serves them". The frames are kept for samplers that join later. Samplers that
-        did not acknowledge within sync.ack_timeout_s are listed in "sync/missing".
+        did not acknowledge within sync.ack_timeout_s are listed in `missing`.
         """
         start = time.perf_counter()
         self._frames = encode_tensors(self.version, self.step, self._wire_tensors(), self.peft_config_dict(), self.secret)
+        missing: tuple[str, ...] = ()
         try:
-            metrics = self.sender.publish(self._frames, self.version, self.cfg["sync"]["ack_timeout_s"])
+            metrics = self.sender.publish(self._frames, self.version, self.spec.ack_timeout_s)
         except Unacknowledged as e:  # a sampler died (or hangs): the driver restarts it or stops the run
-            metrics = {"sync/missing": e.missing, "sync/bytes": sum(len(f) for f in self._frames)}
+            missing, metrics = tuple(e.missing), {"sync/bytes": sum(len(f) for f in self._frames)}
         metrics["sync/latency_ms"] = 1e3 * (time.perf_counter() - start)
         metrics["sync/version"] = self.version
-        metrics["sync/digest"] = json.loads(self._frames[0])["payload_sha256"]
-        return metrics
+        return Published(self.version, json.loads(self._frames[0])["payload_sha256"], missing, metrics)
 
     def disconnect(self, endpoint: str):
         self.sender.disconnect(endpoint)
@@ -218,7 +213,7 @@ class Learner:
     def catch_up(self, endpoint: str) -> dict:
         """Bring a sampler that started late (or restarted) to the latest version before it gets prompts."""
         self.sender.connect([endpoint])
-        return self.sender.publish(self._frames, self.version, self.cfg["sync"]["ack_timeout_s"], [endpoint])
+        return self.sender.publish(self._frames, self.version, self.spec.ack_timeout_s, [endpoint])
 
     # -- training ---------------------------------------------------------------------
     def logprobs(self, seqs: list[dict], temperature: float | None = None) -> list[list[float]]:
@@ -226,8 +221,8 @@ class Learner:
         temperature unless another is given (the probe tries others to diagnose a mismatch)."""
         self.engine.eval()
         with torch.no_grad():
-            lp, mask = sequence_logprobs(self.engine.module, seqs, temperature or self.cfg["rollout"]["temperature"],
-                                         self.chunk)
+            lp, mask = sequence_logprobs(self.engine.module, seqs, temperature or self.spec.temperature,
+                                         self.spec.logprob_chunk)
         return [row[: int(m.sum())].tolist() for row, m in zip(lp, mask)]
 
     def attach_peers(self, peers: list):
@@ -254,18 +249,19 @@ class Learner:
     def _micro_batches(self, seqs: list[dict]) -> list[list[int]]:
         """learner.micro_batch_size completions at most, and learner.max_tokens_per_micro padded
         tokens when set (longest first, so that similar lengths share a micro-batch)."""
-        return micro_batches([len(s["prompt_ids"]) + len(s["tokens"]) for s in seqs], self.micro, self.micro_tokens)
+        return micro_batches([len(s["prompt_ids"]) + len(s["tokens"]) for s in seqs], self.spec.micro_batch_size,
+                             self.spec.max_tokens_per_micro)
 
     def train_shard(self, seqs: list[dict], counts: tuple[int, int], n_micro: int = 1) -> dict:
         """This rank's share of a step; counts: (completions, tokens) of the whole step;
         n_micro: the micro-batches every rank runs (at least this rank's own)."""
         start = time.perf_counter()
         self.engine.train()
-        lcfg, temperature = self.cfg["loss"], self.cfg["rollout"]["temperature"]
+        spec = self.spec
         # DeepSpeed averages gradients over ranks: scale back up to the step's sum / denominator.
         # Each micro-batch's loss is its share of the step's sum / denominator, so the gradient
         # is the same however the completions are grouped into micro-batches.
-        denom = denominator(lcfg["normalizer"], *counts) / self.world_size
+        denom = denominator(spec.normalizer, *counts) / self.world_size
         totals = dict.fromkeys(("ratio_sum", "ratio_sq_sum", "ratio_max", "kl_sum", "limited", "tokens", "loss"), 0.0)
         plan = self._micro_batches(seqs)
         plan += [[] for _ in range(max(n_micro, 1) - len(plan))]
@@ -276,11 +272,11 @@ class Learner:
             # The last micro-batch is the accumulation boundary: gradients are reduced there.
             self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
             if chunk:
-                lp, mask = sequence_logprobs(self.engine.module, chunk, temperature, self.chunk)
+                lp, mask = sequence_logprobs(self.engine.module, chunk, spec.temperature, spec.logprob_chunk)
                 T = lp.shape[1]
                 old = torch.tensor([s["sampler_logprobs"] + [0.0] * (T - len(s["sampler_logprobs"])) for s in chunk])
                 adv = torch.tensor([s["advantage"] for s in chunk])
-                loss, stats = policy_gradient_loss(lp, old, adv, mask, denom, lcfg["ratio_cap"], lcfg["clip_eps"])
+                loss, stats = policy_gradient_loss(lp, old, adv, mask, denom, spec.ratio_cap, spec.clip_eps)
                 totals["ratio_max"] = max(totals["ratio_max"], stats["ratio_max"].item())
                 for k in ("ratio_sum", "ratio_sq_sum", "kl_sum", "limited", "tokens"):
                     totals[k] += stats[k].item()

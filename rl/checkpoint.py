@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from rl.config import Config, ConfigError, to_dict
@@ -135,6 +136,19 @@ def complete(root: Path) -> list[Path]:
         else:
             found.append(path)
     return found
+
+
+def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """The run directory, and the checkpoint this launch resumes from (run.resume), whose
+    config is checked before this launch's config.yaml is written."""
+    import yaml
+
+    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.output_dir).expanduser().resolve() / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = resume_point(cfg, run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return run_dir, resume
 
 
 def resume_point(cfg: Config, run_dir: Path) -> Path | None:

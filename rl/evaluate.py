@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import time
 
+from common.records import Sampling
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n completions of which c are right (k <= n)."""
@@ -40,8 +42,8 @@ def evaluate(cfg, samplers, rewards, sets: dict) -> dict:
     r, n, k = cfg.rollout, cfg.eval.samples, cfg.eval.k
     rows = [(name, row) for name, split in sets.items() for row in split.rows]
     prompts = [row["prompt_ids"] for _, row in rows]
-    greedy = samplers.generate(prompts, 1, 0.0, 1.0, r.max_tokens, seed=0)
-    sampled = samplers.generate(prompts, n, r.temperature, r.top_p, r.max_tokens, seed=1) if n else []
+    greedy = samplers.generate(prompts, Sampling(1, 0.0, r.max_tokens, seed=0))
+    sampled = samplers.generate(prompts, Sampling(n, r.temperature, r.max_tokens, r.top_p, seed=1)) if n else []
     items = [(g["completions"][0]["text"], fields(row)) for (_, row), g in zip(rows, greedy)]
     items += [(c["text"], fields(row)) for (_, row), g in zip(rows, sampled) for c in g["completions"]]
     scores, _ = rewards.score(items)

@@ -24,107 +24,17 @@ import queue
 import threading
 import time
 
+from common.records import Sampling
+
 log = logging.getLogger(__name__)
-
-
-class Samplers:
-    """The sampler actors as one: prompts are split across them.
-
-    A sampler that dies is restarted by Ray (rollout.max_restarts); the first call that
-    notices waits for it (its engine starts again), has the learner bring it to the newest
-    adapter, and samples its share again with the same seed. Both are counted. Without a
-    learner (tests with stand-in samplers) a death is raised.
-    """
-
-    def __init__(self, actors: list, learner=None, restart_timeout_s: float = 600.0):
-        import ray
-
-        self.actors, self.learner, self.restart_timeout_s = list(actors), learner, restart_timeout_s
-        self.endpoints = ray.get([a.endpoint.remote() for a in self.actors]) if learner else []
-        self.restarts = 0  # samplers brought back after they died
-        self.resampled_groups = 0  # groups sampled again because their sampler died
-        self._lock = threading.Lock()  # the async producer and the main thread (eval, probe) both sample
-
-    def __iter__(self):
-        return iter(self.actors)
-
-    def __len__(self):
-        return len(self.actors)
-
-    def generate(self, prompt_ids_P: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int) -> list[dict]:
-        """Per prompt {"completions", "version", "digest"}, in prompt order."""
-        import ray
-
-        k = len(self.actors)
-        shards = {i: prompt_ids_P[i::k] for i in range(k) if prompt_ids_P[i::k]}
-        args = {i: (shard, n, temperature, max_tokens, top_p, seed + i) for i, shard in shards.items()}
-        sent_to = list(self.endpoints)  # which incarnation of each sampler got the request
-        refs = {i: self.actors[i].generate.remote(*a) for i, a in args.items()}
-        groups = [None] * len(prompt_ids_P)
-        for i, ref in refs.items():
-            while True:
-                try:
-                    res = ray.get(ref)
-                    break
-                except ray.exceptions.RayActorError as e:
-                    self.recover(i, sent_to[i] if self.learner else "", e)
-                    sent_to[i] = self.endpoints[i]
-                    ref = self.actors[i].generate.remote(*args[i])  # the same prompts and seed
-                    self.resampled_groups += len(shards[i])
-            for j, completions in zip(range(i, len(prompt_ids_P), k), res["groups"]):
-                groups[j] = {"completions": completions, "version": res["version"], "digest": res["digest"]}
-        return groups
-
-    def recover(self, i: int, lost_endpoint: str, error: BaseException | None = None):
-        """Wait for Ray to restart sampler i (which served at `lost_endpoint`), then bring it
-        to the learner's newest adapter."""
-        import ray
-
-        if self.learner is None:
-            raise error or RuntimeError(f"sampler-{i} died")
-        with self._lock:
-            if self.endpoints[i] != lost_endpoint:
-                return  # another caller (the async producer, an evaluation, a publish) brought it back
-            deadline = time.monotonic() + self.restart_timeout_s
-            while True:  # until the restarted actor's constructor (the engine start) has run
-                try:
-                    endpoint = ray.get(self.actors[i].endpoint.remote(), timeout=self.restart_timeout_s)
-                    break
-                except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):  # restarting
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"sampler-{i} did not come back within rollout.restart_timeout_s="
-                                           f"{self.restart_timeout_s:g}") from error
-                    time.sleep(1.0)
-                except ray.exceptions.RayActorError as e:
-                    raise RuntimeError(f"sampler-{i} died and Ray will not restart it (rollout.max_restarts "
-                                       "used up, or its node is gone)") from e
-            if endpoint == lost_endpoint:
-                raise RuntimeError(f"sampler-{i} is alive but failed to sample or to acknowledge the adapter within "
-                                   "sync.ack_timeout_s") from error
-            ray.get(self.learner.disconnect.remote(lost_endpoint))
-            ray.get(self.learner.catch_up.remote(endpoint))
-            self.endpoints[i] = endpoint
-            self.restarts += 1
-            log.warning("sampler-%d died; Ray restarted it and it serves the learner's newest adapter again "
-                        "(%d restarts in this run so far)", i, self.restarts)
-
-    def recover_missing(self, missing: list[str]):
-        """After a publish: restart-and-catch-up each sampler that did not acknowledge it."""
-        for endpoint in missing:
-            if endpoint in self.endpoints:
-                self.recover(self.endpoints.index(endpoint), endpoint)
-
-    def metrics(self) -> dict:
-        return {"fault/sampler_restarts": self.restarts, "fault/resampled_groups": self.resampled_groups}
 
 
 def collect(cfg, samplers, rewards, rows_P: list[dict], seed: int) -> tuple[list[dict], dict]:
     """Sample G completions for each row and score them: the groups, and their metrics."""
     r = cfg.rollout
     start = time.perf_counter()
-    groups = samplers.generate([row["prompt_ids"] for row in rows_P], r.group_size, r.temperature, r.top_p,
-                               r.max_tokens, seed)
+    groups = samplers.generate([row["prompt_ids"] for row in rows_P],
+                               Sampling(r.group_size, r.temperature, r.max_tokens, r.top_p, seed))
     sampled = time.perf_counter()
     completions = [c for g in groups for c in g["completions"]]
     samples = [sample for row in rows_P for sample in [fields(row)] * r.group_size]  # one dict per row

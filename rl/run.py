@@ -48,9 +48,10 @@ def main(argv: list[str]) -> Path:
 
     from rewards.pool import RewardPool
     from rl import report
-    from rl.rollouts import Samplers
-    from rl.setup import (build_actors, dead_actors, load_splits, make_run_dir, placement, resolve_model, shutdown,
-                          write_adapter)
+    from rl.checkpoint import make_run_dir
+    from rl.faults import Faults
+    from rl.fleet import Samplers, build_actors, dead_actors, placement, resolve_model, shutdown, write_adapter
+    from rl.splits import load_splits
 
     ray.init()  # joins RAY_ADDRESS's cluster, or the job's; else starts a local instance
     try:
@@ -65,9 +66,10 @@ def main(argv: list[str]) -> Path:
     stop = StopSignal()
     try:
         (run_dir / "placement.json").write_text(json.dumps(placement(learners, actors), indent=1))
-        samplers = Samplers(actors, learners[0], cfg.rollout.restart_timeout_s)
+        faults = Faults(cfg.learner.max_skipped_steps)
+        samplers = Samplers(actors, learners[0], cfg.rollout.restart_timeout_s, faults)
         with RewardPool(cfg.reward.fn, cfg.reward.num_workers, cfg.reward.timeout_s) as rewards:
-            step = rl_loop(cfg, learners[0], samplers, rewards, train, evals, run_dir, resume, stop)
+            step = rl_loop(cfg, learners[0], samplers, rewards, train, evals, run_dir, resume, faults, stop)
         write_adapter(learners[0], run_dir)
     except Exception as e:
         dead = dead_actors(learners, actors)  # the root cause when an actor, or its node, went away
@@ -87,7 +89,7 @@ def main(argv: list[str]) -> Path:
 
 
 def rl_loop(cfg: Config, learner, samplers, rewards, train, evals: dict, run_dir: Path, resume: Path | None,
-            stop: StopSignal) -> int:
+            faults, stop: StopSignal) -> int:
     """The loop, from step 1 or from the checkpoint `resume`; returns the last step it ran."""
     import ray
     from tqdm import tqdm
@@ -97,14 +99,12 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals: dict, run_dir
     from rl.probe import run_probe
     from rl.rollouts import AsyncBatches, Batches
 
-    start, faults = 0, {"fault/skipped_steps": 0, "fault/resumes": 0}
-    if resume:  # the learner's weights, optimiser and RNG; the data position; the counters
-        start, faults = restore(resume, learner, train, samplers, run_dir / "metrics.jsonl")
-    sync = ray.get(learner.publish.remote())  # version `start` (0: the zero adapter): samplers serve it first
-    published = {start: sync["sync/digest"]}  # version -> payload digest; rollouts must match one of these
+    start = restore(resume, learner, train, faults, run_dir / "metrics.jsonl") if resume else 0
+    first = ray.get(learner.publish.remote())  # version `start` (0: the zero adapter): samplers serve it first
+    published = {start: first.digest}  # version -> payload digest; rollouts must match one of these
     probe_prompts = [row["prompt_ids"] for row in evals["eval"].rows[:4]]
     best = BestAdapter(cfg.eval.best_metric, run_dir)
-    skipped_in_row = 0
+    last = cfg.run.steps
     with Loggers(cfg, run_dir, resumed_at=start + 1 if start else None) as log:
         if start == 0:
             metrics = {"data/skipped_rows": train.skipped + sum(e.skipped for e in evals.values()),
@@ -113,49 +113,61 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals: dict, run_dir
             log.log(0, metrics)
             print(f"eval/accuracy before training: {metrics['eval/accuracy']:.3f}", flush=True)
         make_batches = AsyncBatches if cfg.run.mode == "async" else Batches
-        bar = tqdm(range(start + 1, cfg.run.steps + 1), disable=not cfg.run.progress, desc="rl", unit="step",
-                   initial=start, total=cfg.run.steps, dynamic_ncols=True)
+        bar = tqdm(range(start + 1, last + 1), disable=not cfg.run.progress, desc="rl", unit="step",
+                   initial=start, total=last, dynamic_ncols=True)
         with make_batches(cfg, samplers, rewards, train, published, start + 1) as batches:
             step = start
             for step in bar:
                 t0 = time.perf_counter()
-                groups, sample_metrics = batches.next(step)  # sync: sampled now; async: sampled ahead
+                groups, sample_metrics = batches.next(step)  # sample and score (async: sampled ahead)
                 batch_B, table = training_batch(groups, cfg.loss.std_normalize)  # group-centred advantages
                 learn_metrics = ray.get(learner.train_step.remote(batch_B))  # skipped when not finite
-                skipped_in_row = skipped_in_row + 1 if learn_metrics["learner/skipped"] else 0
-                faults["fault/skipped_steps"] += learn_metrics["learner/skipped"]
-                sync_metrics = ray.get(learner.publish.remote())  # returns once every sampler serves it
-                samplers.recover_missing(sync_metrics.pop("sync/missing", []))  # died: restarted, caught up
-                batches.publish(step, sync_metrics.pop("sync/digest"))
-                every = cfg.sync.probe_every
-                if step == start + 1 and every >= 0 or every > 0 and step % every == 0:
+                faults.learner_step(learn_metrics["learner/skipped"])
+                sync_metrics = publish(learner, samplers, batches, step)  # returns once every sampler serves it
+                if step == start + 1 and cfg.sync.probe_every >= 0 or due(step, cfg.sync.probe_every):
                     sync_metrics.update(run_probe(learner, samplers, probe_prompts, cfg))
-                metrics = {**sample_metrics, **learn_metrics, **sync_metrics, **faults, **samplers.metrics(),
-                           "time/sync": sync_metrics["sync/latency_ms"] / 1e3}
-                if step == cfg.run.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
+                metrics = {**sample_metrics, **learn_metrics, **sync_metrics, **faults.metrics()}
+                if step == last or due(step, cfg.run.eval_every):
                     metrics.update(evaluate(cfg, samplers, rewards, evals))
                     best.update(step, metrics, learner)
                 metrics["time/step"] = time.perf_counter() - t0
                 metrics.update(phase_shares(metrics))
                 log.log(step, metrics)
-                if cfg.logging.samples_every and step % cfg.logging.samples_every == 0:
+                if due(step, cfg.logging.samples_every):
                     log.table(step, table[: cfg.logging.samples])
-                rate = bar.format_dict.get("rate") or 0.0
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval_acc=f"{best.last:.3f}",
-                                steps_per_min=f"{60 * rate:.1f}")
-                every = cfg.run.checkpoint_every
-                stopping = stop.signal or skipped_in_row >= cfg.learner.max_skipped_steps
-                if step == cfg.run.steps or stopping or every and step % every == 0:
-                    save(cfg, run_dir, step, learner, train.state(batches.consumed), faults, samplers)
-                if skipped_in_row >= cfg.learner.max_skipped_steps:
+                show_progress(bar, metrics, best)
+                if step == last or stop.signal or faults.too_many_skipped or due(step, cfg.run.checkpoint_every):
+                    save(cfg, run_dir, step, learner, train.state(batches.consumed), faults)
+                if faults.too_many_skipped:
                     raise FloatingPointError(
-                        f"{skipped_in_row} steps in a row (to step {step}) had a non-finite loss or gradient "
+                        f"{faults.skipped_in_row} steps in a row (to step {step}) had a non-finite loss or gradient "
                         f"(loss {learn_metrics['learner/loss']}, grad norm {learn_metrics['learner/grad_norm']}): "
                         f"learner.max_skipped_steps={cfg.learner.max_skipped_steps}. The last good weights and "
                         f"optimiser state are in {run_dir / 'checkpoints'}.")
                 if stop.signal:
                     break
     return step
+
+
+def due(step: int, every: int) -> bool:
+    """Whether a cadence of `every` steps falls on `step` (0 or less: never)."""
+    return every > 0 and step % every == 0
+
+
+def publish(learner, samplers, batches, step: int) -> dict:
+    """The adapter after `step` to every sampler; a sampler that missed it is restarted and
+    caught up; the digest joins the window. Returns the sync metrics."""
+    import ray
+
+    out = ray.get(learner.publish.remote())
+    samplers.recover_missing(out.missing)
+    batches.publish(step, out.digest)
+    return {**out.metrics, "time/sync": out.metrics["sync/latency_ms"] / 1e3}
+
+
+def show_progress(bar, metrics: dict, best: BestAdapter):
+    rate = bar.format_dict.get("rate") or 0.0
+    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval_acc=f"{best.last:.3f}", steps_per_min=f"{60 * rate:.1f}")
 
 
 def training_batch(groups: list[dict], std_normalize: bool) -> tuple[list[dict], list[dict]]:
@@ -191,7 +203,7 @@ class BestAdapter:
         self.value = json.loads(saved.read_text())["value"] if saved.exists() else float("-inf")
 
     def update(self, step: int, metrics: dict, learner):
-        from rl.setup import write_adapter
+        from rl.fleet import write_adapter
 
         if self.metric not in metrics:
             raise ConfigError(f"eval.best_metric={self.metric!r} is not an evaluation metric; these are: "
@@ -203,8 +215,9 @@ class BestAdapter:
             (out / "best.json").write_text(json.dumps({"step": step, "metric": self.metric, "value": self.value}))
 
 
-def restore(path: Path, learner, train, samplers, metrics_path: Path) -> tuple[int, dict]:
-    """Put a checkpoint back: learner state, data position, counters; drop later metrics."""
+def restore(path: Path, learner, train, faults, metrics_path: Path) -> int:
+    """Put a checkpoint back: learner state, data position, fault counters; drop later metrics.
+    Returns the checkpoint's step."""
     import ray
 
     from rl import checkpoint
@@ -212,17 +225,14 @@ def restore(path: Path, learner, train, samplers, metrics_path: Path) -> tuple[i
     files, state = checkpoint.read(path)
     ray.get(learner.load_state_files.remote(files))
     train.restore(state["data"])
-    faults = dict(state["faults"])
-    samplers.restarts = faults.pop("fault/sampler_restarts")  # the samplers keep counting these
-    samplers.resampled_groups = faults.pop("fault/resampled_groups")
-    faults["fault/resumes"] += 1
+    faults.restore(state["faults"])
     for logged in (metrics_path, metrics_path.with_name("samples.jsonl")):
         checkpoint.truncate_metrics(logged, state["step"])
     print(f"resumed from {path} (step {state['step']})", flush=True)
-    return state["step"], faults
+    return state["step"]
 
 
-def save(cfg: Config, run_dir: Path, step: int, learner, data: dict, faults: dict, samplers) -> Path:
+def save(cfg: Config, run_dir: Path, step: int, learner, data: dict, faults) -> Path:
     """A checkpoint of the state after `step` (rl/checkpoint.py says what it holds)."""
     import ray
 
@@ -232,7 +242,7 @@ def save(cfg: Config, run_dir: Path, step: int, learner, data: dict, faults: dic
     files = {f"learner/{k}": v for k, v in ray.get(learner.state_files.remote()).items()}
     files.update({f"adapter/{k}": v for k, v in ray.get(learner.adapter_files.remote()).items()})
     config = to_dict(cfg)
-    state = {"step": step, "version": step, "data": data, "faults": {**faults, **samplers.metrics()},
+    state = {"step": step, "version": step, "data": data, "faults": faults.state(),
              "config": config, "config_hash": checkpoint.config_hash(config), "time": time.time()}
     path = checkpoint.write(run_dir / "checkpoints", step, files, state, cfg.run.keep_checkpoints)
     logging.getLogger(__name__).info("checkpoint %s: %.2f MB in %.0f ms", path, sum(map(len, files.values())) / 1e6,

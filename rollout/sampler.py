@@ -22,12 +22,13 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from rl.config import pin_cpus
+from common.cpus import pin_cpus
+from common.records import Sampling
+from common.specs import SamplerSpec
 from rollout.channel import Adapter, AdapterReceiver
 
 log = logging.getLogger(__name__)
 
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
 CPU_MAX_SEQS = 256  # vLLM-CPU's default for max_num_seqs
 
 
@@ -53,20 +54,17 @@ def adapter_dir() -> Path:
 
 
 class Sampler:
-    def __init__(self, model_path: str, cfg: dict, secret: bytes, manifest: dict, seed: int, host: str = ""):
+    def __init__(self, spec: SamplerSpec, secret: bytes, manifest: dict, host: str = ""):
+        """spec: what this sampler is built from (common/specs.py, made by rl/fleet.py);
+        secret and manifest: the adapter channel's key and the tensors every message must hold."""
         from vllm import LLM
 
-        model, rollout, lora = cfg["model"], cfg["rollout"], cfg["lora"]
-        self.model_path, self.cfg = model_path, cfg
-        self.keep = rollout["max_staleness"] + 1
+        self.spec = spec
         options = {}
-        separate = rollout["separate_engine"]
-        if separate is None:
-            separate = bool(rollout["num_gpus"])
-        if rollout["cpu_cores"]:  # this actor and vLLM's processes (which inherit it), on these cores only
-            pin_cpus(rollout["cpu_cores"])
+        if spec.cpu_cores:  # this actor and vLLM's processes (which inherit it), on these cores only
+            pin_cpus(spec.cpu_cores)
         cores = sorted(os.sched_getaffinity(0))
-        if separate:
+        if spec.separate_engine:
             # vLLM's engine core and worker in processes of their own (vLLM's default). vLLM-CPU's
             # "auto" binding then gives the worker all cores but one per rank (here: core 0,
             # with core 1 "reserved" for the engine's scheduler process): bind it to every core
@@ -81,24 +79,24 @@ class Sampler:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             options["distributed_executor_backend"] = "uni"
             torch.set_num_threads(len(cores))
-        if not rollout["num_gpus"]:
+        if not spec.on_gpu:
             # vLLM-CPU crashes ("CPU Generator does not use offset") when it splits the prefill of
             # a seeded request: it rewinds the request's RNG with a CUDA-only call. A token budget
             # that holds every running sequence's whole context means no prefill is ever split.
-            options.update(max_num_seqs=CPU_MAX_SEQS, max_num_batched_tokens=CPU_MAX_SEQS * model["max_model_len"])
+            options.update(max_num_seqs=CPU_MAX_SEQS, max_num_batched_tokens=CPU_MAX_SEQS * spec.max_model_len)
         self.llm = LLM(
-            model=model_path,
-            dtype=model["dtype"],
-            max_model_len=model["max_model_len"],
-            seed=seed,
+            model=spec.model_path,
+            dtype=spec.dtype,
+            max_model_len=spec.max_model_len,
+            seed=spec.seed,
             enable_lora=True,
-            max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= lora["rank"]),
-            max_loras=self.keep,
+            max_lora_rank=spec.max_lora_rank,
+            max_loras=spec.resident_adapters,
             logprobs_mode="processed_logprobs",
-            kv_cache_memory_bytes=int(rollout["kv_cache_gb"] * 2**30) or None,
-            gpu_memory_utilization=rollout["gpu_memory_utilization"],
-            enforce_eager=rollout["enforce_eager"],
-            tensor_parallel_size=max(1, int(rollout["num_gpus"])),
+            kv_cache_memory_bytes=spec.kv_cache_bytes or None,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            enforce_eager=spec.enforce_eager,
+            tensor_parallel_size=spec.tensor_parallel_size,
             enable_prefix_caching=True,
             worker_extension_cls="rollout.vllm_ext.InMemoryAdapters",
             **options,
@@ -109,8 +107,7 @@ class Sampler:
         self.lock = threading.Lock()
         self.adapters: OrderedDict[int, tuple] = OrderedDict()  # version -> (LoRARequest, digest), oldest first
         self.adapter_dir = adapter_dir()
-        self.receiver = AdapterReceiver(host or node_ip(), secret, manifest,
-                                        int(cfg["sync"]["max_message_mb"] * 2**20), self._load)
+        self.receiver = AdapterReceiver(host or node_ip(), secret, manifest, spec.max_message_bytes, self._load)
 
     def _watch_engine(self):
         """vLLM's client waits forever for the outputs of an engine process that was killed
@@ -143,7 +140,7 @@ class Sampler:
         path = self.adapter_dir / f"v{adapter.version}"
         path.mkdir()
         (path / "adapter_config.json").write_text(json.dumps({**adapter.peft_config,
-                                                              "base_model_name_or_path": self.model_path}))
+                                                              "base_model_name_or_path": self.spec.model_path}))
         request = LoRARequest(f"v{adapter.version}", adapter.version + 1, str(path))
         with self.lock:
             loaded = self.llm.collective_rpc("add_adapter_from_memory", args=(
@@ -152,14 +149,13 @@ class Sampler:
                 raise RuntimeError(f"vLLM did not load adapter version {adapter.version}")
             self.adapters[adapter.version] = (request, adapter.digest)
             # Requests run under the lock, so none uses an evicted version.
-            while len(self.adapters) > self.keep:
+            while len(self.adapters) > self.spec.resident_adapters:
                 _, (old, _) = self.adapters.popitem(last=False)
                 self.llm.collective_rpc("remove_adapter_from_memory", args=(old.lora_int_id, old.lora_path))
                 shutil.rmtree(old.lora_path, ignore_errors=True)
 
-    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int,
-                 top_p: float = 1.0, seed: int | None = None) -> dict:
-        """n completions per prompt on the newest adapter.
+    def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> dict:
+        """sampling.n completions per prompt on the newest adapter.
 
         Returns {"version", "digest", "groups": [[{tokens, logprobs, text, finished}]]}: the
         version and payload digest name the exact adapter that produced every completion.
@@ -169,15 +165,15 @@ class Sampler:
 
         # detokenize=False: vLLM's incremental detokenization runs at every decoding step; the
         # texts are decoded once below instead (a fifth of a default-job batch's time on CPU).
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                logprobs=0, seed=seed, detokenize=False)
+        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                max_tokens=sampling.max_tokens, logprobs=0, seed=sampling.seed, detokenize=False)
         with self.lock:
             if not self.adapters:
                 raise RuntimeError("no adapter loaded yet: the learner publishes version 0 first")
             version = next(reversed(self.adapters))
             request, digest = self.adapters[version]
             try:
-                outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params,
+                outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids_P], params,
                                             lora_request=request, use_tqdm=False)
             except EngineDeadError:
                 # vLLM's engine process is gone (OOM-killed, crashed): end this actor too, so that

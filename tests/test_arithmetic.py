@@ -1,7 +1,7 @@
 import random
 
+from demo import arithmetic
 from rewards.math import math_reward
-from rl import arithmetic
 
 
 def test_splits_are_disjoint_and_answers_right():

@@ -72,7 +72,7 @@ def test_print_config_and_config_errors_exit_cleanly():
 
 
 def test_light_modules_import_without_heavy_dependencies():
-    code = ("import sys; import rl.config, rl.arithmetic, rl.data, rewards.math, rewards.pool, rollout.channel; "
+    code = ("import sys; import rl.config, demo.arithmetic, rl.data, rewards.math, rewards.pool, rollout.channel; "
             "heavy = [m for m in ('torch', 'vllm', 'deepspeed', 'ray', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

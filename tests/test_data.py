@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rl.data import DataError, load_rows
-from rl.setup import Split
+from rl.splits import Split
 
 ROWS = [
     {"question": "What is 2 + 3?", "solution": "5"},
@@ -167,9 +167,9 @@ def test_split_reports_and_restores_its_exact_position():
 def test_chat_template_wraps_the_templated_prompt():
     from transformers import AutoTokenizer
 
+    from demo.tiny_model import build_tiny_model
     from rl.config import ConfigError, load_config
-    from rl.setup import tokenize_prompt
-    from rl.tiny_model import build_tiny_model
+    from rl.splits import tokenize_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model())
     plain, chat = load_config(None, []), load_config(None, ["data.chat_template=true"])

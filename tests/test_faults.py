@@ -5,45 +5,17 @@ killed and resumed, and a real sampler killed mid-rollout, in test_run.py.
 """
 
 import json
-import math
 import signal
 
 import pytest
 import ray
 
 from rl.config import load_config
-from rl.rollouts import Samplers
+from rl.faults import Faults
+from rl.fleet import Samplers
 from rl.run import rl_loop
-from rl.setup import Split
-from tests.test_window import FakeRewards, FakeSampler
-
-
-class FakeLearner:
-    """Publishes versions to the fake samplers; its loss is NaN at the given steps."""
-
-    def __init__(self, samplers, nan_steps=()):
-        self.samplers, self.nan_steps, self.version = samplers, set(nan_steps), 0
-
-    def publish(self):
-        ray.get([s.load.remote(self.version) for s in self.samplers])
-        return {"sync/digest": f"d{self.version}", "sync/latency_ms": 1.0, "sync/bytes": 1,
-                "sync/version": self.version}
-
-    def train_step(self, batch):
-        self.version += 1
-        bad = self.version in self.nan_steps
-        return {"learner/loss": math.nan if bad else 0.1, "learner/grad_norm": math.nan if bad else 1.0,
-                "learner/skipped": int(bad), "time/learn": 0.0, "batch": len(batch)}
-
-    def state_files(self):
-        return {"deepspeed/state.pt": self.version.to_bytes(4, "little")}
-
-    def load_state_files(self, files):
-        self.version = int.from_bytes(files["deepspeed/state.pt"], "little")
-        return {"step": self.version, "version": self.version}
-
-    def adapter_files(self):
-        return {"adapter_config.json": b"{}"}
+from rl.splits import Split
+from tests.fakes import FakeLearner, FakeRewards, FakeSampler
 
 
 class StopAfter:
@@ -78,7 +50,8 @@ def setup(nan_steps=(), steps=10, mode="sync"):
     learner = ray.remote(FakeLearner).remote(fakes, nan_steps)
     train = Split([{"prompt_ids": [i], "answer": "1", "prompt": str(i)} for i in range(50)])
     evals = {"eval": Split([{"prompt_ids": [i], "answer": "1", "prompt": str(i)} for i in range(4)])}
-    return cfg, learner, Samplers(fakes), train, evals
+    samplers = Samplers(fakes, faults=Faults(cfg.learner.max_skipped_steps))
+    return cfg, learner, samplers, train, evals
 
 
 def rows(run_dir):
@@ -89,7 +62,7 @@ def test_non_finite_steps_are_skipped_and_k_in_a_row_stop_the_run_with_a_checkpo
     # Step 2 is skipped and the run goes on; 4, 5, 6 in a row end it.
     cfg, learner, samplers, train, evals = setup(nan_steps={2, 4, 5, 6})
     with pytest.raises(FloatingPointError, match=r"3 steps in a row \(to step 6\).*learner.max_skipped_steps=3"):
-        rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, None, NoSignal())
+        rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, None, samplers.faults, NoSignal())
     logged = rows(tmp_path)
     assert [r["step"] for r in logged] == list(range(7))
     assert [r["learner/skipped"] for r in logged[1:]] == [0, 1, 0, 1, 1, 1]
@@ -103,7 +76,7 @@ def test_sigterm_checkpoints_and_stops_and_the_same_command_resumes(local_ray, t
     """In async mode the sampling thread has drawn rows ahead of the learner: the checkpoint
     holds the position the learner consumed, so no row is skipped or drawn twice."""
     cfg, learner, samplers, train, evals = setup(mode=mode)
-    step = rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, None,
+    step = rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, None, samplers.faults,
                    StopAfter(tmp_path / "metrics.jsonl", 2))
     assert step == 2 and [r["step"] for r in rows(tmp_path)] == [0, 1, 2]
     path = tmp_path / "checkpoints" / "step-000002"
@@ -112,7 +85,7 @@ def test_sigterm_checkpoints_and_stops_and_the_same_command_resumes(local_ray, t
 
     # Relaunch: a new learner and split, as a new driver would have; it resumes at step 3.
     cfg, learner, samplers, train, evals = setup(mode=mode)
-    step = rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, path, NoSignal())
+    step = rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, path, samplers.faults, NoSignal())
     logged = rows(tmp_path)
     assert step == 10 and [r["step"] for r in logged] == list(range(11))
     assert "eval/accuracy" in logged[0] and "eval/accuracy" in logged[-1]  # before training, and at the end

@@ -13,8 +13,9 @@ import zmq
 
 ray = pytest.importorskip("ray")
 
+from common.records import Sampling  # noqa: E402
+from demo.tiny_model import TEMPLATE, build_tiny_model  # noqa: E402
 from rl.config import load_config, to_dict  # noqa: E402
-from rl.tiny_model import TEMPLATE, build_tiny_model  # noqa: E402
 from rollout.channel import encode  # noqa: E402
 
 PROMPTS = [
@@ -27,7 +28,7 @@ PROMPTS = [
 def stack():
     from transformers import AutoTokenizer
 
-    from rl.setup import build_actors, shutdown
+    from rl.fleet import build_actors, shutdown
 
     model_path = build_tiny_model()
     # A big learning rate so that two steps move the log-probs visibly; a small message cap
@@ -48,7 +49,7 @@ def stack():
 
 
 def generate(stack, n=8, temperature=1.0, seed=1):
-    return ray.get(stack["sampler"].generate.remote(stack["prompt_ids"], n, temperature, 40, 1.0, seed))
+    return ray.get(stack["sampler"].generate.remote(stack["prompt_ids"], Sampling(n, temperature, 40, seed=seed)))
 
 
 # Sampler (vLLM's kernels) and learner (transformers + PEFT) compute the same float32
@@ -131,7 +132,8 @@ def test_logprobs_agree_after_training(stack):
         metrics = ray.get(learner.train_step.remote(batch))
         assert metrics["learner/grad_norm"] > 0
         sync = ray.get(learner.publish.remote())
-        assert sync["sync/bytes"] > 0 and sync["sync/latency_ms"] > 0
+        assert not sync.missing and len(sync.digest) == 64
+        assert sync.metrics["sync/bytes"] > 0 and sync.metrics["sync/latency_ms"] > 0
     after = generate(stack, seed=7)
     assert after["version"] == 2
     gap, _ = max_logprob_gap(stack, after)
@@ -341,7 +343,7 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
     from ray.util.placement_group import remove_placement_group
     from safetensors.torch import load
 
-    from rl.setup import place, start_learners
+    from rl.fleet import learner_spec, place, start_learners
 
     out = generate(stack, seed=6)
     batch = [{"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
@@ -353,7 +355,7 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
     for world in (1, 2):
         cfg = load_config(None, base + [f"learner.world_size={world}"])
         group = place(cfg)
-        ranks = start_learners(cfg, stack["model_path"], b"k" * 32, group, name=f"dp{world}")
+        ranks = start_learners(cfg, learner_spec(cfg, stack["model_path"]), b"k" * 32, group, name=f"dp{world}")
         try:
             steps = [ray.get(ranks[0].train_step.remote(batch)) for _ in range(2)]
             logprobs = ray.get(ranks[0].logprobs.remote([{"prompt_ids": b["prompt_ids"], "tokens": b["tokens"]}
@@ -384,12 +386,12 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
 
 def test_late_sampler_catches_up_before_prompts(stack):
     """A sampler started mid-run serves the learner's latest version (same digest) at once."""
-    from rl.setup import add_sampler, remove_sampler
+    from rl.fleet import add_sampler, remove_sampler
 
     current = generate(stack, n=1, temperature=0.0)
     late = add_sampler(stack["cfg"], stack["model_path"], stack["secret"], stack["learner"], index=1)
     try:
-        out = ray.get(late.generate.remote(stack["prompt_ids"], 4, 1.0, 40, 1.0, 9))
+        out = ray.get(late.generate.remote(stack["prompt_ids"], Sampling(4, 1.0, 40, seed=9)))
         assert (out["version"], out["digest"]) == (current["version"], current["digest"])
         seqs = [{"prompt_ids": p, "tokens": c["tokens"]} for p, g in zip(stack["prompt_ids"], out["groups"]) for c in g]
         learner_lp = ray.get(stack["learner"].logprobs.remote(seqs))
@@ -402,7 +404,7 @@ def test_late_sampler_catches_up_before_prompts(stack):
     ray.get(stack["learner"].train_step.remote([
         {"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"], "advantage": 1.0 - 2 * (i % 2)}
         for p, g in zip(stack["prompt_ids"], out["groups"]) for i, c in enumerate(g)]))
-    assert ray.get(stack["learner"].publish.remote())["sync/version"] == current["version"] + 1
+    assert ray.get(stack["learner"].publish.remote()).version == current["version"] + 1
     assert generate(stack, n=1, temperature=0.0)["version"] == current["version"] + 1
 
 

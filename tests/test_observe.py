@@ -15,10 +15,10 @@ import ray
 
 from rl.config import load_config
 from rl.evaluate import evaluate, pass_at_k
+from rl.fleet import Samplers
 from rl.loggers import Loggers
-from rl.rollouts import Samplers
-from rl.setup import Split
-from tests.test_window import FakeSampler
+from rl.splits import Split
+from tests.fakes import FakeSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 

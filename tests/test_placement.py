@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from rl.config import ConfigError, load_config
-from rl.setup import actor_configs, bundles, place, split_cores
+from rl.fleet import actor_cores, bundles, place, split_cores
 
 
 def test_bundles_follow_the_config():
@@ -48,8 +48,7 @@ def test_async_mode_pins_the_learner_and_the_sampler_apart():
                                        ("async", ["rollout.cpu_cores=1"], ("", "1"))):
             cfg = load_config(None, base + [f"run.mode={mode}", *pinned])
             group = place(cfg)
-            configs = actor_configs(cfg, group)
-            assert (configs[0].learner.cpu_cores, configs[1].rollout.cpu_cores) == expected, mode
+            assert tuple(actor_cores(cfg, group)) == expected, mode
             ray.util.remove_placement_group(group)
     finally:
         ray.shutdown()

@@ -12,8 +12,10 @@ import pytest
 import ray
 
 from rl.config import load_config
-from rl.rollouts import AsyncBatches, Batches, Samplers, keep_in_window
-from rl.setup import Split
+from rl.fleet import Samplers
+from rl.rollouts import AsyncBatches, Batches, keep_in_window
+from rl.splits import Split
+from tests.fakes import FakeRewards, FakeSampler
 
 PUBLISHED = {3: "d3", 4: "d4", 5: "d5"}
 
@@ -32,28 +34,6 @@ def test_stale_and_unknown_adapters_are_refused():
 def test_sync_window_keeps_only_the_newest():
     kept, refused = keep_in_window(groups([5, 4], ["d5", "d4"]), PUBLISHED, newest=5, max_staleness=0)
     assert [g["version"] for g in kept] == [5] and len(refused) == 1
-
-
-class FakeSampler:
-    """Serves `version` (set by the test's learner) after a random delay, like a busy engine."""
-
-    def __init__(self, seed, digest_prefix="d"):
-        self.version, self.rng, self.prefix = 0, random.Random(seed), digest_prefix
-
-    def load(self, version):
-        self.version = version
-
-    def generate(self, prompt_ids, n, temperature, max_tokens, top_p, seed):
-        version = self.version  # the adapter a real sampler takes at the start of generate
-        time.sleep(self.rng.uniform(0.0, 0.05))
-        completion = {"tokens": [1, 2], "logprobs": [-0.1, -0.2], "text": "x", "finished": True}
-        return {"version": version, "digest": f"{self.prefix}{version}",
-                "groups": [[dict(completion) for _ in range(n)] for _ in prompt_ids]}
-
-
-class FakeRewards:
-    def score(self, items):
-        return [float(i % 2) for i in range(len(items))], {}
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@
 A byte-level BPE tokenizer (digits split one per token) is trained on the task's text, a
 4-layer, 128-wide Qwen2 model (head_dim 64: vLLM's CPU attention rejects 16) is
 initialised, and a brief supervised warm start teaches it the task's arithmetic and,
-depending on the question type, the `\\boxed{}` answer format (see rl/arithmetic.py).
+depending on the question type, the `\\boxed{}` answer format (see demo/arithmetic.py).
 The result is saved with `save_pretrained` and loaded by path like any checkpoint. It is
 cached under a folder named by a hash of everything that shapes it, written to a temporary
 name and renamed into place, so a half-built model is never reused.
 
-    python -m rl.tiny_model [CACHE_DIR]   # build (or find) it and print its path
+    python -m demo.tiny_model [CACHE_DIR]   # build (or find) it and print its path
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from rl import arithmetic
+from demo import arithmetic
 
 log = logging.getLogger(__name__)
 

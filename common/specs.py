@@ -1,0 +1,64 @@
+"""What each actor is built from: plain typed values, derived once by the driver.
+
+The driver turns the config tree into one spec per actor (rl/fleet.py), computing there what
+the actor would otherwise derive itself (accumulation steps, vLLM's LoRA rank, where vLLM's
+engine runs) and printing it; the actors read attributes of their spec, never the config.
+Light module: no torch, vLLM, DeepSpeed or Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    model_path: str
+    dtype: str  # torch dtype name: float32 | bfloat16 | float16
+    lora: LoraSpec
+    seed: int
+    world_size: int  # learner ranks in the process group
+    # optimisation
+    lr: float
+    weight_decay: float
+    grad_clip: float  # 0: none
+    zero_stage: int
+    micro_batch_size: int  # most completions per forward/backward
+    max_tokens_per_micro: int  # most padded tokens per micro-batch; 0: by count only
+    accumulation_steps: int  # micro-batches of micro_batch_size in one rank's share of a step (DeepSpeed's bookkeeping)
+    logprob_chunk: int  # 0: full logits
+    gradient_checkpointing: bool
+    cpu_cores: str  # "" = every core this process may use
+    # the objective
+    temperature: float
+    normalizer: str  # sequences | tokens | none
+    ratio_cap: float | None
+    clip_eps: float | None
+    # the adapter channel
+    wire_dtype: str  # float32 | bfloat16
+    ack_timeout_s: float
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    model_path: str
+    dtype: str
+    max_model_len: int
+    seed: int
+    max_lora_rank: int  # the smallest rank vLLM accepts that holds lora.rank
+    resident_adapters: int  # versions kept loaded (vLLM's max_loras): max_staleness + 1
+    kv_cache_bytes: int  # 0: vLLM sizes it from gpu_memory_utilization
+    gpu_memory_utilization: float
+    enforce_eager: bool
+    tensor_parallel_size: int
+    on_gpu: bool
+    separate_engine: bool  # vLLM's engine core and worker in processes of their own
+    cpu_cores: str  # "" = every core this process may use
+    max_message_bytes: int

@@ -1,0 +1,384 @@
+"""The fleet: the learner's ranks and the samplers as Ray actors, from placement to shutdown.
+
+`build_actors` places every actor in one placement group (`place`), derives each actor's
+spec from the config (common/specs.py; printed once) and starts them; `Samplers` is the
+samplers as one (prompts split across them) and brings a sampler that died back: Ray
+restarts it, the learner catches it up to the newest adapter, its share is sampled again.
+`add_sampler` and `remove_sampler` change the fleet of a running job; `dead_actors` names
+what went away; `shutdown` stops the engines and the actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from common.records import Sampling
+from common.specs import LearnerSpec, LoraSpec, SamplerSpec
+from rl.config import Config, ConfigError
+from rl.faults import Faults
+
+log = logging.getLogger(__name__)
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
+
+
+def resolve_model(cfg: Config) -> str:
+    if cfg.model.path != "tiny":
+        return cfg.model.path
+    from demo.tiny_model import build_tiny_model
+
+    return build_tiny_model(cfg.model.cache_dir)
+
+
+def bundles(cfg: Config) -> list[dict[str, float]]:
+    """Ray resources per actor: one bundle per learner rank, then one per sampler."""
+    def bundle(cpus: float, gpus: float, custom: dict) -> dict[str, float]:
+        return {k: v for k, v in {"CPU": cpus, "GPU": gpus, **custom}.items() if v}
+
+    lr, ro = cfg.learner, cfg.rollout
+    return ([bundle(lr.num_cpus, lr.num_gpus, lr.resources)] * lr.world_size
+            + [bundle(ro.num_cpus, ro.num_gpus, ro.resources)] * ro.num_samplers)
+
+
+def place(cfg: Config):
+    """A placement group for every actor, or an error naming the resources the cluster lacks."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    wanted, need = bundles(cfg), {}
+    for bundle in wanted:
+        for key, amount in bundle.items():
+            need[key] = need.get(key, 0.0) + amount
+    have = ray.cluster_resources()
+    missing = [f"{key} {amount:g} (the cluster has {have.get(key, 0):g})" for key, amount in sorted(need.items())
+               if amount > have.get(key, 0.0) + 1e-9]
+    if missing:
+        raise ConfigError(f"the Ray cluster lacks resources for learner.world_size={cfg.learner.world_size} and "
+                          f"rollout.num_samplers={cfg.rollout.num_samplers}: needs " + ", ".join(missing))
+    group = placement_group(wanted, strategy="PACK" if cfg.run.placement == "pack" else "SPREAD")
+    try:
+        ray.get(group.ready(), timeout=cfg.run.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise RuntimeError(f"Ray could not place the actors {wanted} within run.placement_timeout_s="
+                           f"{cfg.run.placement_timeout_s:g}; free now: {ray.available_resources()}") from None
+    return group
+
+
+def _in_bundle(group, index: int) -> dict:
+    """Actor options that put it in bundle `index` of the placement group."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}
+
+
+def split_cores(node_of_bundle: list[str], cpus: list[float], node_cpus: dict[str, int]) -> list[str]:
+    """Disjoint CPU ids ("0", "1-3") for the actors (bundles) that share a node, in proportion
+    to their num_cpus and in bundle order, at least one each; "" for an actor alone on its
+    node, or on a node with fewer cores than actors."""
+    cores = [""] * len(node_of_bundle)
+    for node in set(node_of_bundle):
+        here = [i for i, n in enumerate(node_of_bundle) if n == node]
+        free, total = node_cpus.get(node, 0), sum(cpus[i] for i in here) or 1.0
+        if len(here) < 2 or free < len(here):
+            continue
+        first = 0
+        for k, i in enumerate(here):
+            later = len(here) - k - 1  # actors still to place, one core each at least
+            count = free - first if not later else max(1, min(round(free * cpus[i] / total), free - first - later))
+            cores[i] = str(first) if count == 1 else f"{first}-{first + count - 1}"
+            first += count
+    return cores
+
+
+def actor_cores(cfg: Config, group) -> list[str]:
+    """The CPU ids of each bundle's actor (learner ranks, then samplers): the config's, except
+    in run.mode=async on CPUs with neither cpu_cores set, where the learner and the samplers run
+    at once: those that share a node get disjoint cores (split_cores) rather than contend."""
+    import ray
+
+    cores = [cfg.learner.cpu_cores] * cfg.learner.world_size + [cfg.rollout.cpu_cores] * cfg.rollout.num_samplers
+    on_cpu = not (cfg.learner.num_gpus or cfg.rollout.num_gpus)
+    if (cfg.run.mode != "async" or not on_cpu or cfg.learner.cpu_cores or cfg.rollout.cpu_cores
+            or cfg.learner.world_size > 1):
+        return cores
+    table = ray.util.placement_group_table(group)["bundles_to_node_id"]
+    node_cpus = {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]}
+    cores = split_cores([table[i] for i in range(len(cores))], [b.get("CPU", 0.0) for b in bundles(cfg)], node_cpus)
+    print(f"run.mode=async: learner on CPUs {cores[0] or 'all'}, samplers on {[c or 'all' for c in cores[1:]]}",
+          flush=True)
+    return cores
+
+
+def learner_spec(cfg: Config, model_path: str, cpu_cores: str | None = None) -> LearnerSpec:
+    lr, ro = cfg.learner, cfg.rollout
+    per_rank = -(-ro.prompts_per_step * ro.group_size // lr.world_size)
+    return LearnerSpec(
+        model_path=model_path, dtype=cfg.model.dtype, seed=cfg.run.seed, world_size=lr.world_size,
+        lora=LoraSpec(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.target_modules)),
+        lr=lr.lr, weight_decay=lr.weight_decay, grad_clip=lr.grad_clip, zero_stage=lr.zero_stage,
+        micro_batch_size=lr.micro_batch_size, max_tokens_per_micro=lr.max_tokens_per_micro,
+        accumulation_steps=-(-per_rank // lr.micro_batch_size), logprob_chunk=lr.logprob_chunk,
+        gradient_checkpointing=lr.gradient_checkpointing, cpu_cores=lr.cpu_cores if cpu_cores is None else cpu_cores,
+        temperature=ro.temperature, normalizer=cfg.loss.normalizer, ratio_cap=cfg.loss.ratio_cap,
+        clip_eps=cfg.loss.clip_eps, wire_dtype=cfg.sync.wire_dtype, ack_timeout_s=cfg.sync.ack_timeout_s)
+
+
+def sampler_spec(cfg: Config, model_path: str, index: int, cpu_cores: str | None = None) -> SamplerSpec:
+    ro = cfg.rollout
+    return SamplerSpec(
+        model_path=model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=cfg.run.seed + index,
+        max_lora_rank=vllm_lora_rank(cfg.lora.rank), resident_adapters=ro.max_staleness + 1,
+        kv_cache_bytes=int(ro.kv_cache_gb * 2**30), gpu_memory_utilization=ro.gpu_memory_utilization,
+        enforce_eager=ro.enforce_eager, tensor_parallel_size=max(1, int(ro.num_gpus)), on_gpu=bool(ro.num_gpus),
+        separate_engine=bool(ro.num_gpus) if ro.separate_engine is None else ro.separate_engine,
+        cpu_cores=ro.cpu_cores if cpu_cores is None else cpu_cores,
+        max_message_bytes=int(cfg.sync.max_message_mb * 2**20))
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds `rank`."""
+    for r in VLLM_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ConfigError(f"lora.rank={rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+
+
+def describe_specs(learner: LearnerSpec, sampler: SamplerSpec) -> str:
+    """The values the driver derived for the actors, as printed at start."""
+    engine = "in separate processes" if sampler.separate_engine else "inside each sampler"
+    return (f"learner: {learner.world_size} rank(s), micro-batches of <= {learner.micro_batch_size} completions"
+            + (f" and <= {learner.max_tokens_per_micro} padded tokens" if learner.max_tokens_per_micro else "")
+            + f" ({learner.accumulation_steps} per rank by count); samplers: vLLM max_lora_rank "
+            f"{sampler.max_lora_rank}, {sampler.resident_adapters} resident adapter version(s), engine {engine}")
+
+
+def build_actors(cfg: Config, model_path: str, secret: bytes) -> tuple[list, list]:
+    """The learner's ranks, then the samplers (which need the learner's manifest), placed and connected."""
+    import ray
+
+    group = place(cfg)
+    cores, world = actor_cores(cfg, group), cfg.learner.world_size
+    spec = learner_spec(cfg, model_path, cores[0])
+    specs = [sampler_spec(cfg, model_path, i, cores[world + i]) for i in range(cfg.rollout.num_samplers)]
+    print(describe_specs(spec, specs[0]), flush=True)
+    learners = start_learners(cfg, spec, secret, group)
+    manifest = ray.get(learners[0].manifest.remote())
+    samplers = [start_sampler(cfg, specs[i], secret, manifest, i, _in_bundle(group, world + i))
+                for i in range(cfg.rollout.num_samplers)]
+    ray.get(learners[0].connect.remote(ray.get([s.endpoint.remote() for s in samplers])))
+    return learners, samplers
+
+
+def start_learners(cfg: Config, spec: LearnerSpec, secret: bytes, group, name: str = "learner") -> list:
+    """Learner ranks 0..N-1 in bundles 0..N-1, named `name`, `name`-1, ...; rank 0's node
+    address and a free port there, found by a task in rank 0's bundle, are the rendezvous."""
+    import ray
+
+    from learner.learner import Learner, rendezvous
+
+    lr, world = cfg.learner, cfg.learner.world_size
+    master = None
+    if world > 1:
+        master = ray.get(ray.remote(rendezvous).options(num_cpus=0, **_in_bundle(group, 0)).remote())
+    actor = ray.remote(Learner)
+    ranks = [actor.options(name=name if r == 0 else f"{name}-{r}", num_cpus=lr.num_cpus, num_gpus=lr.num_gpus,
+                           resources=dict(lr.resources), **_in_bundle(group, r))
+             .remote(spec, secret, r, master) for r in range(world)]
+    if world > 1:
+        ray.get(ranks[0].attach_peers.remote(ranks[1:]))
+    return ranks
+
+
+def start_sampler(cfg: Config, spec: SamplerSpec, secret: bytes, manifest: dict, index: int,
+                  bundle: dict | None = None):
+    import ray
+
+    from rollout.sampler import Sampler
+
+    r = cfg.rollout
+    # Ray restarts a sampler that dies (the same arguments, so the same seed); its calls are
+    # not retried: the driver samples its lost groups again once it serves the newest adapter.
+    actor = ray.remote(Sampler).options(name=f"sampler-{index}", num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+                                         resources=dict(r.resources), max_restarts=r.max_restarts,
+                                         max_task_retries=0, **(bundle or {}))
+    return actor.remote(spec, secret, manifest)
+
+
+def add_sampler(cfg: Config, model_path: str, secret: bytes, learner, index: int):
+    """A sampler that joins a running job: it serves the learner's latest adapter before it gets prompts."""
+    import ray
+
+    sampler = start_sampler(cfg, sampler_spec(cfg, model_path, index), secret, ray.get(learner.manifest.remote()), index)
+    ray.get(learner.catch_up.remote(ray.get(sampler.endpoint.remote())))
+    return sampler
+
+
+def remove_sampler(learner, sampler):
+    """Take a sampler out of the job: the learner stops publishing to it, its engine stops."""
+    import ray
+
+    ray.get(learner.disconnect.remote(ray.get(sampler.endpoint.remote())))
+    ray.get(sampler.close.remote())
+    ray.kill(sampler)
+
+
+def write_adapter(learner, run_dir: Path, name: str = "adapter") -> Path:
+    """Fetch the adapter's PEFT files from the learner (maybe on another node) into
+    run_dir/name, replacing what was there only once all files are written."""
+    import shutil
+
+    import ray
+
+    out, tmp = run_dir / name, run_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for file, data in ray.get(learner.adapter_files.remote()).items():
+        (tmp / file).write_bytes(data)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def actor_names(learners, samplers) -> dict:
+    return {**{"learner" if r == 0 else f"learner-{r}": a for r, a in enumerate(learners)},
+            **{f"sampler-{i}": s for i, s in enumerate(samplers)}}
+
+
+def placement(learners, samplers) -> dict[str, dict]:
+    """Where each actor runs: {name: {"node_id", "ip", "pid"}} (written to the run directory)."""
+    import os
+
+    import ray
+
+    def where(self):
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid()}
+
+    actors = actor_names(learners, samplers)
+    return dict(zip(actors, ray.get([a.__ray_call__.remote(where) for a in actors.values()])))
+
+
+def dead_actors(learners, samplers) -> list[str]:
+    """Names of the actors that are gone (killed, crashed, or lost with their node)."""
+    import ray
+
+    actors = actor_names(learners, samplers)
+    pings = {name: actor.__ray_call__.remote(lambda self: None) for name, actor in actors.items()}
+    dead = []
+    for name, ping in pings.items():
+        try:
+            ray.get(ping, timeout=30)
+        except ray.exceptions.RayActorError:
+            dead.append(name)
+        except ray.exceptions.GetTimeoutError:  # busy, not dead
+            pass
+    return dead
+
+
+def shutdown(learners, samplers):
+    """Stop the vLLM engines (and their processes) and the actors, then leave Ray."""
+    import ray
+
+    for actor in [*samplers, *learners]:
+        try:
+            ray.get(actor.close.remote(), timeout=60)
+        except Exception:  # an actor that already died has nothing left to close
+            pass
+        ray.kill(actor)
+    ray.shutdown()
+
+
+class Samplers:
+    """The sampler actors as one: prompts are split across them.
+
+    A sampler that dies is restarted by Ray (rollout.max_restarts); the first call that
+    notices waits for it (its engine starts again), has the learner bring it to the newest
+    adapter, and samples its share again with the same seed. Both are counted. Without a
+    learner (tests with stand-in samplers) a death is raised.
+    """
+
+    def __init__(self, actors: list, learner=None, restart_timeout_s: float = 600.0, faults: Faults | None = None):
+        import ray
+
+        self.actors, self.learner, self.restart_timeout_s = list(actors), learner, restart_timeout_s
+        self.endpoints = ray.get([a.endpoint.remote() for a in self.actors]) if learner else []
+        self.faults = faults or Faults()  # counts restarts and groups sampled again
+        self._lock = threading.Lock()  # the async producer and the main thread (eval, probe) both sample
+
+    def __iter__(self):
+        return iter(self.actors)
+
+    def __len__(self):
+        return len(self.actors)
+
+    def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> list[dict]:
+        """Per prompt {"completions", "version", "digest"}, in prompt order. Sampler i gets
+        prompts i, i+k, ... with seed sampling.seed + i."""
+        import dataclasses
+
+        import ray
+
+        k = len(self.actors)
+        shards = {i: prompt_ids_P[i::k] for i in range(k) if prompt_ids_P[i::k]}
+        seeded = {i: sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + i)
+                  for i in shards}
+        args = {i: (shard, seeded[i]) for i, shard in shards.items()}
+        sent_to = list(self.endpoints)  # which incarnation of each sampler got the request
+        refs = {i: self.actors[i].generate.remote(*a) for i, a in args.items()}
+        groups = [None] * len(prompt_ids_P)
+        for i, ref in refs.items():
+            while True:
+                try:
+                    res = ray.get(ref)
+                    break
+                except ray.exceptions.RayActorError as e:
+                    self.recover(i, sent_to[i] if self.learner else "", e)
+                    sent_to[i] = self.endpoints[i]
+                    ref = self.actors[i].generate.remote(*args[i])  # the same prompts and seed
+                    self.faults.resampled_groups += len(shards[i])
+            for j, completions in zip(range(i, len(prompt_ids_P), k), res["groups"]):
+                groups[j] = {"completions": completions, "version": res["version"], "digest": res["digest"]}
+        return groups
+
+    def recover(self, i: int, lost_endpoint: str, error: BaseException | None = None):
+        """Wait for Ray to restart sampler i (which served at `lost_endpoint`), then bring it
+        to the learner's newest adapter."""
+        import ray
+
+        if self.learner is None:
+            raise error or RuntimeError(f"sampler-{i} died")
+        with self._lock:
+            if self.endpoints[i] != lost_endpoint:
+                return  # another caller (the async producer, an evaluation, a publish) brought it back
+            deadline = time.monotonic() + self.restart_timeout_s
+            while True:  # until the restarted actor's constructor (the engine start) has run
+                try:
+                    endpoint = ray.get(self.actors[i].endpoint.remote(), timeout=self.restart_timeout_s)
+                    break
+                except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):  # restarting
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"sampler-{i} did not come back within rollout.restart_timeout_s="
+                                           f"{self.restart_timeout_s:g}") from error
+                    time.sleep(1.0)
+                except ray.exceptions.RayActorError as e:
+                    raise RuntimeError(f"sampler-{i} died and Ray will not restart it (rollout.max_restarts "
+                                       "used up, or its node is gone)") from e
+            if endpoint == lost_endpoint:
+                raise RuntimeError(f"sampler-{i} is alive but failed to sample or to acknowledge the adapter within "
+                                   "sync.ack_timeout_s") from error
+            ray.get(self.learner.disconnect.remote(lost_endpoint))
+            ray.get(self.learner.catch_up.remote(endpoint))
+            self.endpoints[i] = endpoint
+            self.faults.sampler_restarts += 1
+            log.warning("sampler-%d died; Ray restarted it and it serves the learner's newest adapter again "
+                        "(%d restarts in this run so far)", i, self.faults.sampler_restarts)
+
+    def recover_missing(self, missing: tuple[str, ...]):
+        """After a publish: restart-and-catch-up each sampler that did not acknowledge it."""
+        for endpoint in missing:
+            if endpoint in self.endpoints:
+                self.recover(self.endpoints.index(endpoint), endpoint)

@@ -1,0 +1,104 @@
+"""The prompt splits of a run: training rows in a seeded, resumable order, and the held-out sets.
+
+Rows come from the generated arithmetic task (demo/arithmetic.py) or from files and datasets
+folders (rl/data.py); prompts are rendered by data.template (and the chat template) and
+tokenized once here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+from demo import arithmetic
+from rl.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    """Prompt rows ({"prompt", "answer", "prompt_ids", ...}) and a seeded, resumable epoch order.
+
+    Each epoch's order depends only on the seed and the epoch, so `state()` (rows handed out
+    so far) is the exact position, and `restore(state)` resumes it.
+    """
+
+    rows: list[dict]
+    seed: int = 0
+    position: int = 0  # rows handed out so far, across epochs
+    skipped: int = 0  # bad source rows left out (data.on_bad_row=skip)
+    _order: list[int] = field(default_factory=list)
+
+    def state(self, position: int | None = None) -> dict:
+        """The order's state after `position` rows (default: all handed out so far)."""
+        return {"position": self.position if position is None else position, "seed": self.seed,
+                "size": len(self.rows)}
+
+    def restore(self, state: dict):
+        if (state["seed"], state["size"]) != (self.seed, len(self.rows)):
+            raise ValueError(f"cannot resume a split of {state['size']} rows with seed {state['seed']} "
+                             f"on {len(self.rows)} rows with seed {self.seed}: the data or the seed changed")
+        self.position, self._order = state["position"], []
+
+    def next_batch(self, n: int) -> list[dict]:
+        batch = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.rows))
+            if i == 0 or not self._order:
+                self._order = list(range(len(self.rows)))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+            batch.append(self.rows[self._order[i]])
+            self.position += 1
+        return batch
+
+
+ARITHMETIC_TRAIN_SIZE = 5000  # distinct generated training problems
+
+
+def _rows(source: str, role: str, count: int, cfg: Config) -> tuple[list[dict], int]:
+    """The train or eval rows: generated, or of a file or datasets folder (count 0: all of
+    it), and how many bad rows were skipped."""
+    if source == "arithmetic":
+        problems = arithmetic.problems(role, count, cfg.run.seed)
+        return [{"prompt": p["prompt"], "answer": p["answer"]} for p in problems], 0
+    from rl.data import load_rows
+
+    split = cfg.data.train_split if role == "train" else cfg.data.eval_split
+    rows, skipped = load_rows(source, cfg.data.prompt_key, cfg.data.answer_key, split, cfg.data.on_bad_row)
+    if skipped:
+        log.warning("%s: skipped %d bad rows (data.on_bad_row=skip); first: %s", source, len(skipped), skipped[0])
+    return (rows[:count] if count else rows), len(skipped)
+
+
+def tokenize_prompt(tokenizer, cfg: Config, prompt: str) -> list[int]:
+    """The template applied, then the tokenizer's chat template around it if data.chat_template."""
+    text = cfg.data.template.format(prompt=prompt)
+    if not cfg.data.chat_template:
+        return tokenizer(text)["input_ids"]
+    if tokenizer.chat_template is None:
+        raise ConfigError("data.chat_template is true but the model's tokenizer has no chat template")
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True)["input_ids"])
+
+
+def load_splits(cfg: Config, model_path: str) -> tuple[Split, dict[str, Split]]:
+    """The train split and the held-out sets ("eval": data.eval, then eval.extra by name),
+    with prompts rendered by the template and tokenized once."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train_size = ARITHMETIC_TRAIN_SIZE if cfg.data.train == "arithmetic" else 0
+    train, train_skipped = _rows(cfg.data.train, "train", train_size, cfg)
+    held_out = {name: _rows(path, "eval", cfg.data.eval_size, cfg)
+                for name, path in {"eval": cfg.data.eval, **cfg.eval.extra}.items()}
+    every = train + [row for rows, _ in held_out.values() for row in rows]
+    for row in every:
+        row["prompt_ids"] = tokenize_prompt(tokenizer, cfg, row["prompt"])
+    too_long = [r for r in every if len(r["prompt_ids"]) + cfg.rollout.max_tokens > cfg.model.max_model_len]
+    if too_long:
+        raise ValueError(f"{len(too_long)} prompts exceed model.max_model_len - rollout.max_tokens "
+                         f"({cfg.model.max_model_len} - {cfg.rollout.max_tokens}), e.g. {too_long[0]['prompt'][:80]!r}")
+    return (Split(train, seed=cfg.run.seed, skipped=train_skipped),
+            {name: Split(rows, skipped=skipped) for name, (rows, skipped) in held_out.items()})

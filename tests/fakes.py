@@ -1,0 +1,63 @@
+"""Stand-ins for the actors, shared by the tests of the driver's parts (window, faults, evaluation).
+
+Each plays its real part's interface with no model behind it; the real parts are tested on the
+real stack in test_integration.py and test_run.py.
+"""
+
+import math
+import random
+import time
+
+import ray
+
+from common.records import Published
+
+
+class FakeSampler:
+    """Serves `version` (set by the test's learner) after a random delay, like a busy engine."""
+
+    def __init__(self, seed, digest_prefix="d"):
+        self.version, self.rng, self.prefix = 0, random.Random(seed), digest_prefix
+
+    def load(self, version):
+        self.version = version
+
+    def generate(self, prompt_ids, sampling):
+        version = self.version  # the adapter a real sampler takes at the start of generate
+        time.sleep(self.rng.uniform(0.0, 0.05))
+        completion = {"tokens": [1, 2], "logprobs": [-0.1, -0.2], "text": "x", "finished": True}
+        return {"version": version, "digest": f"{self.prefix}{version}",
+                "groups": [[dict(completion) for _ in range(sampling.n)] for _ in prompt_ids]}
+
+
+class FakeRewards:
+    def score(self, items):
+        return [float(i % 2) for i in range(len(items))], {}
+
+
+class FakeLearner:
+    """Publishes versions to the fake samplers; its loss is NaN at the given steps."""
+
+    def __init__(self, samplers, nan_steps=()):
+        self.samplers, self.nan_steps, self.version = samplers, set(nan_steps), 0
+
+    def publish(self):
+        ray.get([s.load.remote(self.version) for s in self.samplers])
+        return Published(self.version, f"d{self.version}",
+                         metrics={"sync/latency_ms": 1.0, "sync/bytes": 1, "sync/version": self.version})
+
+    def train_step(self, batch):
+        self.version += 1
+        bad = self.version in self.nan_steps
+        return {"learner/loss": math.nan if bad else 0.1, "learner/grad_norm": math.nan if bad else 1.0,
+                "learner/skipped": int(bad), "time/learn": 0.0, "batch": len(batch)}
+
+    def state_files(self):
+        return {"deepspeed/state.pt": self.version.to_bytes(4, "little")}
+
+    def load_state_files(self, files):
+        self.version = int.from_bytes(files["deepspeed/state.pt"], "little")
+        return {"step": self.version, "version": self.version}
+
+    def adapter_files(self):
+        return {"adapter_config.json": b"{}"}
