@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -v $(ARGS)
+
+# The unit tier alone: under 2 minutes here (tests/conftest.py assigns the tiers).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m unit -q $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/sync.py

@@ -20,6 +20,7 @@ so the data position is the whole data state.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,28 +29,17 @@ import shutil
 import time
 from pathlib import Path
 
-from rl.config import Config, ConfigError, to_dict
+from rl.config import Config, ConfigError, free_keys, to_dict
 
 log = logging.getLogger(__name__)
 
-# Keys that change where and how fast a run goes, or what it reports, not what it computes:
-# they may differ on resume, as may every key of the eval and logging sections. (More
-# samplers split the prompts differently, so other random completions are drawn, from the
-# same distribution; how the learner groups and chunks its work changes only the order of
-# float sums.) Any other difference needs run.resume_allow.
-FREE_SECTIONS = ("eval", "logging")
-FREE_KEYS = frozenset({
-    "run.steps", "run.name", "run.output_dir", "run.progress", "run.eval_every", "run.checkpoint_every",
-    "run.keep_checkpoints", "run.resume", "run.resume_allow", "run.placement", "run.placement_timeout_s",
-    "model.cache_dir", "data.eval", "data.eval_split", "data.eval_size",
-    "rollout.num_samplers", "rollout.num_cpus", "rollout.num_gpus", "rollout.resources", "rollout.cpu_cores",
-    "rollout.separate_engine",
-    "rollout.kv_cache_gb", "rollout.gpu_memory_utilization", "rollout.enforce_eager", "rollout.max_restarts",
-    "rollout.restart_timeout_s", "learner.num_cpus", "learner.num_gpus", "learner.resources", "learner.cpu_cores",
-    "learner.max_skipped_steps", "learner.micro_batch_size", "learner.max_tokens_per_micro", "learner.logprob_chunk",
-    "learner.gradient_checkpointing", "reward.num_workers", "reward.timeout_s", "sync.ack_timeout_s",
-    "sync.max_message_mb", "sync.probe_every", "sync.probe_tolerance",
-})
+# Keys that change where and how fast a run goes, or what it reports, not what it computes,
+# are marked free on their config field (`doc(..., free=True)`, whole sections for eval and
+# logging) and may differ on resume. (More samplers split the prompts differently, so other
+# random completions are drawn, from the same distribution; how the learner groups and chunks
+# its work changes only the order of float sums.) Any other difference needs run.resume_allow.
+FREE_KEYS = free_keys()
+FREE_SECTIONS = frozenset(f.name for f in dataclasses.fields(Config) if f.metadata["free"])
 
 
 def run_keys(config: dict) -> dict:

@@ -1,12 +1,13 @@
 """The config tree: recipes load, bad keys and types are named, light modules stay light."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from rl.config import Config, ConfigError, describe, load_config
+from rl.config import Config, ConfigError, describe, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,13 +40,29 @@ def test_overrides_are_typed():
     (["run.progress=3"], "run.progress: expected bool"),
     (["nosuch.key=1"], "unknown config key nosuch"),
     (["rollout=3"], "rollout: expected a mapping"),
-    (["loss.normalizer=mean"], "loss.normalizer must be"),
+    (["loss.normalizer=mean"], "loss.normalizer must be one of sequences | tokens | none, got 'mean'"),
+    (["learner.zero_stage=3"], "learner.zero_stage must be one of 0 | 1 | 2, got 3"),
+    (["learner.zero_stage='1'"], "learner.zero_stage must be one of 0 | 1 | 2, got '1'"),
+    (["run.mode=Async"], "run.mode must be one of sync | async"),
+    (["loss.clip_eps=0.2", "loss.ratio_cap=2"], "loss.clip_eps and loss.ratio_cap are two ways"),
     (["rollout.group_size=1"], "rollout.group_size must be >= 2"),
     (["learner.lr"], "expected dotted.key=value"),
 ])
 def test_bad_overrides_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, override)
+
+
+def test_resume_freedom_is_recorded_on_the_fields():
+    from rl.checkpoint import run_keys
+    from rl.config import free_keys
+
+    free = free_keys()
+    assert {"run.steps", "learner.micro_batch_size", "eval.samples", "logging.wandb"} <= free  # eval, logging: whole
+    assert not {"learner.lr", "rollout.temperature", "loss.normalizer", "lora.rank", "run.seed"} & free
+    keys = run_keys(to_dict(load_config()))
+    assert "learner.lr" in keys and not set(keys) & free
+    assert all(("Free on resume." in line) == (line.split(" ")[0] in free) for line in describe())
 
 
 def test_bad_key_in_a_file_names_the_file(tmp_path):
@@ -72,7 +89,8 @@ def test_print_config_and_config_errors_exit_cleanly():
 
 
 def test_light_modules_import_without_heavy_dependencies():
-    code = ("import sys; import rl.config, demo.arithmetic, rl.data, rewards.math, rewards.pool, rollout.channel; "
+    code = ("import sys; import rl.config, demo.arithmetic, rl.data, rewards.math, rewards.pool, rollout.channel, "
+            "common.records, common.specs, common.cpus, rl.faults; "
             "heavy = [m for m in ('torch', 'vllm', 'deepspeed', 'ray', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

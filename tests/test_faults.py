@@ -17,6 +17,8 @@ from rl.run import rl_loop
 from rl.splits import Split
 from tests.fakes import FakeLearner, FakeRewards, FakeSampler
 
+pytestmark = pytest.mark.integration
+
 
 class StopAfter:
     """Plays StopSignal: SIGTERM arrives once `step` has been logged."""

@@ -15,8 +15,10 @@ ray = pytest.importorskip("ray")
 
 from common.records import Sampling  # noqa: E402
 from demo.tiny_model import TEMPLATE, build_tiny_model  # noqa: E402
-from rl.config import load_config, to_dict  # noqa: E402
+from rl.config import load_config  # noqa: E402
 from rollout.channel import encode  # noqa: E402
+
+pytestmark = pytest.mark.integration
 
 PROMPTS = [
     "Ava has 23 apples and gets 5 more. How many apples does Ava have now?",
@@ -46,6 +48,18 @@ def stack():
     yield {"learner": learner, "sampler": samplers[0], "secret": secret, "prompt_ids": prompt_ids,
            "model_path": model_path, "cfg": cfg}
     shutdown(learners, samplers)
+
+
+def learner_spec(stack, seed: int, **learner):
+    """The spec of a learner like the stack's, with another seed and learner.* settings."""
+    import dataclasses
+
+    from rl.fleet import learner_spec as spec
+
+    cfg = stack["cfg"]
+    cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, **learner),
+                              run=dataclasses.replace(cfg.run, seed=seed))
+    return spec(cfg, stack["model_path"])
 
 
 def generate(stack, n=8, temperature=1.0, seed=1):
@@ -249,10 +263,8 @@ def test_zero_stages_take_the_same_step(stack, zero_stage):
     batch = [{"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
               "advantage": 1.0 if i % 3 == 0 else -0.5}
              for p, g in zip(stack["prompt_ids"], out["groups"]) for i, c in enumerate(g)]
-    plain = to_dict(stack["cfg"])
-    staged = {**plain, "learner": {**plain["learner"], "zero_stage": zero_stage}}
     actor = ray.remote(num_cpus=0)(Learner)
-    learners = [actor.remote(stack["model_path"], c, b"k" * 32, 123) for c in (plain, staged)]
+    learners = [actor.remote(spec, b"k" * 32) for spec in (learner_spec(stack, 123), learner_spec(stack, 123, zero_stage=zero_stage))]
     seqs = [{"prompt_ids": b["prompt_ids"], "tokens": b["tokens"]} for b in batch]
     initial = ray.get(learners[0].logprobs.remote(seqs))
     for _ in range(2):
@@ -280,12 +292,10 @@ def test_micro_batches_chunks_and_checkpointing_take_the_same_step(stack):
     batch = [{"prompt_ids": p, "tokens": c["tokens"][:n], "sampler_logprobs": c["logprobs"][:n],
               "advantage": 1.0 if i % 3 == 0 else -0.5}
              for (p, i, c), n in zip(completions, [2 + 7 * j % 31 for j in range(len(completions))])]
-    plain = to_dict(stack["cfg"])
     variants = {"reference": dict(max_tokens_per_micro=0, logprob_chunk=0, gradient_checkpointing=False),
                 "defaults": {}, "small micro-batches": dict(max_tokens_per_micro=120, logprob_chunk=5)}
     actor = ray.remote(num_cpus=0)(Learner)
-    learners = {name: actor.remote(stack["model_path"], {**plain, "learner": {**plain["learner"], **v}}, b"k" * 32, 123)
-                for name, v in variants.items()}
+    learners = {name: actor.remote(learner_spec(stack, 123, **v), b"k" * 32) for name, v in variants.items()}
     steps = dict(zip(learners, ray.get([x.train_step.remote(batch) for x in learners.values()])))
     ref = steps["reference"]
     for name, step in steps.items():
@@ -314,9 +324,7 @@ def test_a_non_finite_step_is_skipped_and_the_state_restores_exactly(stack, zero
             for p, g in zip(stack["prompt_ids"], out["groups"]) for i, c in enumerate(g)]
     bad = [dict(b) for b in good]
     bad[3] = {**bad[3], "sampler_logprobs": [math.nan] + bad[3]["sampler_logprobs"][1:]}
-    plain = to_dict(stack["cfg"])
-    learner = ray.remote(num_cpus=0)(Learner).remote(
-        stack["model_path"], {**plain, "learner": {**plain["learner"], "zero_stage": zero_stage}}, b"k" * 32, 5)
+    learner = ray.remote(num_cpus=0)(Learner).remote(learner_spec(stack, 5, zero_stage=zero_stage), b"k" * 32)
 
     def adapter():
         return ray.get(learner.adapter_files.remote())["adapter_model.safetensors"]
@@ -343,7 +351,8 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
     from ray.util.placement_group import remove_placement_group
     from safetensors.torch import load
 
-    from rl.fleet import learner_spec, place, start_learners
+    from rl.fleet import learner_spec as spec
+    from rl.fleet import place, start_learners
 
     out = generate(stack, seed=6)
     batch = [{"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
@@ -355,7 +364,7 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
     for world in (1, 2):
         cfg = load_config(None, base + [f"learner.world_size={world}"])
         group = place(cfg)
-        ranks = start_learners(cfg, learner_spec(cfg, stack["model_path"]), b"k" * 32, group, name=f"dp{world}")
+        ranks = start_learners(cfg, spec(cfg, stack["model_path"]), b"k" * 32, group, name=f"dp{world}")
         try:
             steps = [ray.get(ranks[0].train_step.remote(batch)) for _ in range(2)]
             logprobs = ray.get(ranks[0].logprobs.remote([{"prompt_ids": b["prompt_ids"], "tokens": b["tokens"]}

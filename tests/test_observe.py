@@ -20,6 +20,8 @@ from rl.loggers import Loggers
 from rl.splits import Split
 from tests.fakes import FakeSampler
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

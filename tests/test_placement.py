@@ -8,6 +8,8 @@ import ray
 from rl.config import ConfigError, load_config
 from rl.fleet import actor_cores, bundles, place, split_cores
 
+pytestmark = pytest.mark.integration
+
 
 def test_bundles_follow_the_config():
     cfg = load_config(None, ["learner.world_size=2", "learner.num_gpus=1", "learner.num_cpus=4",

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("reward/mean", "reward/accuracy", "learner/ratio_mean", "learner/ratio_max", "learner/truncated_frac",
         "time/sample", "time/learn", "time/sync", "sync/bytes", "sync/latency_ms", "rollout/tokens_per_s",

@@ -17,6 +17,8 @@ from rl.rollouts import AsyncBatches, Batches, keep_in_window
 from rl.splits import Split
 from tests.fakes import FakeRewards, FakeSampler
 
+pytestmark = pytest.mark.integration
+
 PUBLISHED = {3: "d3", 4: "d4", 5: "d5"}
 
 
