@@ -113,8 +113,8 @@ def main():
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from learner.learner import ST_DTYPES, encode_tensors
     from common.records import Sampling
+    from learner.learner import ST_DTYPES, encode_tensors
     from rl.config import load_config
     from rl.fleet import sampler_spec
     from rollout.channel import AdapterSender

@@ -117,7 +117,7 @@ class Learner:
         """spec: what this learner is built from (common/specs.py, made by rl/fleet.py);
         secret: the run's adapter-channel key, handed out by the driver through Ray;
         master: rank 0's (node address, port) for the process group, found through Ray
-        (`rl/setup.py`); None for a single rank on this node."""
+        (`rl/fleet.py`); None for a single rank on this node."""
         import deepspeed
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM

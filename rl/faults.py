@@ -9,6 +9,7 @@ a row. Checkpoints keep the counters (not the streak: a resumed run starts a new
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -27,6 +28,15 @@ class Faults:
     @property
     def too_many_skipped(self) -> bool:
         return self.skipped_in_row >= self.max_skipped_steps
+
+    def stop_if_too_many_skipped(self, step: int, learn_metrics: dict, checkpoints: Path):
+        """Raise once learner.max_skipped_steps steps in a row were skipped (after the loop's checkpoint)."""
+        if self.too_many_skipped:
+            raise FloatingPointError(
+                f"{self.skipped_in_row} steps in a row (to step {step}) had a non-finite loss or gradient "
+                f"(loss {learn_metrics['learner/loss']}, grad norm {learn_metrics['learner/grad_norm']}): "
+                f"learner.max_skipped_steps={self.max_skipped_steps}. The last good weights and optimiser state "
+                f"are in {checkpoints}.")
 
     def metrics(self) -> dict:
         return {"fault/skipped_steps": self.skipped_steps, "fault/resumes": self.resumes,

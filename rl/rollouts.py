@@ -4,6 +4,9 @@ A group is one prompt's G completions: {"row", "completions", "version", "digest
 "scores", "rewards"}: the adapter version and payload digest that produced it, the grader's
 scores and the rewards trained on (scores plus optional shaping).
 
+Both batch sources are composed of a `Source` (rows drawn, sampled, scored) and a `Window`
+(the published versions and the check below); neither inherits the other.
+
 run.mode=sync (`Batches`): step s's groups are sampled when the learner asks for them, on
 the adapter it published after step s-1; the samplers wait while the learner trains.
 
@@ -102,48 +105,51 @@ def rollout_metrics(groups: list[dict], newest: int, max_staleness: int) -> dict
     }
 
 
-class Batches:
-    """Step s's groups, sampled when the learner asks (run.mode=sync)."""
+class Source:
+    """Draws each step's prompt rows from the train split, samples and scores them."""
 
-    def __init__(self, cfg, samplers, rewards, train, published: dict[int, str], first_step: int = 1):
+    def __init__(self, cfg, samplers, rewards, train):
         self.cfg, self.samplers, self.rewards, self.train = cfg, samplers, rewards, train
-        self.published = published  # version -> payload digest, as the learner published them
-        self.first_step = first_step  # > 1 when a run resumes
-        self.consumed = train.position  # train rows drawn for the batches handed to the learner (checkpointed)
         self._last_end: float | None = None  # when the samplers last finished a batch
 
-    def publish(self, version: int, digest: str):
-        self.published[version] = digest
-
-    def next(self, step: int) -> tuple[list[dict], dict]:
-        """The groups the learner trains on at `step` (all in the window) and their metrics."""
-        start = time.perf_counter()
-        groups, metrics = self._collect(step)
-        metrics["time/learner_idle"] = time.perf_counter() - start  # the learner waits for all of it
-        self.consumed = metrics["data/position"]
-        return self._in_window(step, groups, metrics)
-
-    def _collect(self, step: int) -> tuple[list[dict], dict]:
+    def batch(self, step: int) -> tuple[list[dict], dict]:
+        """Step `step`'s groups, with data/position (rows drawn so far, epochs included)."""
         start = time.perf_counter()
         rows_P = self.train.next_batch(self.cfg.rollout.prompts_per_step)
-        groups, metrics = collect(self.cfg, self.samplers, self.rewards, rows_P, self._seed(step))
-        metrics["data/position"] = self.train.position  # rows drawn so far, epochs included
+        groups, metrics = collect(self.cfg, self.samplers, self.rewards, rows_P, self.seed(step))
+        metrics["data/position"] = self.train.position
         # Between two batches the samplers only serve adapter loads (and evaluations).
         metrics["time/sampler_idle"] = start - self._last_end if self._last_end else 0.0
         self._last_end = time.perf_counter()
         return groups, metrics
 
-    def _seed(self, step: int) -> int:
+    def again(self, rows_P: list[dict], step: int) -> list[dict]:
+        """The same rows sampled again now (on the newest adapter), with another seed."""
+        groups, _ = collect(self.cfg, self.samplers, self.rewards, rows_P, self.seed(step) + 50_000)
+        return groups
+
+    def seed(self, step: int) -> int:
         return self.cfg.run.seed * 100_003 + step
 
-    def _in_window(self, step: int, groups: list[dict], metrics: dict) -> tuple[list[dict], dict]:
+
+class Window:
+    """The versions the learner published, and the check every group passes before training."""
+
+    def __init__(self, cfg, published: dict[int, str]):
+        self.cfg = cfg
+        self.published = published  # version -> payload digest, as the learner published them
+
+    def publish(self, version: int, digest: str):
+        self.published[version] = digest
+
+    def admit(self, step: int, groups: list[dict], metrics: dict, source: Source) -> tuple[list[dict], dict]:
+        """The groups the learner may train on at `step`, and the batch's rollout metrics."""
         r, newest = self.cfg.rollout, step - 1  # the learner holds version step - 1
         kept, refused = keep_in_window(groups, self.published, newest, r.max_staleness)
         regenerated = 0
         if refused and r.on_stale == "regenerate":  # sampled again now, on the newest adapter
-            again, _ = collect(self.cfg, self.samplers, self.rewards, [g["row"] for g in refused],
-                               self._seed(step) + 50_000)
-            again, _ = keep_in_window(again, self.published, newest, r.max_staleness)
+            again, _ = keep_in_window(source.again([g["row"] for g in refused], step), self.published, newest,
+                                      r.max_staleness)
             kept, regenerated = kept + again, len(again)
         if not kept:
             raise RuntimeError(f"step {step}: every group came from outside the adapter window (learner at "
@@ -153,6 +159,25 @@ class Batches:
         metrics["rollout/refused_groups"] = len(refused)  # outside the window: never trained on
         metrics["rollout/regenerated_groups"] = regenerated
         return kept, metrics
+
+
+class Batches:
+    """Step s's groups, sampled when the learner asks (run.mode=sync)."""
+
+    def __init__(self, cfg, samplers, rewards, train, published: dict[int, str], first_step: int = 1):
+        self.source, self.window = Source(cfg, samplers, rewards, train), Window(cfg, published)
+        self.consumed = train.position  # train rows drawn for the batches handed to the learner (checkpointed)
+
+    def publish(self, version: int, digest: str):
+        self.window.publish(version, digest)
+
+    def next(self, step: int) -> tuple[list[dict], dict]:
+        """The groups the learner trains on at `step` (all in the window) and their metrics."""
+        start = time.perf_counter()
+        groups, metrics = self.source.batch(step)
+        metrics["time/learner_idle"] = time.perf_counter() - start  # the learner waits for all of it
+        self.consumed = metrics["data/position"]
+        return self.window.admit(step, groups, metrics, self.source)
 
     def close(self):
         pass
@@ -164,11 +189,13 @@ class Batches:
         self.close()
 
 
-class AsyncBatches(Batches):
+class AsyncBatches:
     """Step s's groups, sampled ahead by a thread while the learner trains (run.mode=async)."""
 
     def __init__(self, cfg, samplers, rewards, train, published: dict[int, str], first_step: int = 1):
-        super().__init__(cfg, samplers, rewards, train, published, first_step)
+        self.cfg, self.first_step = cfg, first_step  # first_step > 1 when a run resumes
+        self.source, self.window = Source(cfg, samplers, rewards, train), Window(cfg, published)
+        self.consumed = train.position  # rows of the batches handed to the learner, not those drawn ahead
         self._ready: queue.Queue = queue.Queue(maxsize=cfg.rollout.max_staleness + 1)
         self._version = max(published)  # newest version every sampler serves
         self._changed = threading.Condition()
@@ -178,7 +205,7 @@ class AsyncBatches(Batches):
         self._thread.start()
 
     def publish(self, version: int, digest: str):
-        super().publish(version, digest)
+        self.window.publish(version, digest)
         with self._changed:
             self._version = version
             self._changed.notify_all()
@@ -191,7 +218,7 @@ class AsyncBatches(Batches):
                     self._changed.wait_for(lambda s=step: self._stopping or self._version >= s - 1 - lag)
                 if self._stopping:
                     return
-                item = (step, *self._collect(step))
+                item = (step, *self.source.batch(step))
                 while not self._stopping:
                     try:
                         self._ready.put(item, timeout=0.2)
@@ -216,7 +243,7 @@ class AsyncBatches(Batches):
         self.consumed = metrics["data/position"]  # the producer has drawn further ahead
         metrics["time/learner_idle"] = time.perf_counter() - start
         metrics["async/queue_depth"] = self._ready.qsize() + 1  # batches ready when the learner took this one
-        return self._in_window(step, groups, metrics)
+        return self.window.admit(step, groups, metrics, self.source)
 
     def close(self):
         """Stop sampling ahead; an in-flight batch finishes (or fails when the actors go)."""
@@ -224,3 +251,9 @@ class AsyncBatches(Batches):
             self._stopping = True
             self._changed.notify_all()
         self._thread.join(timeout=60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python rl/run.py` from anywhere
 
 from rl.config import Config, ConfigError, describe, load_config, to_dict  # noqa: E402
+from rl.faults import Faults  # noqa: E402
 
 
 def main(argv: list[str]) -> Path:
@@ -49,7 +50,6 @@ def main(argv: list[str]) -> Path:
     from rewards.pool import RewardPool
     from rl import report
     from rl.checkpoint import make_run_dir
-    from rl.faults import Faults
     from rl.fleet import Samplers, build_actors, dead_actors, placement, resolve_model, shutdown, write_adapter
     from rl.splits import load_splits
 
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> Path:
 
 
 def rl_loop(cfg: Config, learner, samplers, rewards, train, evals: dict, run_dir: Path, resume: Path | None,
-            faults, stop: StopSignal) -> int:
+            faults: Faults, stop: StopSignal) -> int:
     """The loop, from step 1 or from the checkpoint `resume`; returns the last step it ran."""
     import ray
     from tqdm import tqdm
@@ -124,7 +124,7 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals: dict, run_dir
                 learn_metrics = ray.get(learner.train_step.remote(batch_B))  # skipped when not finite
                 faults.learner_step(learn_metrics["learner/skipped"])
                 sync_metrics = publish(learner, samplers, batches, step)  # returns once every sampler serves it
-                if step == start + 1 and cfg.sync.probe_every >= 0 or due(step, cfg.sync.probe_every):
+                if (step == start + 1 and cfg.sync.probe_every >= 0) or due(step, cfg.sync.probe_every):
                     sync_metrics.update(run_probe(learner, samplers, probe_prompts, cfg))
                 metrics = {**sample_metrics, **learn_metrics, **sync_metrics, **faults.metrics()}
                 if step == last or due(step, cfg.run.eval_every):
@@ -138,12 +138,7 @@ def rl_loop(cfg: Config, learner, samplers, rewards, train, evals: dict, run_dir
                 show_progress(bar, metrics, best)
                 if step == last or stop.signal or faults.too_many_skipped or due(step, cfg.run.checkpoint_every):
                     save(cfg, run_dir, step, learner, train.state(batches.consumed), faults)
-                if faults.too_many_skipped:
-                    raise FloatingPointError(
-                        f"{faults.skipped_in_row} steps in a row (to step {step}) had a non-finite loss or gradient "
-                        f"(loss {learn_metrics['learner/loss']}, grad norm {learn_metrics['learner/grad_norm']}): "
-                        f"learner.max_skipped_steps={cfg.learner.max_skipped_steps}. The last good weights and "
-                        f"optimiser state are in {run_dir / 'checkpoints'}.")
+                faults.stop_if_too_many_skipped(step, learn_metrics, run_dir / "checkpoints")
                 if stop.signal:
                     break
     return step
@@ -215,7 +210,7 @@ class BestAdapter:
             (out / "best.json").write_text(json.dumps({"step": step, "metric": self.metric, "value": self.value}))
 
 
-def restore(path: Path, learner, train, faults, metrics_path: Path) -> int:
+def restore(path: Path, learner, train, faults: Faults, metrics_path: Path) -> int:
     """Put a checkpoint back: learner state, data position, fault counters; drop later metrics.
     Returns the checkpoint's step."""
     import ray
@@ -232,7 +227,7 @@ def restore(path: Path, learner, train, faults, metrics_path: Path) -> int:
     return state["step"]
 
 
-def save(cfg: Config, run_dir: Path, step: int, learner, data: dict, faults) -> Path:
+def save(cfg: Config, run_dir: Path, step: int, learner, data: dict, faults: Faults) -> Path:
     """A checkpoint of the state after `step` (rl/checkpoint.py says what it holds)."""
     import ray
 

@@ -94,3 +94,17 @@ def test_light_modules_import_without_heavy_dependencies():
             "heavy = [m for m in ('torch', 'vllm', 'deepspeed', 'ray', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_actor_packages_never_import_the_driver():
+    """learner/, rollout/, rewards/ and common/ sit below rl/: none of their modules imports rl."""
+    import ast
+
+    upward = []
+    for package in ("learner", "rollout", "rewards", "common"):
+        for path in (ROOT / package).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                upward += [f"{path.relative_to(ROOT)}: {n}" for n in names if n == "rl" or n.startswith("rl.")]
+    assert not upward, upward
