@@ -26,6 +26,7 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora
 
 
 def resolve_model(cfg: Config) -> str:
+    """The path the actors load the model from: model.path, or the built tiny model for "tiny"."""
     if cfg.model.path != "tiny":
         return cfg.model.path
     from demo.tiny_model import build_tiny_model
