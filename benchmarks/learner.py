@@ -60,14 +60,16 @@ def rss_gb(field: str) -> float:
     raise KeyError(field)
 
 
-def batch(completions: int, prompt: int, tokens: int, vocab: int) -> list[dict]:
+def batch(completions: int, prompt: int, tokens: int, vocab: int) -> list:
     import torch
 
     g = torch.Generator().manual_seed(0)
-    return [{"prompt_ids": torch.randint(0, vocab, (prompt,), generator=g).tolist(),
-             "tokens": torch.randint(0, vocab, (tokens,), generator=g).tolist(),
-             "sampler_logprobs": [-11.9] * tokens,  # about log(1/vocab): the random model is near uniform
-             "advantage": 1.0 if i % 2 else -1.0} for i in range(completions)]
+    from common.records import Datum
+
+    return [Datum(torch.randint(0, vocab, (prompt,), generator=g).tolist(),
+                  torch.randint(0, vocab, (tokens,), generator=g).tolist(),
+                  [-11.9] * tokens,  # about log(1/vocab): the random model is near uniform
+                  1.0 if i % 2 else -1.0) for i in range(completions)]
 
 
 def run_variant(model_path: str, name: str, args, out: Path):
@@ -90,7 +92,7 @@ def run_variant(model_path: str, name: str, args, out: Path):
     start = time.perf_counter()
     metrics = learner.train_step(seqs)
     seconds = time.perf_counter() - start
-    tokens = sum(len(s["prompt_ids"]) + len(s["tokens"]) for s in seqs)
+    tokens = sum(len(s.prompt_ids) + len(s.tokens) for s in seqs)
     out.write_text(json.dumps({"variant": name, "threads": torch.get_num_threads(), "loaded_gb": round(loaded, 3),
                                "peak_gb": round(rss_gb("VmHWM") - loaded, 3), "seconds": round(seconds, 2),
                                "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),

@@ -172,7 +172,7 @@ def main():
             ms, _ = sync(full_tx, full_endpoints[:count], full, {})
             lat_f.append(ms)
         served = ray.get([s.generate.remote([[1, 2, 3]], Sampling(1, 0.0, 4)) for s in samplers[:count]])
-        assert all(len(out["groups"][0][0]["tokens"]) > 0 for out in served)
+        assert all(len(out.completions_P_G[0][0].tokens) > 0 for out in served)
         for key, xs in (("adapter", lat_a), ("full", lat_f)) if lat_f else (("adapter", lat_a),):
             result[f"{key}_p50_ms_{count}"] = round(statistics.median(xs), 2)
             result[f"{key}_p99_ms_{count}"] = round(percentile(xs, 0.99), 2)

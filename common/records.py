@@ -1,9 +1,12 @@
-"""Records that cross the actor boundary: plain frozen dataclasses, no torch (light module).
+"""Records that cross files and the actor boundary: plain frozen dataclasses, no torch (light module).
 
 `Sampling` is what every caller of a sampler asks for (the actor's `Sampler.generate` and the
-driver's `Samplers.generate` take the same one); `Published` is what the learner's `publish`
-returns: the version and digest the driver tracks, the samplers that missed it, and metrics
-that are only metrics.
+driver's `Samplers.generate` take the same one) and `Rollout` what one sampler call returns:
+`Completion`s per prompt and the adapter that made them. The driver turns them into `Group`s
+(one prompt's completions with their scores and rewards) and those into the learner's `Datum`s
+(one completion with its advantage). `Published` is what the learner's `publish` returns: the
+version and digest the driver tracks, the samplers that missed it, and metrics that are only
+metrics. Token and log-prob sequences are lists, as vLLM and torch hand them over.
 """
 
 from __future__ import annotations
@@ -20,6 +23,46 @@ class Sampling:
     max_tokens: int
     top_p: float = 1.0
     seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    tokens: list[int]
+    logprobs: list[float]  # the sampler's, per token, after temperature (vLLM's processed log-probs)
+    text: str
+    finished: bool  # ended by EOS, not cut at max_tokens
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampler call: completions_P_G[p] are prompt p's completions, all by one adapter."""
+
+    version: int
+    digest: str  # the payload digest of the adapter version that produced every completion
+    completions_P_G: list[list[Completion]]
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prompt's G completions, the adapter that produced them, and (once scored) the
+    grader's scores and the rewards trained on (scores plus optional shaping)."""
+
+    row: dict  # the prompt row: prompt, answer, prompt_ids and the source's other fields
+    completions: list[Completion]
+    version: int
+    digest: str
+    scores: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One completion as the learner scores and trains on it (log-probs need only the ids)."""
+
+    prompt_ids: list[int]
+    tokens: list[int]
+    sampler_logprobs: list[float] = field(default_factory=list)
+    advantage: float = 0.0
 
 
 @dataclass(frozen=True)

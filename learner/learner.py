@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common.cpus import pin_cpus
-from common.records import Published
+from common.records import Datum, Published
 from common.specs import LearnerSpec
 from learner.logprobs import micro_batches, sequence_logprobs
 from learner.loss import denominator, policy_gradient_loss
@@ -216,7 +216,7 @@ class Learner:
         return self.sender.publish(self._frames, self.version, self.spec.ack_timeout_s, [endpoint])
 
     # -- training ---------------------------------------------------------------------
-    def logprobs(self, seqs: list[dict], temperature: float | None = None) -> list[list[float]]:
+    def logprobs(self, seqs: list[Datum], temperature: float | None = None) -> list[list[float]]:
         """Per-token completion log-probs under the current adapter (no grad), at the run's
         temperature unless another is given (the probe tries others to diagnose a mismatch)."""
         self.engine.eval()
@@ -229,8 +229,8 @@ class Learner:
         """Rank 0 only: the handles of ranks 1..N-1, in rank order."""
         self.peers = list(peers)
 
-    def train_step(self, seqs: list[dict]) -> dict:
-        """One optimiser step over all completions: [{"prompt_ids", "tokens", "sampler_logprobs", "advantage"}].
+    def train_step(self, seqs: list[Datum]) -> dict:
+        """One optimiser step over all completions (common/records.py `Datum`s).
 
         With peers, completion i goes to rank i % world_size; every rank normalises by the
         whole step's size, so the averaged gradient is the one-rank gradient. Every rank runs
@@ -240,19 +240,19 @@ class Learner:
         import ray
 
         shards = [seqs[r::self.world_size] for r in range(self.world_size)]
-        counts = (len(seqs), sum(len(s["tokens"]) for s in seqs))
+        counts = (len(seqs), sum(len(s.tokens) for s in seqs))
         n_micro = max(len(self._micro_batches(shard)) for shard in shards)
         pending = [peer.train_shard.remote(shard, counts, n_micro) for peer, shard in zip(self.peers, shards[1:])]
         results = [self.train_shard(shards[0], counts, n_micro)] + (ray.get(pending) if pending else [])
         return merge_metrics(results)
 
-    def _micro_batches(self, seqs: list[dict]) -> list[list[int]]:
+    def _micro_batches(self, seqs: list[Datum]) -> list[list[int]]:
         """learner.micro_batch_size completions at most, and learner.max_tokens_per_micro padded
         tokens when set (longest first, so that similar lengths share a micro-batch)."""
-        return micro_batches([len(s["prompt_ids"]) + len(s["tokens"]) for s in seqs], self.spec.micro_batch_size,
+        return micro_batches([len(s.prompt_ids) + len(s.tokens) for s in seqs], self.spec.micro_batch_size,
                              self.spec.max_tokens_per_micro)
 
-    def train_shard(self, seqs: list[dict], counts: tuple[int, int], n_micro: int = 1) -> dict:
+    def train_shard(self, seqs: list[Datum], counts: tuple[int, int], n_micro: int = 1) -> dict:
         """This rank's share of a step; counts: (completions, tokens) of the whole step;
         n_micro: the micro-batches every rank runs (at least this rank's own)."""
         start = time.perf_counter()
@@ -265,7 +265,7 @@ class Learner:
         totals = dict.fromkeys(("ratio_sum", "ratio_sq_sum", "ratio_max", "kl_sum", "limited", "tokens", "loss"), 0.0)
         plan = self._micro_batches(seqs)
         plan += [[] for _ in range(max(n_micro, 1) - len(plan))]
-        sizes = [len(s["prompt_ids"]) + len(s["tokens"]) for s in seqs]
+        sizes = [len(s.prompt_ids) + len(s.tokens) for s in seqs]
         totals["positions"], totals["padded"] = sum(sizes), sum(len(b) * max(sizes[j] for j in b) for b in plan if b)
         for i, indices in enumerate(plan):
             chunk = [seqs[j] for j in indices]
@@ -274,8 +274,8 @@ class Learner:
             if chunk:
                 lp, mask = sequence_logprobs(self.engine.module, chunk, spec.temperature, spec.logprob_chunk)
                 T = lp.shape[1]
-                old = torch.tensor([s["sampler_logprobs"] + [0.0] * (T - len(s["sampler_logprobs"])) for s in chunk])
-                adv = torch.tensor([s["advantage"] for s in chunk])
+                old = torch.tensor([list(s.sampler_logprobs) + [0.0] * (T - len(s.sampler_logprobs)) for s in chunk])
+                adv = torch.tensor([s.advantage for s in chunk])
                 loss, stats = policy_gradient_loss(lp, old, adv, mask, denom, spec.ratio_cap, spec.clip_eps)
                 totals["ratio_max"] = max(totals["ratio_max"], stats["ratio_max"].item())
                 for k in ("ratio_sum", "ratio_sq_sum", "kl_sum", "limited", "tokens"):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from common.records import Datum
+
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     """Half-precision logits to float32 for the softmax; float32 and float64 stay."""
@@ -97,9 +99,9 @@ def _dlogp_dlogits(logits_C_V: torch.Tensor, lse_C: torch.Tensor, targets_C: tor
     return g.div_(temperature)
 
 
-def _batch(seqs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(seqs: list[Datum]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids and attention mask of prompt + completion."""
-    ids = [s["prompt_ids"] + s["tokens"] for s in seqs]
+    ids = [list(s.prompt_ids) + list(s.tokens) for s in seqs]
     width = max(len(i) for i in ids)
     input_ids = torch.tensor([i + [0] * (width - len(i)) for i in ids])
     attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
@@ -116,25 +118,25 @@ def _output_head(model):
     return lm.base_model, head
 
 
-def sequence_logprobs(model, seqs: list[dict], temperature: float, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(model, seqs: list[Datum], temperature: float, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each completion under `model`, at the sampling temperature.
 
-    seqs: [{"prompt_ids": [...], "tokens": [...]}]. Returns (logprobs_B_T, mask_B_T) over the
+    seqs: Datums (only their prompt_ids and tokens are read). Returns (logprobs_B_T, mask_B_T) over the
     completion tokens, right-padded. Dividing logits by the temperature matches vLLM's
     processed log-probs, which are taken after temperature. chunk > 0: the LM head only at
     positions that predict completion tokens, `chunk` tokens at a time (module doc); 0: full
     logits at every position and a log-softmax over them (the reference).
     """
     input_ids, attention = _batch(seqs)
-    B, T = len(seqs), max(len(s["tokens"]) for s in seqs)
-    lengths = [len(s["tokens"]) for s in seqs]
+    B, T = len(seqs), max(len(s.tokens) for s in seqs)
+    lengths = [len(s.tokens) for s in seqs]
     mask = torch.zeros(B, T)
     for b, n in enumerate(lengths):
         mask[b, :n] = 1
     # Completion token t of row b sits at position len(prompt) + t and is predicted one earlier.
     rows = torch.tensor([b for b, n in enumerate(lengths) for _ in range(n)], dtype=torch.long)
     cols = torch.tensor([t for n in lengths for t in range(n)], dtype=torch.long)
-    starts = torch.tensor([len(s["prompt_ids"]) for s in seqs])
+    starts = torch.tensor([len(s.prompt_ids) for s in seqs])
     positions = starts[rows] + cols - 1
     targets = input_ids[rows, positions + 1]
     if chunk:

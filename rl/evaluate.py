@@ -44,8 +44,8 @@ def evaluate(cfg, samplers, rewards, sets: dict) -> dict:
     prompts = [row["prompt_ids"] for _, row in rows]
     greedy = samplers.generate(prompts, Sampling(1, 0.0, r.max_tokens, seed=0))
     sampled = samplers.generate(prompts, Sampling(n, r.temperature, r.max_tokens, r.top_p, seed=1)) if n else []
-    items = [(g["completions"][0]["text"], fields(row)) for (_, row), g in zip(rows, greedy)]
-    items += [(c["text"], fields(row)) for (_, row), g in zip(rows, sampled) for c in g["completions"]]
+    items = [(g.completions[0].text, fields(row)) for (_, row), g in zip(rows, greedy)]
+    items += [(c.text, fields(row)) for (_, row), g in zip(rows, sampled) for c in g.completions]
     scores, _ = rewards.score(items)
     right = [s == 1.0 for s in scores]
     metrics = {}

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from common.records import Sampling
+from common.records import Group, Sampling
 from common.specs import LearnerSpec, LoraSpec, SamplerSpec
 from rl.config import Config, ConfigError
 from rl.faults import Faults
@@ -316,9 +316,9 @@ class Samplers:
     def __len__(self):
         return len(self.actors)
 
-    def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> list[dict]:
-        """Per prompt {"completions", "version", "digest"}, in prompt order. Sampler i gets
-        prompts i, i+k, ... with seed sampling.seed + i."""
+    def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> list[Group]:
+        """One Group per prompt, in prompt order, not yet scored (its `row` is empty: the
+        caller's). Sampler i gets prompts i, i+k, ... with seed sampling.seed + i."""
         import dataclasses
 
         import ray
@@ -341,8 +341,8 @@ class Samplers:
                     sent_to[i] = self.endpoints[i]
                     ref = self.actors[i].generate.remote(*args[i])  # the same prompts and seed
                     self.faults.resampled_groups += len(shards[i])
-            for j, completions in zip(range(i, len(prompt_ids_P), k), res["groups"]):
-                groups[j] = {"completions": completions, "version": res["version"], "digest": res["digest"]}
+            for j, completions in zip(range(i, len(prompt_ids_P), k), res.completions_P_G):
+                groups[j] = Group({}, completions, res.version, res.digest)
         return groups
 
     def recover(self, i: int, lost_endpoint: str, error: BaseException | None = None):

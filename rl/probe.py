@@ -15,7 +15,7 @@ run and names the likely cause. Causes it tells apart:
 
 from __future__ import annotations
 
-from common.records import Sampling
+from common.records import Datum, Sampling
 
 CANDIDATE_TEMPERATURES = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.1, 1.2, 1.5, 2.0)
 
@@ -43,8 +43,8 @@ def run_probe(learner, samplers, prompt_ids_P: list[list[int]], cfg, temperature
     worst = (0.0, 0.0)
     for i, sampler in enumerate(samplers):
         out = ray.get(sampler.generate.remote(prompt_ids_P, Sampling(2, temperature, r.max_tokens, r.top_p, 12345)))
-        seqs = [{"prompt_ids": p, "tokens": c["tokens"]} for p, g in zip(prompt_ids_P, out["groups"]) for c in g]
-        sampler_lp = [c["logprobs"] for g in out["groups"] for c in g]
+        seqs = [Datum(p, c.tokens) for p, g in zip(prompt_ids_P, out.completions_P_G) for c in g]
+        sampler_lp = [c.logprobs for g in out.completions_P_G for c in g]
         learner_lp = ray.get(learner.logprobs.remote(seqs))
         gap = mean_gap(sampler_lp, learner_lp)
         if gap[0] > cfg.sync.probe_tolerance:

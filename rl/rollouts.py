@@ -1,8 +1,8 @@
 """Where each step's training groups come from: sampled on the vLLM samplers, then scored.
 
-A group is one prompt's G completions: {"row", "completions", "version", "digest",
-"scores", "rewards"}: the adapter version and payload digest that produced it, the grader's
-scores and the rewards trained on (scores plus optional shaping).
+A group (common/records.py `Group`) is one prompt's G completions with the adapter version
+and payload digest that produced them, the grader's scores and the rewards trained on
+(scores plus optional shaping).
 
 Both batch sources are composed of a `Source` (rows drawn, sampled, scored) and a `Window`
 (the published versions and the check below); neither inherits the other.
@@ -22,31 +22,32 @@ is dropped or sampled again (rollout.on_stale), and counted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 
-from common.records import Sampling
+from common.records import Completion, Group, Sampling
 
 log = logging.getLogger(__name__)
 
 
-def collect(cfg, samplers, rewards, rows_P: list[dict], seed: int) -> tuple[list[dict], dict]:
+def collect(cfg, samplers, rewards, rows_P: list[dict], seed: int) -> tuple[list[Group], dict]:
     """Sample G completions for each row and score them: the groups, and their metrics."""
     r = cfg.rollout
     start = time.perf_counter()
     groups = samplers.generate([row["prompt_ids"] for row in rows_P],
                                Sampling(r.group_size, r.temperature, r.max_tokens, r.top_p, seed))
     sampled = time.perf_counter()
-    completions = [c for g in groups for c in g["completions"]]
+    completions = [c for g in groups for c in g.completions]
     samples = [sample for row in rows_P for sample in [fields(row)] * r.group_size]  # one dict per row
-    scores, metrics = rewards.score([(c["text"], s) for c, s in zip(completions, samples)])
+    scores, metrics = rewards.score([(c.text, s) for c, s in zip(completions, samples)])
     totals = shaped(cfg, completions, scores, metrics)
-    for i, (row, g) in enumerate(zip(rows_P, groups)):
-        part = slice(i * r.group_size, (i + 1) * r.group_size)
-        g["row"], g["scores"], g["rewards"] = row, scores[part], totals[part]
-    tokens = sum(len(c["tokens"]) for g in groups for c in g["completions"])
+    parts = [slice(i * r.group_size, (i + 1) * r.group_size) for i in range(len(groups))]
+    groups = [dataclasses.replace(g, row=row, scores=scores[part], rewards=totals[part])
+              for row, g, part in zip(rows_P, groups, parts)]
+    tokens = sum(len(c.tokens) for c in completions)
     metrics.update({"rollout/tokens_per_s": tokens / (sampled - start), "time/sample": sampled - start,
                     "time/score": time.perf_counter() - sampled})
     return groups, metrics
@@ -57,48 +58,48 @@ def fields(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "prompt_ids"}
 
 
-def shaped(cfg, completions: list[dict], scores: list[float], metrics: dict) -> list[float]:
+def shaped(cfg, completions: list[Completion], scores: list[float], metrics: dict) -> list[float]:
     """Graded scores plus the optional shaping terms (rewards/shaping.py), which are logged."""
     from rewards.shaping import format_score, overlong_penalty
 
     w, totals = cfg.reward, list(scores)
     if w.format_weight:
-        formats = [format_score(c["text"]) for c in completions]
+        formats = [format_score(c.text) for c in completions]
         totals = [t + w.format_weight * f for t, f in zip(totals, formats)]
         metrics["reward/format"] = sum(formats) / len(formats)
     if w.overlong_buffer:
-        penalties = [overlong_penalty(len(c["tokens"]), c["finished"], cfg.rollout.max_tokens, w.overlong_buffer,
+        penalties = [overlong_penalty(len(c.tokens), c.finished, cfg.rollout.max_tokens, w.overlong_buffer,
                                       w.overlong_penalty) for c in completions]
         totals = [t + p for t, p in zip(totals, penalties)]
         metrics["reward/overlong"] = sum(penalties) / len(penalties)
     return totals
 
 
-def keep_in_window(groups: list[dict], published: dict[int, str], newest: int,
-                   max_staleness: int) -> tuple[list[dict], list[dict]]:
+def keep_in_window(groups: list[Group], published: dict[int, str], newest: int,
+                   max_staleness: int) -> tuple[list[Group], list[Group]]:
     """(kept, refused): refused groups come from an adapter more than max_staleness versions
     behind `newest`, or carry a digest that is not the one published for their version."""
     kept, refused = [], []
     for g in groups:
-        ok = 0 <= newest - g["version"] <= max_staleness and published.get(g["version"]) == g["digest"]
+        ok = 0 <= newest - g.version <= max_staleness and published.get(g.version) == g.digest
         (kept if ok else refused).append(g)
     return kept, refused
 
 
-def rollout_metrics(groups: list[dict], newest: int, max_staleness: int) -> dict:
-    completions = [c for g in groups for c in g["completions"]]
-    flat = [x for g in groups for x in g["rewards"]]  # with shaping
-    graded = [x for g in groups for x in g["scores"]]  # the grader's alone
-    staleness = [newest - g["version"] for g in groups]
-    zero_signal = sum(len(set(g["rewards"])) == 1 for g in groups)
+def rollout_metrics(groups: list[Group], newest: int, max_staleness: int) -> dict:
+    completions = [c for g in groups for c in g.completions]
+    flat = [x for g in groups for x in g.rewards]  # with shaping
+    graded = [x for g in groups for x in g.scores]  # the grader's alone
+    staleness = [newest - g.version for g in groups]
+    zero_signal = sum(len(set(g.rewards)) == 1 for g in groups)
     return {
         "reward/mean": sum(flat) / len(flat),
         "reward/accuracy": sum(x == 1.0 for x in graded) / len(graded),
         "rollout/zero_signal_groups": zero_signal,  # all rewards equal: no learning signal
         "rollout/zero_signal_frac": zero_signal / len(groups),
-        "rollout/response_len": sum(len(c["tokens"]) for c in completions) / len(completions),
-        "rollout/truncated_frac": sum(not c["finished"] for c in completions) / len(completions),
-        "rollout/adapter_version": min(g["version"] for g in groups),
+        "rollout/response_len": sum(len(c.tokens) for c in completions) / len(completions),
+        "rollout/truncated_frac": sum(not c.finished for c in completions) / len(completions),
+        "rollout/adapter_version": min(g.version for g in groups),
         "rollout/staleness_mean": sum(staleness) / len(staleness),  # versions behind the learner
         "rollout/staleness_max": max(staleness),
         "rollout/staleness_hist": [staleness.count(k) for k in range(max_staleness + 1)],  # groups per lag
@@ -112,8 +113,9 @@ class Source:
         self.cfg, self.samplers, self.rewards, self.train = cfg, samplers, rewards, train
         self._last_end: float | None = None  # when the samplers last finished a batch
 
-    def batch(self, step: int) -> tuple[list[dict], dict]:
-        """Step `step`'s groups, with data/position (rows drawn so far, epochs included)."""
+    def batch(self, step: int) -> tuple[list[Group], dict, int]:
+        """Step `step`'s groups, their metrics, and the train split's position after them
+        (rows drawn so far, epochs included: the data state a checkpoint keeps)."""
         start = time.perf_counter()
         rows_P = self.train.next_batch(self.cfg.rollout.prompts_per_step)
         groups, metrics = collect(self.cfg, self.samplers, self.rewards, rows_P, self.seed(step))
@@ -121,9 +123,9 @@ class Source:
         # Between two batches the samplers only serve adapter loads (and evaluations).
         metrics["time/sampler_idle"] = start - self._last_end if self._last_end else 0.0
         self._last_end = time.perf_counter()
-        return groups, metrics
+        return groups, metrics, self.train.position
 
-    def again(self, rows_P: list[dict], step: int) -> list[dict]:
+    def again(self, rows_P: list[dict], step: int) -> list[Group]:
         """The same rows sampled again now (on the newest adapter), with another seed."""
         groups, _ = collect(self.cfg, self.samplers, self.rewards, rows_P, self.seed(step) + 50_000)
         return groups
@@ -142,19 +144,19 @@ class Window:
     def publish(self, version: int, digest: str):
         self.published[version] = digest
 
-    def admit(self, step: int, groups: list[dict], metrics: dict, source: Source) -> tuple[list[dict], dict]:
+    def admit(self, step: int, groups: list[Group], metrics: dict, source: Source) -> tuple[list[Group], dict]:
         """The groups the learner may train on at `step`, and the batch's rollout metrics."""
         r, newest = self.cfg.rollout, step - 1  # the learner holds version step - 1
         kept, refused = keep_in_window(groups, self.published, newest, r.max_staleness)
         regenerated = 0
         if refused and r.on_stale == "regenerate":  # sampled again now, on the newest adapter
-            again, _ = keep_in_window(source.again([g["row"] for g in refused], step), self.published, newest,
+            again, _ = keep_in_window(source.again([g.row for g in refused], step), self.published, newest,
                                       r.max_staleness)
             kept, regenerated = kept + again, len(again)
         if not kept:
             raise RuntimeError(f"step {step}: every group came from outside the adapter window (learner at "
                                f"version {newest}, max_staleness {r.max_staleness}, got versions "
-                               f"{sorted({g['version'] for g in groups})})")
+                               f"{sorted({g.version for g in groups})})")
         metrics.update(rollout_metrics(kept, newest, r.max_staleness))
         metrics["rollout/refused_groups"] = len(refused)  # outside the window: never trained on
         metrics["rollout/regenerated_groups"] = regenerated
@@ -171,12 +173,11 @@ class Batches:
     def publish(self, version: int, digest: str):
         self.window.publish(version, digest)
 
-    def next(self, step: int) -> tuple[list[dict], dict]:
+    def next(self, step: int) -> tuple[list[Group], dict]:
         """The groups the learner trains on at `step` (all in the window) and their metrics."""
         start = time.perf_counter()
-        groups, metrics = self.source.batch(step)
+        groups, metrics, self.consumed = self.source.batch(step)
         metrics["time/learner_idle"] = time.perf_counter() - start  # the learner waits for all of it
-        self.consumed = metrics["data/position"]
         return self.window.admit(step, groups, metrics, self.source)
 
     def close(self):
@@ -228,11 +229,11 @@ class AsyncBatches:
         except BaseException as e:  # handed to the learner's side, which raises it
             self._error = e
 
-    def next(self, step: int) -> tuple[list[dict], dict]:
+    def next(self, step: int) -> tuple[list[Group], dict]:
         start = time.perf_counter()
         while True:
             try:
-                made_for, groups, metrics = self._ready.get(timeout=0.2)
+                made_for, groups, metrics, position = self._ready.get(timeout=0.2)
                 break
             except queue.Empty:
                 if self._error is not None:
@@ -240,7 +241,7 @@ class AsyncBatches:
                 if not self._thread.is_alive():
                     raise RuntimeError(f"the rollout thread stopped before step {step}") from None
         assert made_for == step, (made_for, step)
-        self.consumed = metrics["data/position"]  # the producer has drawn further ahead
+        self.consumed = position  # the producer has drawn further ahead
         metrics["time/learner_idle"] = time.perf_counter() - start
         metrics["async/queue_depth"] = self._ready.qsize() + 1  # batches ready when the learner took this one
         return self.window.admit(step, groups, metrics, self.source)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python rl/run.py` from anywhere
 
+from common.records import Datum, Group  # noqa: E402
 from rl.config import Config, ConfigError, describe, load_config, to_dict  # noqa: E402
 from rl.faults import Faults  # noqa: E402
 
@@ -165,20 +166,19 @@ def show_progress(bar, metrics: dict, best: BestAdapter):
     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval_acc=f"{best.last:.3f}", steps_per_min=f"{60 * rate:.1f}")
 
 
-def training_batch(groups: list[dict], std_normalize: bool) -> tuple[list[dict], list[dict]]:
+def training_batch(groups: list[Group], std_normalize: bool) -> tuple[list[Datum], list[dict]]:
     """The learner's batch, one entry per completion with its group-centred advantage, and
     the same completions as rows of a sample table."""
     import torch
 
     from learner.loss import group_advantages
 
-    advantages_P_G = group_advantages(torch.tensor([g["rewards"] for g in groups]), std_normalize).tolist()
+    advantages_P_G = group_advantages(torch.tensor([g.rewards for g in groups]), std_normalize).tolist()
     batch_B, table = [], []
     for g, adv_G in zip(groups, advantages_P_G):
-        for c, reward, a in zip(g["completions"], g["rewards"], adv_G):
-            batch_B.append({"prompt_ids": g["row"]["prompt_ids"], "tokens": c["tokens"],
-                            "sampler_logprobs": c["logprobs"], "advantage": a})
-            table.append({"prompt": g["row"]["prompt"], "completion": c["text"], "reward": reward, "advantage": a})
+        for c, reward, a in zip(g.completions, g.rewards, adv_G):
+            batch_B.append(Datum(g.row["prompt_ids"], c.tokens, c.logprobs, a))
+            table.append({"prompt": g.row["prompt"], "completion": c.text, "reward": reward, "advantage": a})
     return batch_B, table
 
 

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from common.cpus import pin_cpus
-from common.records import Sampling
+from common.records import Completion, Rollout, Sampling
 from common.specs import SamplerSpec
 from rollout.channel import Adapter, AdapterReceiver
 
@@ -154,12 +154,9 @@ class Sampler:
                 self.llm.collective_rpc("remove_adapter_from_memory", args=(old.lora_int_id, old.lora_path))
                 shutil.rmtree(old.lora_path, ignore_errors=True)
 
-    def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> dict:
-        """sampling.n completions per prompt on the newest adapter.
-
-        Returns {"version", "digest", "groups": [[{tokens, logprobs, text, finished}]]}: the
-        version and payload digest name the exact adapter that produced every completion.
-        """
+    def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> Rollout:
+        """sampling.n completions per prompt on the newest adapter, whose version and payload
+        digest the Rollout names."""
         from vllm import SamplingParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -182,15 +179,10 @@ class Sampler:
                 os._exit(1)
         texts = iter(self.tokenizer.batch_decode([c.token_ids for out in outputs for c in out.outputs],
                                                  skip_special_tokens=True))
-        groups = []
-        for out in outputs:
-            group = []
-            for c in out.outputs:
-                logprobs = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)]
-                group.append({"tokens": list(c.token_ids), "logprobs": logprobs, "text": next(texts),
-                              "finished": c.finish_reason == "stop"})
-            groups.append(group)
-        return {"version": version, "digest": digest, "groups": groups}
+        completions_P_G = [[Completion(list(c.token_ids), [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)],
+                                       next(texts), c.finish_reason == "stop") for c in out.outputs]
+                           for out in outputs]
+        return Rollout(version, digest, completions_P_G)
 
     def close(self):
         """Stop the receiver and the engine's processes; remove the adapter files."""

@@ -10,7 +10,7 @@ import time
 
 import ray
 
-from common.records import Published
+from common.records import Completion, Published, Rollout
 
 
 class FakeSampler:
@@ -25,9 +25,8 @@ class FakeSampler:
     def generate(self, prompt_ids, sampling):
         version = self.version  # the adapter a real sampler takes at the start of generate
         time.sleep(self.rng.uniform(0.0, 0.05))
-        completion = {"tokens": [1, 2], "logprobs": [-0.1, -0.2], "text": "x", "finished": True}
-        return {"version": version, "digest": f"{self.prefix}{version}",
-                "groups": [[dict(completion) for _ in range(sampling.n)] for _ in prompt_ids]}
+        completion = Completion([1, 2], [-0.1, -0.2], "x", True)
+        return Rollout(version, f"{self.prefix}{version}", [[completion] * sampling.n for _ in prompt_ids])
 
 
 class FakeRewards:

@@ -41,15 +41,17 @@ def model_path(tmp_path_factory):
     return str(path)
 
 
-def fixed_batch() -> list[dict]:
+def fixed_batch() -> list:
+    from common.records import Datum
+
     g = torch.Generator().manual_seed(7)
     batch = []
     for i in range(6):
         n = 5 + 3 * i  # 5..20 completion tokens after 8 prompt tokens
-        batch.append({"prompt_ids": torch.randint(0, 96, (8,), generator=g).tolist(),
-                      "tokens": torch.randint(0, 96, (n,), generator=g).tolist(),
-                      "sampler_logprobs": (-4.6 + 0.1 * torch.randn(n, generator=g)).tolist(),  # ~log(1/96)
-                      "advantage": [1.0, -0.5, 0.25, -1.0, 0.5, -0.25][i]})
+        prompt_ids = torch.randint(0, 96, (8,), generator=g).tolist()
+        tokens = torch.randint(0, 96, (n,), generator=g).tolist()
+        sampler_logprobs = (-4.6 + 0.1 * torch.randn(n, generator=g)).tolist()  # ~log(1/96)
+        batch.append(Datum(prompt_ids, tokens, sampler_logprobs, [1.0, -0.5, 0.25, -1.0, 0.5, -0.25][i]))
     return batch
 
 

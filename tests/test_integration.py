@@ -4,6 +4,7 @@ One learner and one sampler are shared by the whole module (a vLLM engine takes 
 minute to start here). The tests run in file order and build on each other's versions.
 """
 
+import dataclasses
 import json
 import secrets
 from pathlib import Path
@@ -13,7 +14,7 @@ import zmq
 
 ray = pytest.importorskip("ray")
 
-from common.records import Sampling  # noqa: E402
+from common.records import Datum, Sampling  # noqa: E402
 from demo.tiny_model import TEMPLATE, build_tiny_model  # noqa: E402
 from rl.config import load_config  # noqa: E402
 from rollout.channel import encode  # noqa: E402
@@ -52,8 +53,6 @@ def stack():
 
 def learner_spec(stack, seed: int, **learner):
     """The spec of a learner like the stack's, with another seed and learner.* settings."""
-    import dataclasses
-
     from rl.fleet import learner_spec as spec
 
     cfg = stack["cfg"]
@@ -102,16 +101,16 @@ def logprob_gap(learner_lp, sampler_lp, scale: float) -> float:
 
 
 def max_logprob_gap(stack, out):
-    seqs = [{"prompt_ids": p, "tokens": c["tokens"]} for p, g in zip(stack["prompt_ids"], out["groups"]) for c in g]
+    seqs = [Datum(p, c.tokens) for p, g in zip(stack["prompt_ids"], out.completions_P_G) for c in g]
     learner_lp = ray.get(stack["learner"].logprobs.remote(seqs))
-    sampler_lp = [c["logprobs"] for g in out["groups"] for c in g]
+    sampler_lp = [c.logprobs for g in out.completions_P_G for c in g]
     return logprob_gap(learner_lp, sampler_lp, learner_logit_scale(stack, seqs)), learner_lp
 
 
 def test_logprobs_agree_on_version_0(stack):
     out = generate(stack)
-    assert out["version"] == 0
-    assert all(len(g) == 8 for g in out["groups"])
+    assert out.version == 0
+    assert all(len(g) == 8 for g in out.completions_P_G)
     gap, _ = max_logprob_gap(stack, out)
     assert gap < LOGPROB_TOL
 
@@ -140,23 +139,22 @@ def test_logprobs_agree_after_training(stack):
     base = generate(stack, seed=7)
     for _ in range(2):
         out = generate(stack, seed=3)
-        batch = [{"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
-                  "advantage": 1.0 if "boxed" in c["text"] else -1.0}
-                 for p, g in zip(stack["prompt_ids"], out["groups"]) for c in g]
+        batch = [Datum(p, c.tokens, c.logprobs, 1.0 if "boxed" in c.text else -1.0)
+                 for p, g in zip(stack["prompt_ids"], out.completions_P_G) for c in g]
         metrics = ray.get(learner.train_step.remote(batch))
         assert metrics["learner/grad_norm"] > 0
         sync = ray.get(learner.publish.remote())
         assert not sync.missing and len(sync.digest) == 64
         assert sync.metrics["sync/bytes"] > 0 and sync.metrics["sync/latency_ms"] > 0
     after = generate(stack, seed=7)
-    assert after["version"] == 2
+    assert after.version == 2
     gap, _ = max_logprob_gap(stack, after)
     assert gap < LOGPROB_TOL
     # The same completions scored by the trained adapter differ from version 0's scores:
     # the agreement above is between two adapted models, not two base models.
-    seqs = [{"prompt_ids": p, "tokens": c["tokens"]} for p, g in zip(stack["prompt_ids"], base["groups"]) for c in g]
+    seqs = [Datum(p, c.tokens) for p, g in zip(stack["prompt_ids"], base.completions_P_G) for c in g]
     new_lp = ray.get(learner.logprobs.remote(seqs))
-    old_lp = [c["logprobs"] for g in base["groups"] for c in g]
+    old_lp = [c.logprobs for g in base.completions_P_G for c in g]
     assert max(abs(a - b) for n, o in zip(new_lp, old_lp) for a, b in zip(n, o)) > 1e-2
 
 
@@ -174,8 +172,8 @@ def test_vllm_reloads_an_evicted_adapter_from_memory(stack):
 
     lora_id = ray.get(stack["sampler"].__ray_call__.remote(evict))
     after = generate(stack, n=1, temperature=0.0)
-    assert (after["version"], after["digest"]) == (before["version"], before["digest"]) and lora_id == before["version"] + 1
-    assert [c["tokens"] for g in after["groups"] for c in g] == [c["tokens"] for g in before["groups"] for c in g]
+    assert (after.version, after.digest) == (before.version, before.digest) and lora_id == before.version + 1
+    assert [c.tokens for g in after.completions_P_G for c in g] == [c.tokens for g in before.completions_P_G for c in g]
     gap, _ = max_logprob_gap(stack, generate(stack, seed=17))
     assert gap < LOGPROB_TOL
 
@@ -200,7 +198,7 @@ def test_sampler_refuses_bad_messages_and_keeps_serving(stack):
     manifest = ray.get(learner.manifest.remote())
     config = ray.get(learner.peft_config_dict.remote())
     before = generate(stack, n=1, temperature=0.0)
-    version = before["version"]
+    version = before.version
 
     def tensors(shape_of=None, size=None):
         out = []
@@ -229,8 +227,8 @@ def test_sampler_refuses_bad_messages_and_keeps_serving(stack):
     refused = ray.get(sampler.refused.remote())
     assert len(refused) >= len(cases)
     after = generate(stack, n=1, temperature=0.0)
-    assert after["version"] == version
-    assert [c["tokens"] for g in after["groups"] for c in g] == [c["tokens"] for g in before["groups"] for c in g]
+    assert after.version == version
+    assert [c.tokens for g in after.completions_P_G for c in g] == [c.tokens for g in before.completions_P_G for c in g]
 
 
 def test_saved_adapter_loads_with_peft(stack, tmp_path):
@@ -246,10 +244,10 @@ def test_saved_adapter_loads_with_peft(stack, tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(stack["model_path"]), tmp_path).eval()
     out = generate(stack, seed=11)
-    seqs = [{"prompt_ids": p, "tokens": c["tokens"]} for p, g in zip(stack["prompt_ids"], out["groups"]) for c in g]
+    seqs = [Datum(p, c.tokens) for p, g in zip(stack["prompt_ids"], out.completions_P_G) for c in g]
     with torch.no_grad():
         lp, mask = sequence_logprobs(model, seqs, 1.0)
-    sampler_lp = [c["logprobs"] for g in out["groups"] for c in g]
+    sampler_lp = [c.logprobs for g in out.completions_P_G for c in g]
     gap = logprob_gap([row[: int(m.sum())].tolist() for row, m in zip(lp, mask)], sampler_lp, logit_scale(model, seqs))
     assert gap < LOGPROB_TOL
 
@@ -260,12 +258,11 @@ def test_zero_stages_take_the_same_step(stack, zero_stage):
     from learner.learner import Learner
 
     out = generate(stack, seed=5)
-    batch = [{"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
-              "advantage": 1.0 if i % 3 == 0 else -0.5}
-             for p, g in zip(stack["prompt_ids"], out["groups"]) for i, c in enumerate(g)]
+    batch = [Datum(p, c.tokens, c.logprobs, 1.0 if i % 3 == 0 else -0.5)
+             for p, g in zip(stack["prompt_ids"], out.completions_P_G) for i, c in enumerate(g)]
     actor = ray.remote(num_cpus=0)(Learner)
     learners = [actor.remote(spec, b"k" * 32) for spec in (learner_spec(stack, 123), learner_spec(stack, 123, zero_stage=zero_stage))]
-    seqs = [{"prompt_ids": b["prompt_ids"], "tokens": b["tokens"]} for b in batch]
+    seqs = [Datum(b.prompt_ids, b.tokens) for b in batch]
     initial = ray.get(learners[0].logprobs.remote(seqs))
     for _ in range(2):
         ray.get([x.train_step.remote(batch) for x in learners])
@@ -288,9 +285,8 @@ def test_micro_batches_chunks_and_checkpointing_take_the_same_step(stack):
     out = generate(stack, seed=9)
     # Prefixes of uneven lengths (a completion's prefix keeps its sampler log-probs), so that
     # micro-batches in batch order hold padding.
-    completions = [(p, i, c) for p, g in zip(stack["prompt_ids"], out["groups"]) for i, c in enumerate(g)]
-    batch = [{"prompt_ids": p, "tokens": c["tokens"][:n], "sampler_logprobs": c["logprobs"][:n],
-              "advantage": 1.0 if i % 3 == 0 else -0.5}
+    completions = [(p, i, c) for p, g in zip(stack["prompt_ids"], out.completions_P_G) for i, c in enumerate(g)]
+    batch = [Datum(p, c.tokens[:n], c.logprobs[:n], 1.0 if i % 3 == 0 else -0.5)
              for (p, i, c), n in zip(completions, [2 + 7 * j % 31 for j in range(len(completions))])]
     variants = {"reference": dict(max_tokens_per_micro=0, logprob_chunk=0, gradient_checkpointing=False),
                 "defaults": {}, "small micro-batches": dict(max_tokens_per_micro=120, logprob_chunk=5)}
@@ -319,11 +315,10 @@ def test_a_non_finite_step_is_skipped_and_the_state_restores_exactly(stack, zero
     from learner.learner import Learner
 
     out = generate(stack, seed=8)
-    good = [{"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
-             "advantage": 1.0 if i % 3 == 0 else -0.5}
-            for p, g in zip(stack["prompt_ids"], out["groups"]) for i, c in enumerate(g)]
-    bad = [dict(b) for b in good]
-    bad[3] = {**bad[3], "sampler_logprobs": [math.nan] + bad[3]["sampler_logprobs"][1:]}
+    good = [Datum(p, c.tokens, c.logprobs, 1.0 if i % 3 == 0 else -0.5)
+            for p, g in zip(stack["prompt_ids"], out.completions_P_G) for i, c in enumerate(g)]
+    bad = list(good)
+    bad[3] = dataclasses.replace(bad[3], sampler_logprobs=[math.nan] + bad[3].sampler_logprobs[1:])
     learner = ray.remote(num_cpus=0)(Learner).remote(learner_spec(stack, 5, zero_stage=zero_stage), b"k" * 32)
 
     def adapter():
@@ -355,9 +350,8 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
     from rl.fleet import place, start_learners
 
     out = generate(stack, seed=6)
-    batch = [{"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
-              "advantage": 1.0 if i % 3 == 0 else -0.5}
-             for p, g in zip(stack["prompt_ids"], out["groups"]) for i, c in enumerate(g)]
+    batch = [Datum(p, c.tokens, c.logprobs, 1.0 if i % 3 == 0 else -0.5)
+             for p, g in zip(stack["prompt_ids"], out.completions_P_G) for i, c in enumerate(g)]
     base = ["learner.lr=0.02", "rollout.prompts_per_step=2", "rollout.group_size=8", "learner.micro_batch_size=8",
             "learner.num_cpus=0.2", "rollout.num_cpus=0.1"]
     runs = {}
@@ -367,7 +361,7 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
         ranks = start_learners(cfg, spec(cfg, stack["model_path"]), b"k" * 32, group, name=f"dp{world}")
         try:
             steps = [ray.get(ranks[0].train_step.remote(batch)) for _ in range(2)]
-            logprobs = ray.get(ranks[0].logprobs.remote([{"prompt_ids": b["prompt_ids"], "tokens": b["tokens"]}
+            logprobs = ray.get(ranks[0].logprobs.remote([Datum(b.prompt_ids, b.tokens)
                                                           for b in batch]))
             adapter = load(ray.get(ranks[0].adapter_files.remote())["adapter_model.safetensors"])
             runs[world] = steps, adapter, logprobs
@@ -401,20 +395,20 @@ def test_late_sampler_catches_up_before_prompts(stack):
     late = add_sampler(stack["cfg"], stack["model_path"], stack["secret"], stack["learner"], index=1)
     try:
         out = ray.get(late.generate.remote(stack["prompt_ids"], Sampling(4, 1.0, 40, seed=9)))
-        assert (out["version"], out["digest"]) == (current["version"], current["digest"])
-        seqs = [{"prompt_ids": p, "tokens": c["tokens"]} for p, g in zip(stack["prompt_ids"], out["groups"]) for c in g]
+        assert (out.version, out.digest) == (current.version, current.digest)
+        seqs = [Datum(p, c.tokens) for p, g in zip(stack["prompt_ids"], out.completions_P_G) for c in g]
         learner_lp = ray.get(stack["learner"].logprobs.remote(seqs))
-        sampler_lp = [c["logprobs"] for g in out["groups"] for c in g]
+        sampler_lp = [c.logprobs for g in out.completions_P_G for c in g]
         assert logprob_gap(learner_lp, sampler_lp, learner_logit_scale(stack, seqs)) < LOGPROB_TOL
     finally:
         remove_sampler(stack["learner"], late)
     # The learner no longer waits for the removed sampler: the next version reaches the remaining one.
     out = generate(stack, seed=4)
     ray.get(stack["learner"].train_step.remote([
-        {"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"], "advantage": 1.0 - 2 * (i % 2)}
-        for p, g in zip(stack["prompt_ids"], out["groups"]) for i, c in enumerate(g)]))
-    assert ray.get(stack["learner"].publish.remote()).version == current["version"] + 1
-    assert generate(stack, n=1, temperature=0.0)["version"] == current["version"] + 1
+        Datum(p, c.tokens, c.logprobs, 1.0 - 2 * (i % 2))
+        for p, g in zip(stack["prompt_ids"], out.completions_P_G) for i, c in enumerate(g)]))
+    assert ray.get(stack["learner"].publish.remote()).version == current.version + 1
+    assert generate(stack, n=1, temperature=0.0).version == current.version + 1
 
 
 def test_probe_passes_and_names_a_temperature_mismatch(stack):
@@ -438,15 +432,14 @@ def test_bf16_wire_effect_on_logprobs(stack, tmp_path):
 
     train = generate(stack, seed=21)  # one real step, so the adapter is far from zero
     ray.get(stack["learner"].train_step.remote([
-        {"prompt_ids": p, "tokens": c["tokens"], "sampler_logprobs": c["logprobs"],
-         "advantage": 1.0 if "boxed" in c["text"] else -1.0}
-        for p, g in zip(stack["prompt_ids"], train["groups"]) for c in g]))
+        Datum(p, c.tokens, c.logprobs, 1.0 if "boxed" in c.text else -1.0)
+        for p, g in zip(stack["prompt_ids"], train.completions_P_G) for c in g]))
     ray.get(stack["learner"].publish.remote())
     for name, data in ray.get(stack["learner"].adapter_files.remote()).items():
         (tmp_path / name).write_bytes(data)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(stack["model_path"]), tmp_path).eval()
     out = generate(stack, seed=13)
-    seqs = [{"prompt_ids": p, "tokens": c["tokens"]} for p, g in zip(stack["prompt_ids"], out["groups"]) for c in g]
+    seqs = [Datum(p, c.tokens) for p, g in zip(stack["prompt_ids"], out.completions_P_G) for c in g]
     with torch.no_grad():
         fp32, mask = sequence_logprobs(model, seqs, 1.0)
         rounded = {k: v.to(torch.bfloat16).float() for k, v in get_peft_model_state_dict(model).items()}

@@ -4,6 +4,7 @@ model with a random rank-1 LoRA (PEFT), in this process: no Ray, vLLM or DeepSpe
 import pytest
 import torch
 
+from common.records import Datum
 from learner.logprobs import ChunkedTokenLogprobs, micro_batches, sequence_logprobs
 from learner.loss import denominator, policy_gradient_loss
 
@@ -31,10 +32,10 @@ def batch(n=6, seed=1):
     seqs = []
     for i in range(n):
         prompt, tokens = 3 + 5 * i % 11, 1 + 7 * i % 13
-        seqs.append({"prompt_ids": torch.randint(1, 384, (prompt,), generator=g).tolist(),
-                     "tokens": torch.randint(1, 384, (tokens,), generator=g).tolist(),
-                     "advantage": float(torch.randn(1, generator=g)),
-                     "sampler_logprobs": (-5 + torch.randn(tokens, generator=g)).tolist()})
+        prompt_ids = torch.randint(1, 384, (prompt,), generator=g).tolist()
+        completion = torch.randint(1, 384, (tokens,), generator=g).tolist()
+        advantage = float(torch.randn(1, generator=g))
+        seqs.append(Datum(prompt_ids, completion, (-5 + torch.randn(tokens, generator=g)).tolist(), advantage))
     return seqs
 
 
@@ -57,7 +58,7 @@ def test_chunked_logprobs_match_full_logits(chunk):
     relative on logits of magnitude ~1."""
     model, seqs = lora_model(), batch()
     (lp0, mask0, _), (lp1, mask1, _) = logprobs_and_grads(model, seqs, 0), logprobs_and_grads(model, seqs, chunk)
-    assert torch.equal(mask0, mask1) and mask0.sum() == sum(len(s["tokens"]) for s in seqs)
+    assert torch.equal(mask0, mask1) and mask0.sum() == sum(len(s.tokens) for s in seqs)
     assert (lp0 * (1 - mask0)).abs().max() == 0 and (lp1 * (1 - mask1)).abs().max() == 0
     assert (lp0 - lp1).abs().max() <= 1e-5
 
@@ -99,7 +100,7 @@ def test_chunked_logprobs_in_bfloat16():
     with torch.no_grad():
         full, mask = sequence_logprobs(model, seqs, 0.7, 0)
         chunked, _ = sequence_logprobs(model, seqs, 0.7, 5)
-        biggest = max(model(input_ids=torch.tensor([s["prompt_ids"] + s["tokens"]])).logits.float().abs().max().item()
+        biggest = max(model(input_ids=torch.tensor([s.prompt_ids + s.tokens])).logits.float().abs().max().item()
                       for s in seqs)
     bound = 2 * 2**-8 * biggest / 0.7
     assert (full - chunked).abs().max().item() <= bound
@@ -143,7 +144,7 @@ def test_the_step_gradient_does_not_depend_on_the_micro_batches(budget):
     accumulating over any grouping gives the gradient of the whole batch at once (float64, as
     above: the same terms summed in another order, within 1e-10 of the gradient's size)."""
     model, seqs = lora_model(torch.float64), batch(8)
-    denom = denominator("sequences", len(seqs), sum(len(s["tokens"]) for s in seqs))
+    denom = denominator("sequences", len(seqs), sum(len(s.tokens) for s in seqs))
 
     def step_grad(plan):
         model.zero_grad()
@@ -151,14 +152,14 @@ def test_the_step_gradient_does_not_depend_on_the_micro_batches(budget):
             chunk = [seqs[i] for i in indices]
             lp, mask = sequence_logprobs(model, chunk, 1.0, 8)
             T = lp.shape[1]
-            old = torch.tensor([s["sampler_logprobs"] + [0.0] * (T - len(s["tokens"])) for s in chunk], dtype=lp.dtype)
-            adv = torch.tensor([s["advantage"] for s in chunk], dtype=lp.dtype)
+            old = torch.tensor([s.sampler_logprobs + [0.0] * (T - len(s.tokens)) for s in chunk], dtype=lp.dtype)
+            adv = torch.tensor([s.advantage for s in chunk], dtype=lp.dtype)
             loss, _ = policy_gradient_loss(lp, old, adv, mask, denom)
             loss.backward()
         return grads(model)
 
     whole = step_grad([list(range(len(seqs)))])
-    plan = micro_batches([len(s["prompt_ids"]) + len(s["tokens"]) for s in seqs], 3, budget)
+    plan = micro_batches([len(s.prompt_ids) + len(s.tokens) for s in seqs], 3, budget)
     assert len(plan) > 1
     grouped = step_grad(plan)
     scale = max(g.abs().max() for g in whole.values())

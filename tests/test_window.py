@@ -11,6 +11,7 @@ import time
 import pytest
 import ray
 
+from common.records import Group
 from rl.config import load_config
 from rl.fleet import Samplers
 from rl.rollouts import AsyncBatches, Batches, keep_in_window
@@ -23,19 +24,19 @@ PUBLISHED = {3: "d3", 4: "d4", 5: "d5"}
 
 
 def groups(versions, digests):
-    return [{"version": v, "digest": d, "i": i} for i, (v, d) in enumerate(zip(versions, digests))]
+    return [Group({"i": i}, [], v, d) for i, (v, d) in enumerate(zip(versions, digests))]
 
 
 def test_stale_and_unknown_adapters_are_refused():
     kept, refused = keep_in_window(groups([5, 4, 3, 5, 5], ["d5", "d4", "d3", "forged", "d5"]), PUBLISHED,
                                    newest=5, max_staleness=1)
-    assert [g["i"] for g in kept] == [0, 1, 4]
-    assert [g["i"] for g in refused] == [2, 3]  # version 3 is two behind; "forged" is not what 5 published
+    assert [g.row["i"] for g in kept] == [0, 1, 4]
+    assert [g.row["i"] for g in refused] == [2, 3]  # version 3 is two behind; "forged" is not what 5 published
 
 
 def test_sync_window_keeps_only_the_newest():
     kept, refused = keep_in_window(groups([5, 4], ["d5", "d4"]), PUBLISHED, newest=5, max_staleness=0)
-    assert [g["version"] for g in kept] == [5] and len(refused) == 1
+    assert [g.version for g in kept] == [5] and len(refused) == 1
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def drive(mode, max_staleness, steps=12, on_stale="drop", digest_prefix="d", lag
     with make(cfg, samplers, FakeRewards(), train, {0: "d0"}) as batches:
         for step in range(1, steps + 1):
             kept, metrics = batches.next(step)
-            history.append(([g["version"] for g in kept], metrics))
+            history.append(([g.version for g in kept], metrics))
             time.sleep(rng.uniform(0.0, 0.05))  # the learner's step
             ray.get([s.load.remote(max(0, step - (lag or {}).get(i, 0))) for i, s in enumerate(samplers)])
             batches.publish(step, f"d{step}")
