@@ -48,14 +48,14 @@ def run_probe(learner, samplers, prompt_ids_P: list[list[int]], cfg, temperature
         learner_lp = ray.get(learner.logprobs.remote(seqs))
         gap = mean_gap(sampler_lp, learner_lp)
         if gap[0] > cfg.sync.probe_tolerance:
-            raise ProbeError(f"sampler {i} (adapter version {out['version']}): mean |log-prob gap| {gap[0]:.2e} "
+            raise ProbeError(f"sampler {i} (adapter version {out.version}): mean |log-prob gap| {gap[0]:.2e} "
                              f"(max {gap[1]:.2e}) exceeds sync.probe_tolerance={cfg.sync.probe_tolerance:g}; "
                              + diagnose(learner, seqs, sampler_lp, gap[0], cfg))
         worst = max(worst, gap)
     return {"sync/probe_gap_mean": worst[0], "sync/probe_gap_max": worst[1]}
 
 
-def diagnose(learner, seqs: list[dict], sampler_lp: list[list[float]], gap: float, cfg) -> str:
+def diagnose(learner, seqs: list[Datum], sampler_lp: list[list[float]], gap: float, cfg) -> str:
     import ray
 
     r = cfg.rollout
