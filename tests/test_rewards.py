@@ -274,11 +274,20 @@ def test_pathological_completions_finish_at_deadline(math_pool):
         (b"\\boxed{5\xff\xfe}".decode("utf-8", "surrogateescape"), "5"),
         ("\ufffd" * 100_000 + "\\boxed{\ufffd5}", "5"),
     ]
+    towers = [5, 6]  # the two that hang in sympy
+    t0 = time.monotonic()
+    math_pool.score([item for i, item in enumerate(items) if i not in towers])
+    others = time.monotonic() - t0  # what the rest costs on this machine now (1 MB strings to move)
     t0 = time.monotonic()
     scores, metrics = _in_thread(lambda: math_pool.score(items))
     elapsed = time.monotonic() - t0
     assert scores == [0.0] * len(items)
-    assert elapsed < math_pool.timeout_s + 1.0, elapsed
+    # Each tower's deadline starts when a worker takes it, after at most all the other items; the
+    # two run at once on the two workers and are cut at timeout_s, so the batch ends within the
+    # others' time + one timeout + 1 s to kill and replace workers (the bound was timeout_s + 1 s,
+    # which a loaded machine missed by 0.05 s while moving the 1 MB strings). Towers not cut off
+    # would take forever; scored one after the other, 2 x timeout_s.
+    assert elapsed < others + math_pool.timeout_s + 1.0, (elapsed, others)
     # The two towers hang in sympy and are cut off; the rest are rejected without parsing
     # (only the tail is read, unbalanced boxes are no answer, long answers score 0).
     assert metrics["reward/timeout_frac"] == pytest.approx(2 / len(items))
