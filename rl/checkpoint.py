@@ -29,7 +29,7 @@ import shutil
 import time
 from pathlib import Path
 
-from rl.config import Config, ConfigError, free_keys, to_dict
+from rl.config import FREE_ON_RESUME, Config, ConfigError, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # logging) and may differ on resume. (More samplers split the prompts differently, so other
 # random completions are drawn, from the same distribution; how the learner groups and chunks
 # its work changes only the order of float sums.) Any other difference needs run.resume_allow.
-FREE_KEYS = free_keys()
+FREE_KEYS = FREE_ON_RESUME
 FREE_SECTIONS = frozenset(f.name for f in dataclasses.fields(Config) if f.metadata["free"])
 
 

@@ -377,6 +377,9 @@ def describe(cls=Config, prefix: str = "") -> list[str]:
             else:
                 type_name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            free = " Free on resume." if prefix + f.name in free_keys() else ""
+            free = " Free on resume." if prefix + f.name in FREE_ON_RESUME else ""
             lines.append(f"{prefix}{f.name} ({type_name}, default {default!r}): {f.metadata['doc']}{free}")
     return lines
+
+
+FREE_ON_RESUME = free_keys()  # derived once from the fields' metadata
