@@ -90,7 +90,7 @@ def run_variant(model_path: str, name: str, args, out: Path):
     loaded = rss_gb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
     start = time.perf_counter()
-    metrics = learner.train_step(seqs)
+    metrics = learner.train_step(seqs)[""]
     seconds = time.perf_counter() - start
     tokens = sum(len(s.prompt_ids) + len(s.tokens) for s in seqs)
     out.write_text(json.dumps({"variant": name, "threads": torch.get_num_threads(), "loaded_gb": round(loaded, 3),

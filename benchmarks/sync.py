@@ -63,7 +63,7 @@ class BenchSampler(Sampler):
     def start_full_receiver(self, secret: bytes, manifest: dict, max_bytes: int) -> str:
         from rollout.channel import AdapterReceiver
 
-        self.full_rx = AdapterReceiver("127.0.0.1", secret, manifest, max_bytes, self._load_full)
+        self.full_rx = AdapterReceiver("127.0.0.1", secret, {"": manifest}, max_bytes, self._load_full)
         return self.full_rx.endpoint
 
     def _load_full(self, message):
@@ -139,7 +139,8 @@ def main():
     secret = secrets.token_bytes(32)
     ray.init(num_cpus=2, include_dashboard=False)
     actor = ray.remote(num_cpus=0)(BenchSampler)
-    samplers = [actor.remote(sampler_spec(cfg, model_path, i), secret, manifest, "127.0.0.1") for i in range(max(counts))]
+    samplers = [actor.remote(sampler_spec(cfg, model_path, i), secret, {"": manifest}, "127.0.0.1")
+                for i in range(max(counts))]
     tx, full_tx = AdapterSender(), AdapterSender()
     endpoints = ray.get([s.endpoint.remote() for s in samplers])
     full_endpoints = ray.get([s.start_full_receiver.remote(secret, full_manifest, full_bytes + (1 << 20))
@@ -157,7 +158,7 @@ def main():
                 v.add_(1e-4)
         start = time.perf_counter()
         frames = encode_tensors(version, version, tensors, peft_config, secret)
-        sender.publish(frames, version, timeout_s=600, endpoints=targets)
+        sender.publish([frames], timeout_s=600, endpoints=targets)
         return 1e3 * (time.perf_counter() - start), sum(len(f) for f in frames)
 
     result = {}

@@ -23,6 +23,7 @@ class Sampling:
     max_tokens: int
     top_p: float = 1.0
     seed: int | None = None
+    arm: str = ""  # whose adapter samples (rl/arms.py; "" in a run without arms)
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ class Completion:
 
 @dataclass(frozen=True)
 class Rollout:
-    """One sampler call: completions_P_G[p] are prompt p's completions, all by one adapter."""
+    """One sampler request: completions_P_G[p] are prompt p's completions, all by one adapter."""
 
+    arm: str
     version: int
     digest: str  # the payload digest of the adapter version that produced every completion
     completions_P_G: list[list[Completion]]
@@ -53,6 +55,7 @@ class Group:
     digest: str
     scores: list[float] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
+    arm: str = ""  # whose adapter produced them
 
 
 @dataclass(frozen=True)
@@ -63,12 +66,14 @@ class Datum:
     tokens: list[int]
     sampler_logprobs: list[float] = field(default_factory=list)
     advantage: float = 0.0
+    arm: str = ""  # whose adapter scores and trains on it
 
 
 @dataclass(frozen=True)
 class Published:
     """One adapter version as the learner published it."""
 
+    arm: str
     version: int
     digest: str  # SHA-256 of the payload: a rollout's digest must match its version's
     missing: tuple[str, ...] = ()  # endpoints of samplers that did not acknowledge it in time

@@ -19,16 +19,29 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
-class LearnerSpec:
-    model_path: str
-    dtype: str  # torch dtype name: float32 | bfloat16 | float16
+class AdapterSpec:
+    """One arm's adapter in the learner: its shape, its optimiser and its objective."""
+
+    arm: str  # "" in a run without arms (rl/arms.py)
     lora: LoraSpec
-    seed: int
-    world_size: int  # learner ranks in the process group
-    # optimisation
+    seed: int  # the adapter's initialisation
     lr: float
     weight_decay: float
     grad_clip: float  # 0: none
+    temperature: float
+    normalizer: str  # sequences | tokens | none
+    ratio_cap: float | None
+    clip_eps: float | None
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    model_path: str
+    dtype: str  # torch dtype name: float32 | bfloat16 | float16
+    adapters: tuple[AdapterSpec, ...]  # one per arm, trained on one frozen copy of the base model
+    seed: int
+    world_size: int  # learner ranks in the process group
+    # optimisation
     zero_stage: int
     micro_batch_size: int  # most completions per forward/backward
     max_tokens_per_micro: int  # most padded tokens per micro-batch; 0: by count only
@@ -36,11 +49,6 @@ class LearnerSpec:
     logprob_chunk: int  # 0: full logits
     gradient_checkpointing: bool
     cpu_cores: str  # "" = every core this process may use
-    # the objective
-    temperature: float
-    normalizer: str  # sequences | tokens | none
-    ratio_cap: float | None
-    clip_eps: float | None
     # the adapter channel
     wire_dtype: str  # float32 | bfloat16
     ack_timeout_s: float
@@ -52,8 +60,9 @@ class SamplerSpec:
     dtype: str
     max_model_len: int
     seed: int
-    max_lora_rank: int  # the smallest rank vLLM accepts that holds lora.rank
-    resident_adapters: int  # versions kept loaded (vLLM's max_loras): max_staleness + 1
+    max_lora_rank: int  # the smallest rank vLLM accepts that holds every arm's lora.rank
+    arms: tuple[str, ...]  # the arms it serves ("" alone in a run without arms)
+    resident_adapters: int  # versions kept loaded per arm: max_staleness + 1 (vLLM's max_loras: x arms)
     kv_cache_bytes: int  # 0: vLLM sizes it from gpu_memory_utilization
     gpu_memory_utilization: float
     enforce_eager: bool

@@ -22,7 +22,7 @@ import torch
 
 from common.cpus import pin_cpus
 from common.records import Datum, Published
-from common.specs import LearnerSpec
+from common.specs import AdapterSpec, LearnerSpec
 from learner.logprobs import micro_batches, sequence_logprobs
 from learner.loss import denominator, policy_gradient_loss
 from rollout.channel import AdapterSender, Unacknowledged, encode
@@ -45,11 +45,19 @@ def rendezvous() -> tuple[str, int]:
 
 
 def encode_tensors(version: int, step: int, named: list[tuple[str, torch.Tensor]], config: dict,
-                   secret: bytes) -> list[bytes]:
+                   secret: bytes, arm: str = "") -> list[bytes]:
     """Channel frames for named CPU tensors (their raw bytes, dtype kept)."""
     tensors = [(k, ST_DTYPES[v.dtype], tuple(v.shape), v.contiguous().view(torch.uint8).numpy().tobytes())
                for k, v in named]
-    return encode(version, step, tensors, config, secret)
+    return encode(version, step, tensors, config, secret, arm)
+
+
+def by_arm(seqs: list[Datum]) -> dict[str, list[int]]:
+    """Arm -> the indices of its completions, arms in order of first appearance."""
+    out: dict[str, list[int]] = {}
+    for i, s in enumerate(seqs):
+        out.setdefault(s.arm, []).append(i)
+    return out
 
 
 class SkippableAdamW(torch.optim.AdamW):
@@ -108,10 +116,30 @@ def set_rng_states(states: dict):
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
 
 
+class Arm:
+    """One adapter of the learner: its spec, PEFT name, parameters and version stream."""
+
+    def __init__(self, spec: AdapterSpec, peft_name: str, named: list[tuple[str, torch.nn.Parameter]]):
+        self.spec, self.peft_name = spec, peft_name
+        self.names = [n.replace(f".{peft_name}.", ".") for n, _ in named]  # as PEFT saves them
+        self.params = [p for _, p in named]
+        self.version = 0
+        self.step = 0
+        self.frames: list[bytes] = []  # the last published version, for catch-up
+
+
 class Learner:
     """One rank of the learner. Rank 0 is the learner the driver talks to: it splits each
     step's batch across its peers (`attach_peers`), trains its own share, merges the metrics,
-    and alone publishes the adapter. DeepSpeed averages the gradients across ranks."""
+    and alone publishes the adapter. DeepSpeed averages the gradients across ranks.
+
+    It trains one adapter per arm (rl/arms.py; one, arm "", in a run without arms) on one
+    frozen copy of the base model: PEFT holds them side by side and each forward activates
+    one. The optimiser has one parameter group per arm (its learning rate and weight decay;
+    Adam's state is per parameter, so the arms' updates are independent). With several arms,
+    gradient clipping and the skip of a non-finite step are per arm: a skipped arm's gradients
+    are dropped, and AdamW leaves a parameter without a gradient untouched (state included).
+    """
 
     def __init__(self, spec: LearnerSpec, secret: bytes, rank: int = 0, master: tuple[str, int] | None = None):
         """spec: what this learner is built from (common/specs.py, made by rl/fleet.py);
@@ -134,11 +162,19 @@ class Learner:
         if spec.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.peft_config = LoraConfig(
-            r=spec.lora.rank, lora_alpha=spec.lora.alpha, target_modules=list(spec.lora.target_modules),
-            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, self.peft_config)
+        self.arms: dict[str, Arm] = {}
+        for i, a in enumerate(spec.adapters):
+            name = "default" if i == 0 else f"arm{i}"  # PEFT's names; an arm's name need not be an identifier
+            config = LoraConfig(r=a.lora.rank, lora_alpha=a.lora.alpha, target_modules=list(a.lora.target_modules),
+                                lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+            torch.manual_seed(a.seed)  # each adapter's initialisation depends on its own seed only
+            if i == 0:
+                model = get_peft_model(model, config)
+            else:
+                model.add_adapter(name, config)
+            self.arms[a.arm] = Arm(a, name, [(n, p) for n, p in model.named_parameters() if f".{name}." in n])
+        self.model, self._active = model, None
+        self._activate(next(iter(self.arms)))
         # One process group for the learner's ranks (each rank sees one GPU, as Ray assigns them).
         self.rank, self.world_size = rank, spec.world_size if master else 1
         address, port = master or ("127.0.0.1", _free_port())
@@ -147,14 +183,17 @@ class Learner:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         self.peers: list = []  # ranks 1.. (rank 0 only)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = SkippableAdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        groups = [{"params": arm.params, "lr": arm.spec.lr, "weight_decay": arm.spec.weight_decay}
+                  for arm in self.arms.values()]
+        self.optimizer = SkippableAdamW(groups, lr=spec.adapters[0].lr)
         ds_config = {
             "train_micro_batch_size_per_gpu": spec.micro_batch_size,
             # Only sizes DeepSpeed's batch bookkeeping: each step marks its last micro-batch as the
             # boundary itself (train_shard), since their number varies with the lengths.
             "gradient_accumulation_steps": spec.accumulation_steps,
-            "gradient_clipping": spec.grad_clip,
+            # ZeRO 0 clips each arm's gradient alone (train_shard); ZeRO 1/2 (one arm only) in
+            # DeepSpeed, which holds the gradient partitions.
+            "gradient_clipping": spec.adapters[0].grad_clip if spec.zero_stage else 0.0,
             "zero_optimization": {"stage": spec.zero_stage},
             "zero_allow_untested_optimizer": True,  # ZeRO knows AdamW by exact type; ours only adds the skip
             "bf16": {"enabled": dtype == torch.bfloat16},
@@ -162,89 +201,109 @@ class Learner:
         }
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         self.sender = AdapterSender()
-        self._frames: list[bytes] = []  # the last published version, for catch-up
-        self.version = 0
-        self.step = 0
+
+    def _activate(self, arm: str):
+        """Make `arm`'s adapter the one forward passes use (and the only one with gradients)."""
+        if self._active != arm:
+            self.model.set_adapter(self.arms[arm].peft_name)
+            self._active = arm
 
     # -- the adapter ------------------------------------------------------------------
-    def _adapter_tensors(self) -> list[tuple[str, torch.Tensor]]:
+    def _adapter_tensors(self, arm: str) -> list[tuple[str, torch.Tensor]]:
         from peft import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.engine.module)
+        state = get_peft_model_state_dict(self.engine.module, adapter_name=self.arms[arm].peft_name)
         return sorted((k, v.detach().contiguous().cpu()) for k, v in state.items())
 
-    def _wire_tensors(self) -> list[tuple[str, torch.Tensor]]:
+    def _wire_tensors(self, arm: str) -> list[tuple[str, torch.Tensor]]:
         """The adapter as it travels: in sync.wire_dtype (bfloat16 halves the bytes)."""
         dtype = getattr(torch, self.spec.wire_dtype)
-        return [(k, v.to(dtype)) for k, v in self._adapter_tensors()]
+        return [(k, v.to(dtype)) for k, v in self._adapter_tensors(arm)]
 
-    def manifest(self) -> dict:
-        """Tensor name -> [safetensors dtype, shape]: what samplers check messages against."""
-        return {k: [ST_DTYPES[v.dtype], list(v.shape)] for k, v in self._wire_tensors()}
+    def manifest(self, arm: str = "") -> dict:
+        """Tensor name -> [safetensors dtype, shape]: what samplers check an arm's messages against."""
+        return {k: [ST_DTYPES[v.dtype], list(v.shape)] for k, v in self._wire_tensors(arm)}
 
-    def peft_config_dict(self) -> dict:
-        d = self.peft_config.to_dict()
+    def manifests(self) -> dict[str, dict]:
+        """Every arm's manifest."""
+        return {arm: self.manifest(arm) for arm in self.arms}
+
+    def peft_config_dict(self, arm: str = "") -> dict:
+        d = self.engine.module.peft_config[self.arms[arm].peft_name].to_dict()
         return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
 
     def connect(self, endpoints: list[str]):
         self.sender.connect(endpoints)
 
-    def publish(self) -> Published:
-        """Send the current adapter as version `self.version` to every sampler; wait for all acks.
+    def publish(self, arms: list[str] | None = None) -> list[Published]:
+        """Send each arm's current adapter (all arms, or `arms`) as its version `arm.version` to
+        every sampler; wait for all acks.
 
         Latency runs from "the learner has new weights" (serialisation included) to "every
         sampler serves them". The frames are kept for samplers that join later. Samplers that
         did not acknowledge within sync.ack_timeout_s are listed in `missing`.
         """
         start = time.perf_counter()
-        self._frames = encode_tensors(self.version, self.step, self._wire_tensors(), self.peft_config_dict(), self.secret)
+        chosen = [self.arms[a] for a in (self.arms if arms is None else arms)]
+        for arm in chosen:
+            arm.frames = encode_tensors(arm.version, arm.step, self._wire_tensors(arm.spec.arm),
+                                        self.peft_config_dict(arm.spec.arm), self.secret, arm.spec.arm)
         missing: tuple[str, ...] = ()
         try:
-            metrics = self.sender.publish(self._frames, self.version, self.spec.ack_timeout_s)
+            metrics = self.sender.publish([arm.frames for arm in chosen], self.spec.ack_timeout_s)
         except Unacknowledged as e:  # a sampler died (or hangs): the driver restarts it or stops the run
-            missing, metrics = tuple(e.missing), {"sync/bytes": sum(len(f) for f in self._frames)}
+            missing, metrics = tuple(e.missing), {"sync/bytes": sum(len(f) for a in chosen for f in a.frames)}
         metrics["sync/latency_ms"] = 1e3 * (time.perf_counter() - start)
-        metrics["sync/version"] = self.version
-        return Published(self.version, json.loads(self._frames[0])["payload_sha256"], missing, metrics)
+        return [Published(arm.spec.arm, arm.version, json.loads(arm.frames[0])["payload_sha256"], missing,
+                          {**metrics, "sync/version": arm.version}) for arm in chosen]
 
     def disconnect(self, endpoint: str):
         self.sender.disconnect(endpoint)
 
     def catch_up(self, endpoint: str) -> dict:
-        """Bring a sampler that started late (or restarted) to the latest version before it gets prompts."""
+        """Bring a sampler that started late (or restarted) to every arm's latest version before it gets prompts."""
         self.sender.connect([endpoint])
-        return self.sender.publish(self._frames, self.version, self.spec.ack_timeout_s, [endpoint])
+        return self.sender.publish([arm.frames for arm in self.arms.values() if arm.frames],
+                                   self.spec.ack_timeout_s, [endpoint])
 
     # -- training ---------------------------------------------------------------------
     def logprobs(self, seqs: list[Datum], temperature: float | None = None) -> list[list[float]]:
-        """Per-token completion log-probs under the current adapter (no grad), at the run's
-        temperature unless another is given (the probe tries others to diagnose a mismatch)."""
+        """Per-token completion log-probs under each one's arm's current adapter (no grad), at
+        the arm's temperature unless another is given (the probe tries others to diagnose a
+        mismatch)."""
         self.engine.eval()
+        out: list = [None] * len(seqs)
         with torch.no_grad():
-            lp, mask = sequence_logprobs(self.engine.module, seqs, temperature or self.spec.temperature,
-                                         self.spec.logprob_chunk)
-        return [row[: int(m.sum())].tolist() for row, m in zip(lp, mask)]
+            for arm, indices in by_arm(seqs).items():
+                self._activate(arm)
+                lp, mask = sequence_logprobs(self.engine.module, [seqs[i] for i in indices],
+                                             temperature or self.arms[arm].spec.temperature, self.spec.logprob_chunk)
+                for i, row, m in zip(indices, lp, mask):
+                    out[i] = row[: int(m.sum())].tolist()
+        return out
 
     def attach_peers(self, peers: list):
         """Rank 0 only: the handles of ranks 1..N-1, in rank order."""
         self.peers = list(peers)
 
-    def train_step(self, seqs: list[Datum]) -> dict:
-        """One optimiser step over all completions (common/records.py `Datum`s).
+    def train_step(self, seqs: list[Datum]) -> dict[str, dict]:
+        """One optimiser step over all completions (common/records.py `Datum`s), each on its
+        arm's adapter; the metrics of each arm in the batch.
 
-        With peers, completion i goes to rank i % world_size; every rank normalises by the
-        whole step's size, so the averaged gradient is the one-rank gradient. Every rank runs
-        as many micro-batches as the busiest one (ZeRO 2 reduces gradients in each backward,
-        collectively), the others padding with empty ones.
+        With peers (one arm only), completion i goes to rank i % world_size; every rank
+        normalises by the whole step's size, so the averaged gradient is the one-rank gradient.
+        Every rank runs as many micro-batches as the busiest one (ZeRO 2 reduces gradients in
+        each backward, collectively), the others padding with empty ones.
         """
         import ray
 
         shards = [seqs[r::self.world_size] for r in range(self.world_size)]
-        counts = (len(seqs), sum(len(s.tokens) for s in seqs))
+        counts = {arm: (len(ix), sum(len(seqs[i].tokens) for i in ix)) for arm, ix in by_arm(seqs).items()}
+        counts = counts or {next(iter(self.arms)): (0, 0)}
         n_micro = max(len(self._micro_batches(shard)) for shard in shards)
         pending = [peer.train_shard.remote(shard, counts, n_micro) for peer, shard in zip(self.peers, shards[1:])]
         results = [self.train_shard(shards[0], counts, n_micro)] + (ray.get(pending) if pending else [])
-        return merge_metrics(results)
+        return {arm: merge_metrics([r[arm] for r in results]) for arm in counts}
 
     def _micro_batches(self, seqs: list[Datum]) -> list[list[int]]:
         """learner.micro_batch_size completions at most, and learner.max_tokens_per_micro padded
@@ -252,27 +311,67 @@ class Learner:
         return micro_batches([len(s.prompt_ids) + len(s.tokens) for s in seqs], self.spec.micro_batch_size,
                              self.spec.max_tokens_per_micro)
 
-    def train_shard(self, seqs: list[Datum], counts: tuple[int, int], n_micro: int = 1) -> dict:
-        """This rank's share of a step; counts: (completions, tokens) of the whole step;
-        n_micro: the micro-batches every rank runs (at least this rank's own)."""
+    def train_shard(self, seqs: list[Datum], counts: dict[str, tuple[int, int]], n_micro: int = 1) -> dict:
+        """This rank's share of a step; counts: arm -> (completions, tokens) of the whole step;
+        n_micro: the micro-batches every rank runs (at least this rank's own; one arm only)."""
         start = time.perf_counter()
         self.engine.train()
-        spec = self.spec
+        # (arm, its completions here, micro-batches as indices into them), the step's arms in order.
+        plans = []
+        for arm in counts:
+            mine = [s for s in seqs if s.arm == arm]
+            plans.append((arm, mine, self._micro_batches(mine)))
+        if len(plans) == 1:
+            plans[0][2].extend([] for _ in range(max(n_micro, 1) - len(plans[0][2])))
+        last = sum(len(plan) for _, _, plan in plans) - 1
+        totals, i = {}, 0
+        for arm, mine, plan in plans:
+            totals[arm] = self._accumulate(arm, mine, plan, counts[arm], range(i, i + len(plan)), last)
+            i += len(plan)
+        norms = {arm: self._grad_norm(self.arms[arm]) for arm in counts}
+        skipped = self._non_finite({arm: (totals[arm]["loss"], norms[arm]) for arm in counts})
+        for name, arm in self.arms.items():
+            if name not in counts or skipped[name]:
+                for p in arm.params:
+                    p.grad = None  # AdamW steps no parameter without a gradient: weights and state stay
+            elif arm.spec.grad_clip > 0 and norms[name] is not None:  # ZeRO 0: each arm's norm alone
+                torch.nn.utils.clip_grad_norm_(arm.params, arm.spec.grad_clip)
+        self.optimizer.skip = all(skipped.values())
+        self.engine.step()
+        # A skipped step leaves weights and optimiser state as they were (ZeRO 1/2 check their
+        # own gradient partitions, and skip, when they hold a NaN or inf).
+        applied = self.engine.was_step_applied()
+        self.optimizer.skip = False
+        elapsed = time.perf_counter() - start
+        out = {}
+        for arm in counts:
+            a = self.arms[arm]
+            a.step += 1
+            a.version += 1  # a skipped step still makes a version (the same weights): versions count steps
+            norm = norms[arm] if norms[arm] is not None else self.engine.get_global_grad_norm()  # ZeRO 1/2: partitions
+            out[arm] = {"totals": totals[arm], "grad_norm": None if norm is None else float(norm), "seconds": elapsed,
+                        "skipped": skipped[arm] or not applied}
+        return out
+
+    def _accumulate(self, arm: str, seqs: list[Datum], plan: list[list[int]], counts: tuple[int, int],
+                    positions: range, last: int) -> dict:
+        """Forward and backward of one arm's micro-batches (positions: theirs in the step's
+        order; `last` is the step's last, the accumulation boundary); the arm's sums."""
+        spec = self.arms[arm].spec
+        self._activate(arm)
         # DeepSpeed averages gradients over ranks: scale back up to the step's sum / denominator.
         # Each micro-batch's loss is its share of the step's sum / denominator, so the gradient
         # is the same however the completions are grouped into micro-batches.
         denom = denominator(spec.normalizer, *counts) / self.world_size
         totals = dict.fromkeys(("ratio_sum", "ratio_sq_sum", "ratio_max", "kl_sum", "limited", "tokens", "loss"), 0.0)
-        plan = self._micro_batches(seqs)
-        plan += [[] for _ in range(max(n_micro, 1) - len(plan))]
         sizes = [len(s.prompt_ids) + len(s.tokens) for s in seqs]
         totals["positions"], totals["padded"] = sum(sizes), sum(len(b) * max(sizes[j] for j in b) for b in plan if b)
-        for i, indices in enumerate(plan):
+        for position, indices in zip(positions, plan):
             chunk = [seqs[j] for j in indices]
             # The last micro-batch is the accumulation boundary: gradients are reduced there.
-            self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
+            self.engine.set_gradient_accumulation_boundary(position == last)
             if chunk:
-                lp, mask = sequence_logprobs(self.engine.module, chunk, spec.temperature, spec.logprob_chunk)
+                lp, mask = sequence_logprobs(self.engine.module, chunk, spec.temperature, self.spec.logprob_chunk)
                 T = lp.shape[1]
                 old = torch.tensor([list(s.sampler_logprobs) + [0.0] * (T - len(s.sampler_logprobs)) for s in chunk])
                 adv = torch.tensor([s.advantage for s in chunk])
@@ -281,59 +380,55 @@ class Learner:
                 for k in ("ratio_sum", "ratio_sq_sum", "kl_sum", "limited", "tokens"):
                     totals[k] += stats[k].item()
             else:  # no completions for this rank (dropped groups, or a busier peer): a zero gradient
-                loss = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
+                loss = sum(p.sum() for p in self.arms[arm].params) * 0.0
             # The loss is already normalised over the whole step: no extra 1/GAS scaling.
             self.engine.backward(loss, scale_wrt_gas=False)
             totals["loss"] += loss.item()
-        grad_norm = self._grad_norm()
-        self.optimizer.skip = self._non_finite(totals["loss"], grad_norm)
-        self.engine.step()
-        # A skipped step leaves weights and optimiser state as they were (ZeRO 1/2 check their
-        # own gradient partitions, and skip, when they hold a NaN or inf).
-        skipped = self.optimizer.skip or not self.engine.was_step_applied()
-        self.optimizer.skip = False
-        self.step += 1
-        self.version += 1  # a skipped step still makes a version (the same weights): versions count steps
-        elapsed = time.perf_counter() - start
-        if grad_norm is None:  # ZeRO 1/2 keep gradients in their own partitions
-            grad_norm = self.engine.get_global_grad_norm()
-        return {"totals": totals, "grad_norm": None if grad_norm is None else float(grad_norm), "seconds": elapsed,
-                "skipped": skipped}
+        return totals
 
-    def _non_finite(self, loss: float, grad_norm: float | None) -> bool:
-        """Whether any rank's loss or the (already averaged) gradient is NaN or infinite."""
-        bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+    def _non_finite(self, values: dict[str, tuple[float, float | None]]) -> dict[str, bool]:
+        """Per arm, whether any rank's loss or the (already averaged) gradient is NaN or infinite."""
+        bad = {arm: not math.isfinite(loss) or (norm is not None and not math.isfinite(norm))
+               for arm, (loss, norm) in values.items()}
         if self.world_size == 1:
             return bad
-        flag = torch.tensor([float(bad)], device=self.engine.device)  # every rank takes the same decision
+        flag = torch.tensor([float(b) for b in bad.values()], device=self.engine.device)  # every rank decides alike
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return {arm: bool(f) for arm, f in zip(bad, flag.tolist())}
 
-    def _grad_norm(self) -> float | None:
-        grads = [p.grad for p in self.engine.module.parameters() if p.requires_grad and p.grad is not None]
+    def _grad_norm(self, arm: Arm) -> float | None:
+        grads = [p.grad for p in arm.params if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
 
     # -- checkpoints ------------------------------------------------------------------
-    def state_files(self) -> dict[str, bytes]:
-        """The training state as files (name -> bytes), rank 0's gathered with its peers':
-        DeepSpeed's checkpoint of the trainable weights and optimiser (and scheduler) state,
-        without the frozen base model, and each rank's RNG states. The driver writes them."""
+    def state_files(self, arm: str = "") -> dict[str, bytes]:
+        """An arm's training state as files (name -> bytes); the driver writes them.
+
+        One arm: rank 0's gathered with its peers': DeepSpeed's checkpoint of the trainable
+        weights and optimiser state, without the frozen base model, and each rank's RNG states.
+        Several arms (one rank, ZeRO 0): each arm's own, so that each resumes alone
+        (`_arm_state_files`)."""
         import ray
 
+        if len(self.arms) > 1:
+            return self._arm_state_files(self.arms[arm])
         pending = [peer.state_files.remote() for peer in self.peers]  # saving is collective: all ranks at once
+        (one,) = self.arms.values()
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False, exclude_frozen_parameters=True,
-                                        client_state={"step": self.step, "version": self.version})
+                                        client_state={"step": one.step, "version": one.version})
             (Path(tmp) / f"rng-rank{self.rank}.json").write_text(json.dumps(rng_states()))
             files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
         for peer_files in ray.get(pending):
             files.update(peer_files)
         return files
 
-    def load_state_files(self, files: dict[str, bytes]) -> dict:
-        """Resume from `state_files` (every rank reads what it wrote); returns {"step", "version"}."""
+    def load_state_files(self, files: dict[str, bytes], arm: str = "") -> dict:
+        """Resume an arm from `state_files` (every rank reads what it wrote); returns {"step", "version"}."""
         import ray
 
+        if len(self.arms) > 1:
+            return self._load_arm_state(self.arms[arm], files)
         pending = [peer.load_state_files.remote(files) for peer in self.peers]
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in files.items():
@@ -343,14 +438,49 @@ class Learner:
             _, client = self.engine.load_checkpoint(tmp, tag="deepspeed", load_module_strict=False)
             set_rng_states(json.loads((Path(tmp) / f"rng-rank{self.rank}.json").read_text()))
         ray.get(pending)
-        self.step, self.version = client["step"], client["version"]
-        return {"step": self.step, "version": self.version}
+        (one,) = self.arms.values()
+        one.step, one.version = client["step"], client["version"]
+        return {"step": one.step, "version": one.version}
 
-    def adapter_files(self) -> dict[str, bytes]:
-        """The adapter in PEFT layout (file name -> bytes), loadable by PeftModel and vLLM."""
+    def _arm_state_files(self, arm: Arm) -> dict[str, bytes]:
+        """arm.safetensors (the adapter's float32 weights and AdamW's per-parameter state,
+        keyed by PEFT's adapter names) and arm.json (its step and version). No RNG: training
+        draws no random numbers (no dropout; the initialisation is done)."""
+        from safetensors.torch import save
+
+        tensors = {}
+        for name, p in zip(arm.names, arm.params):
+            tensors[f"weight/{name}"] = p.detach().clone()
+            for key, value in self.optimizer.state.get(p, {}).items():  # step, exp_avg, exp_avg_sq
+                tensors[f"{key}/{name}"] = value.detach().clone()
+        meta = {"arm": arm.spec.arm, "step": arm.step, "version": arm.version}
+        return {"arm.safetensors": save(tensors), "arm.json": json.dumps(meta).encode()}
+
+    def _load_arm_state(self, arm: Arm, files: dict[str, bytes]) -> dict:
+        from safetensors.torch import load
+
+        tensors, meta = load(files["arm.safetensors"]), json.loads(files["arm.json"])
+        if sorted(k for k in tensors if k.startswith("weight/")) != sorted(f"weight/{n}" for n in arm.names):
+            raise ValueError(f"arm {arm.spec.arm!r}: the checkpoint holds other adapter tensors than this arm's "
+                             "(another lora.rank or lora.target_modules?)")
+        with torch.no_grad():
+            for name, p in zip(arm.names, arm.params):
+                p.copy_(tensors[f"weight/{name}"])
+                state = {key: tensors[f"{key}/{name}"] for key in ("step", "exp_avg", "exp_avg_sq")
+                         if f"{key}/{name}" in tensors}
+                self.optimizer.state.pop(p, None)
+                if state:
+                    self.optimizer.state[p] = state
+        arm.step, arm.version = meta["step"], meta["version"]
+        return {"step": arm.step, "version": arm.version}
+
+    def adapter_files(self, arm: str = "") -> dict[str, bytes]:
+        """An arm's adapter in PEFT layout (file name -> bytes), loadable by PeftModel and vLLM."""
+        name = self.arms[arm].peft_name
         with tempfile.TemporaryDirectory() as tmp:
-            self.engine.module.save_pretrained(tmp)
-            return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+            self.model.save_pretrained(tmp, selected_adapters=[name])
+            folder = Path(tmp) if name == "default" else Path(tmp) / name  # PEFT puts other adapters in subfolders
+            return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
     def close(self):
         self.sender.close()

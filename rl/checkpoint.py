@@ -141,6 +141,44 @@ def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     return run_dir, resume
 
 
+def arm_runs(cfg: Config, run_dir: Path, resume: Path | None) -> tuple[list, dict[str, Path]]:
+    """The run's arms (rl/arms.py) and the checkpoint each resumes from (arm -> path).
+
+    Without an arms section: one arm, "", in run_dir, from `resume`. A sweep's arms live in
+    run_dir/arms/<name>/, each with its config.yaml and checkpoints; they step together, so
+    they resume at one step: the newest at which every arm still running has a complete
+    checkpoint (an arm that failed, with failed.json, stays stopped)."""
+    from rl.arms import ArmRun, expand
+
+    arms = expand(cfg)
+    if len(arms) == 1 and arms[0][0] == "":
+        return [ArmRun("", cfg, run_dir)], {"": resume} if resume else {}
+    if cfg.run.resume not in ("auto", "never"):
+        raise ConfigError("run.resume must be auto or never in a sweep: each arm resumes from its own checkpoints")
+    import yaml
+
+    runs, found = [], {}
+    for name, arm_cfg in arms:
+        arm = ArmRun(name, arm_cfg, run_dir / "arms" / name)
+        arm.run_dir.mkdir(parents=True, exist_ok=True)
+        failed = arm.run_dir / "failed.json"
+        if failed.exists():
+            arm.error = json.loads(failed.read_text())["error"]
+        else:
+            resume_point(arm_cfg, arm.run_dir)  # checks the arm's config against its newest checkpoint
+            found[name] = {int(p.name.split("-")[1]): p for p in complete(arm.run_dir / "checkpoints")}
+        (arm.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(arm_cfg), sort_keys=False))
+        runs.append(arm)
+    if not any(found.values()):
+        return runs, {}
+    common = set.intersection(*(set(steps) for steps in found.values()))
+    if not common:
+        raise ConfigError(f"the arms in {run_dir / 'arms'} have no checkpoint step in common: "
+                          + "; ".join(f"{name}: {sorted(steps) or 'none'}" for name, steps in found.items()))
+    step = max(common)
+    return runs, {name: steps[step] for name, steps in found.items()}
+
+
 def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     """The checkpoint this launch continues from (run.resume), checked against the config."""
     root = run_dir / "checkpoints"

@@ -196,6 +196,15 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class ArmsConfig:
+    grid: dict[str, typing.Any] = doc({}, "Arms of a sweep: dotted key -> list of values; every combination is an "
+                                          "arm (rl/arms.py says what may vary). {}: no grid.")
+    list: tuple[dict[str, typing.Any], ...] = doc((), "Arms of a sweep, each a mapping of dotted keys to values "
+                                                       "with an optional name; with a grid, each is combined with "
+                                                       "every grid point. (): none.")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = doc(ModelConfig(), "The base model.")
     lora: LoraConfig = doc(LoraConfig(), "The trained adapter.")
@@ -208,6 +217,8 @@ class Config:
     eval: EvalConfig = doc(EvalConfig(), "Held-out evaluation (every run.eval_every steps).", free=True)
     logging: LogConfig = doc(LogConfig(), "Where metrics go besides metrics.jsonl.", free=True)
     run: RunConfig = doc(RunConfig(), "The loop and the run directory.")
+    arms: ArmsConfig = doc(ArmsConfig(), "Many experiments in one job: one adapter per arm on one fleet "
+                                          "(rl/arms.py); each arm checks its own config on resume.", free=True)
 
     def __post_init__(self):
         check(self.lora.rank >= 1, "lora.rank must be >= 1")
@@ -256,6 +267,8 @@ def check(ok: bool, message: str):
 
 def _coerce(value, tp, key: str):
     """Return value as type tp, or raise ConfigError naming the key."""
+    if tp is typing.Any:  # checked where it is used (the arms section: rl/arms.py)
+        return value
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -335,6 +348,20 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         return _build(Config, tree)
     except ConfigError as e:
         raise ConfigError(f"{e}{where}") from None
+
+
+def with_values(cfg: Config, values: dict[str, typing.Any], where: str = "") -> Config:
+    """cfg with dotted keys set to values, typed and checked as a config file's would be."""
+    tree = to_dict(cfg)
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        if section not in tree or not isinstance(tree[section], dict) or name not in tree[section]:
+            raise ConfigError(f"{where}unknown config key {key}")
+        tree[section][name] = value
+    try:
+        return _build(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
 
 
 def to_dict(cfg: Config) -> dict:

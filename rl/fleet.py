@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from common.records import Group, Sampling
-from common.specs import LearnerSpec, LoraSpec, SamplerSpec
+from common.specs import AdapterSpec, LearnerSpec, LoraSpec, SamplerSpec
+from rl.arms import expand
 from rl.config import Config, ConfigError
 from rl.faults import Faults
 
@@ -114,25 +115,32 @@ def actor_cores(cfg: Config, group) -> list[str]:
     return cores
 
 
+def adapter_spec(arm: str, cfg: Config) -> AdapterSpec:
+    """One arm's adapter, from the arm's config (rl/arms.py)."""
+    return AdapterSpec(arm=arm, lora=LoraSpec(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.target_modules)),
+                       seed=cfg.run.seed, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
+                       grad_clip=cfg.learner.grad_clip, temperature=cfg.rollout.temperature,
+                       normalizer=cfg.loss.normalizer, ratio_cap=cfg.loss.ratio_cap, clip_eps=cfg.loss.clip_eps)
+
+
 def learner_spec(cfg: Config, model_path: str, cpu_cores: str | None = None) -> LearnerSpec:
     lr, ro = cfg.learner, cfg.rollout
     per_rank = -(-ro.prompts_per_step * ro.group_size // lr.world_size)
     return LearnerSpec(
         model_path=model_path, dtype=cfg.model.dtype, seed=cfg.run.seed, world_size=lr.world_size,
-        lora=LoraSpec(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.target_modules)),
-        lr=lr.lr, weight_decay=lr.weight_decay, grad_clip=lr.grad_clip, zero_stage=lr.zero_stage,
+        adapters=tuple(adapter_spec(name, arm) for name, arm in expand(cfg)), zero_stage=lr.zero_stage,
         micro_batch_size=lr.micro_batch_size, max_tokens_per_micro=lr.max_tokens_per_micro,
         accumulation_steps=-(-per_rank // lr.micro_batch_size), logprob_chunk=lr.logprob_chunk,
         gradient_checkpointing=lr.gradient_checkpointing, cpu_cores=lr.cpu_cores if cpu_cores is None else cpu_cores,
-        temperature=ro.temperature, normalizer=cfg.loss.normalizer, ratio_cap=cfg.loss.ratio_cap,
-        clip_eps=cfg.loss.clip_eps, wire_dtype=cfg.sync.wire_dtype, ack_timeout_s=cfg.sync.ack_timeout_s)
+        wire_dtype=cfg.sync.wire_dtype, ack_timeout_s=cfg.sync.ack_timeout_s)
 
 
 def sampler_spec(cfg: Config, model_path: str, index: int, cpu_cores: str | None = None) -> SamplerSpec:
-    ro = cfg.rollout
+    ro, arms = cfg.rollout, expand(cfg)
     return SamplerSpec(
         model_path=model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=cfg.run.seed + index,
-        max_lora_rank=vllm_lora_rank(cfg.lora.rank), resident_adapters=ro.max_staleness + 1,
+        max_lora_rank=vllm_lora_rank(max(arm.lora.rank for _, arm in arms)), arms=tuple(name for name, _ in arms),
+        resident_adapters=ro.max_staleness + 1,
         kv_cache_bytes=int(ro.kv_cache_gb * 2**30), gpu_memory_utilization=ro.gpu_memory_utilization,
         enforce_eager=ro.enforce_eager, tensor_parallel_size=max(1, int(ro.num_gpus)), on_gpu=bool(ro.num_gpus),
         separate_engine=bool(ro.num_gpus) if ro.separate_engine is None else ro.separate_engine,
@@ -153,8 +161,11 @@ def describe_specs(learner: LearnerSpec, sampler: SamplerSpec) -> str:
     engine = "in separate processes" if sampler.separate_engine else "inside each sampler"
     return (f"learner: {learner.world_size} rank(s), micro-batches of <= {learner.micro_batch_size} completions"
             + (f" and <= {learner.max_tokens_per_micro} padded tokens" if learner.max_tokens_per_micro else "")
-            + f" ({learner.accumulation_steps} per rank by count); samplers: vLLM max_lora_rank "
-            f"{sampler.max_lora_rank}, {sampler.resident_adapters} resident adapter version(s), engine {engine}")
+            + f" ({learner.accumulation_steps} per rank by count)"
+            + (f", {len(learner.adapters)} adapters (one per arm)" if len(learner.adapters) > 1 else "")
+            + f"; samplers: vLLM max_lora_rank {sampler.max_lora_rank}, max_loras "
+            f"{sampler.resident_adapters * len(sampler.arms)} ({sampler.resident_adapters} resident version(s)"
+            + (f" x {len(sampler.arms)} arms" if len(sampler.arms) > 1 else "") + f"), engine {engine}")
 
 
 def build_actors(cfg: Config, model_path: str, secret: bytes) -> tuple[list, list]:
@@ -167,8 +178,8 @@ def build_actors(cfg: Config, model_path: str, secret: bytes) -> tuple[list, lis
     specs = [sampler_spec(cfg, model_path, i, cores[world + i]) for i in range(cfg.rollout.num_samplers)]
     print(describe_specs(spec, specs[0]), flush=True)
     learners = start_learners(cfg, spec, secret, group)
-    manifest = ray.get(learners[0].manifest.remote())
-    samplers = [start_sampler(cfg, specs[i], secret, manifest, i, _in_bundle(group, world + i))
+    manifests = ray.get(learners[0].manifests.remote())
+    samplers = [start_sampler(cfg, specs[i], secret, manifests, i, _in_bundle(group, world + i))
                 for i in range(cfg.rollout.num_samplers)]
     ray.get(learners[0].connect.remote(ray.get([s.endpoint.remote() for s in samplers])))
     return learners, samplers
@@ -194,7 +205,7 @@ def start_learners(cfg: Config, spec: LearnerSpec, secret: bytes, group, name: s
     return ranks
 
 
-def start_sampler(cfg: Config, spec: SamplerSpec, secret: bytes, manifest: dict, index: int,
+def start_sampler(cfg: Config, spec: SamplerSpec, secret: bytes, manifests: dict[str, dict], index: int,
                   bundle: dict | None = None):
     import ray
 
@@ -206,14 +217,14 @@ def start_sampler(cfg: Config, spec: SamplerSpec, secret: bytes, manifest: dict,
     actor = ray.remote(Sampler).options(name=f"sampler-{index}", num_cpus=r.num_cpus, num_gpus=r.num_gpus,
                                          resources=dict(r.resources), max_restarts=r.max_restarts,
                                          max_task_retries=0, **(bundle or {}))
-    return actor.remote(spec, secret, manifest)
+    return actor.remote(spec, secret, manifests)
 
 
 def add_sampler(cfg: Config, model_path: str, secret: bytes, learner, index: int):
     """A sampler that joins a running job: it serves the learner's latest adapter before it gets prompts."""
     import ray
 
-    sampler = start_sampler(cfg, sampler_spec(cfg, model_path, index), secret, ray.get(learner.manifest.remote()), index)
+    sampler = start_sampler(cfg, sampler_spec(cfg, model_path, index), secret, ray.get(learner.manifests.remote()), index)
     ray.get(learner.catch_up.remote(ray.get(sampler.endpoint.remote())))
     return sampler
 
@@ -227,8 +238,8 @@ def remove_sampler(learner, sampler):
     ray.kill(sampler)
 
 
-def write_adapter(learner, run_dir: Path, name: str = "adapter") -> Path:
-    """Fetch the adapter's PEFT files from the learner (maybe on another node) into
+def write_adapter(learner, run_dir: Path, name: str = "adapter", arm: str = "") -> Path:
+    """Fetch an arm's adapter PEFT files from the learner (maybe on another node) into
     run_dir/name, replacing what was there only once all files are written."""
     import shutil
 
@@ -237,7 +248,7 @@ def write_adapter(learner, run_dir: Path, name: str = "adapter") -> Path:
     out, tmp = run_dir / name, run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for file, data in ray.get(learner.adapter_files.remote()).items():
+    for file, data in ray.get(learner.adapter_files.remote(arm)).items():
         (tmp / file).write_bytes(data)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -319,31 +330,39 @@ class Samplers:
     def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> list[Group]:
         """One Group per prompt, in prompt order, not yet scored (its `row` is empty: the
         caller's). Sampler i gets prompts i, i+k, ... with seed sampling.seed + i."""
+        return self.generate_many([(prompt_ids_P, sampling)])[0]
+
+    def generate_many(self, requests: list[tuple[list[list[int]], Sampling]]) -> list[list[Group]]:
+        """generate for several requests (the arms of a sweep) at once: each sampler gets its
+        share of every request in one call, which its engine batches together."""
         import dataclasses
 
         import ray
 
         k = len(self.actors)
-        shards = {i: prompt_ids_P[i::k] for i in range(k) if prompt_ids_P[i::k]}
-        seeded = {i: sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + i)
-                  for i in shards}
-        args = {i: (shard, seeded[i]) for i, shard in shards.items()}
+        args = {}  # sampler -> its share of each request (possibly no prompts)
+        for i in range(k):
+            share = [(prompts[i::k], sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + i))
+                     for prompts, sampling in requests]
+            if any(prompts for prompts, _ in share):
+                args[i] = share
         sent_to = list(self.endpoints)  # which incarnation of each sampler got the request
-        refs = {i: self.actors[i].generate.remote(*a) for i, a in args.items()}
-        groups = [None] * len(prompt_ids_P)
+        refs = {i: self.actors[i].generate_many.remote(a) for i, a in args.items()}
+        out = [[None] * len(prompts) for prompts, _ in requests]
         for i, ref in refs.items():
             while True:
                 try:
-                    res = ray.get(ref)
+                    rollouts = ray.get(ref)
                     break
                 except ray.exceptions.RayActorError as e:
                     self.recover(i, sent_to[i] if self.learner else "", e)
                     sent_to[i] = self.endpoints[i]
-                    ref = self.actors[i].generate.remote(*args[i])  # the same prompts and seed
-                    self.faults.resampled_groups += len(shards[i])
-            for j, completions in zip(range(i, len(prompt_ids_P), k), res.completions_P_G):
-                groups[j] = Group({}, completions, res.version, res.digest)
-        return groups
+                    ref = self.actors[i].generate_many.remote(args[i])  # the same prompts and seeds
+                    self.faults.resampled_groups += sum(len(prompts) for prompts, _ in args[i])
+            for groups, res in zip(out, rollouts):
+                for j, completions in zip(range(i, len(groups), k), res.completions_P_G):
+                    groups[j] = Group({}, completions, res.version, res.digest, arm=res.arm)
+        return out
 
     def recover(self, i: int, lost_endpoint: str, error: BaseException | None = None):
         """Wait for Ray to restart sampler i (which served at `lost_endpoint`), then bring it

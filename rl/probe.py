@@ -30,8 +30,10 @@ def mean_gap(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
     return sum(diffs) / max(len(diffs), 1), max(diffs, default=0.0)
 
 
-def run_probe(learner, samplers, prompt_ids_P: list[list[int]], cfg, temperature: float | None = None) -> dict:
-    """Compare every sampler with the learner; raise ProbeError with a diagnosis, or return metrics.
+def run_probe(learner, samplers, prompt_ids_P: list[list[int]], cfg, temperature: float | None = None,
+              arm: str = "") -> dict:
+    """Compare every sampler with the learner on `arm`'s adapter (cfg: the arm's config);
+    raise ProbeError with a diagnosis, or return metrics.
 
     temperature: what the samplers are asked to sample at (the run's, unless a test
     deliberately makes the two sides differ).
@@ -42,13 +44,13 @@ def run_probe(learner, samplers, prompt_ids_P: list[list[int]], cfg, temperature
     temperature = r.temperature if temperature is None else temperature
     worst = (0.0, 0.0)
     for i, sampler in enumerate(samplers):
-        out = ray.get(sampler.generate.remote(prompt_ids_P, Sampling(2, temperature, r.max_tokens, r.top_p, 12345)))
-        seqs = [Datum(p, c.tokens) for p, g in zip(prompt_ids_P, out.completions_P_G) for c in g]
+        out = ray.get(sampler.generate.remote(prompt_ids_P, Sampling(2, temperature, r.max_tokens, r.top_p, 12345, arm)))
+        seqs = [Datum(p, c.tokens, arm=arm) for p, g in zip(prompt_ids_P, out.completions_P_G) for c in g]
         sampler_lp = [c.logprobs for g in out.completions_P_G for c in g]
         learner_lp = ray.get(learner.logprobs.remote(seqs))
         gap = mean_gap(sampler_lp, learner_lp)
         if gap[0] > cfg.sync.probe_tolerance:
-            raise ProbeError(f"sampler {i} (adapter version {out.version}): mean |log-prob gap| {gap[0]:.2e} "
+            raise ProbeError(f"sampler {i} ({'arm ' + arm + ', ' if arm else ''}adapter version {out.version}): mean |log-prob gap| {gap[0]:.2e} "
                              f"(max {gap[1]:.2e}) exceeds sync.probe_tolerance={cfg.sync.probe_tolerance:g}; "
                              + diagnose(learner, seqs, sampler_lp, gap[0], cfg))
         worst = max(worst, gap)

@@ -3,7 +3,10 @@
     python rl/report.py RUN_DIR          # any time, also while the run goes on
 
 Writes RUN_DIR/plots/*.png and RUN_DIR/report.md (which links them, with the headline
-numbers). The driver calls it at the end of a run and prints `summary` to the console.
+numbers). The driver calls it at the end of a run and prints `summary` to the console. For a
+sweep (RUN_DIR/arms/<name>/, rl/arms.py) each arm gets its own report, and RUN_DIR/report.md
+compares them: a table of every arm, each arm's held-out accuracy against step, and final
+accuracy against learning rate with one line per LoRA rank.
 """
 
 from __future__ import annotations
@@ -157,7 +160,102 @@ def write(run_dir: Path) -> Path:
     return report
 
 
+def arms_table(run_dir: Path) -> list[dict]:
+    """One row per arm of a sweep, best final accuracy first: its settings (learning rate,
+    rank), headline numbers and status (an arm that failed says why)."""
+    import yaml
+
+    out = []
+    for folder in sorted((Path(run_dir) / "arms").iterdir()):
+        if not (folder / "metrics.jsonl").exists():
+            continue
+        rows, cfg = read(folder), yaml.safe_load((folder / "config.yaml").read_text())
+        h = headline(rows)
+        last = ([r for r in rows if "eval/accuracy" in r] or [{}])[-1]
+        failed = folder / "failed.json"
+        out.append({"arm": folder.name, "lr": cfg["learner"]["lr"], "rank": cfg["lora"]["rank"],
+                    "final": h.get("eval_final"), "best": h.get("eval_best"), "best_step": h.get("eval_best_step"),
+                    "pass_at_k": next((v for k, v in last.items() if k.startswith("eval/pass@")), None),
+                    "reward_last": h.get("reward_last"), "steps_per_min": h.get("steps_per_min"), "steps": h["steps"],
+                    "status": "failed: " + json.loads(failed.read_text())["error"] if failed.exists() else "ok",
+                    "rows": rows})
+    return sorted(out, key=lambda a: -(a["final"] if a["final"] is not None else float("-inf")))
+
+
+def sweep_summary(run_dir: Path) -> str:
+    """The arms ranked by final held-out accuracy, one line each."""
+    def num(x, fmt=".3f"):
+        return "n/a" if x is None else format(x, fmt)
+
+    arms = arms_table(run_dir)
+    lines = [f"sweep {Path(run_dir).name}: {len(arms)} arms, ranked by final eval/accuracy"]
+    for i, a in enumerate(arms, 1):
+        lines.append(f"  {i:>2}. {a['arm']:<28} final {num(a['final'])}  best {num(a['best'])} (step {a['best_step']})  "
+                     f"reward {num(a['reward_last'])}" + ("" if a["status"] == "ok" else "  FAILED"))
+    lines.append(f"  report         {Path(run_dir) / 'report.md'}")
+    return "\n".join(lines)
+
+
+def write_sweep(run_dir: Path) -> Path:
+    """RUN_DIR/report.md and plots/ comparing a sweep's arms; returns the report's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    arms = arms_table(run_dir)
+    (run_dir / "plots").mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for a in arms:
+        steps, acc = series(a["rows"], "eval/accuracy")
+        ax.plot(steps, acc, marker="o", markersize=3, label=a["arm"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(run_dir / "plots" / "arms_accuracy.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rank in sorted({a["rank"] for a in arms}):
+        points = sorted((a["lr"], a["final"]) for a in arms if a["rank"] == rank and a["final"] is not None and a["lr"] > 0)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=f"rank {rank}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "plots" / "arms_lr.png", dpi=110)
+    plt.close(fig)
+
+    def num(x, fmt=".3f"):
+        return "" if x is None else format(x, fmt)
+
+    text = [f"# Sweep report: {run_dir.name}", "", f"{len(arms)} arms, one adapter each on one fleet, ranked by final "
+            "held-out accuracy (each arm's own report is in arms/<name>/report.md).", "",
+            "| arm | lr | rank | final acc | best acc (step) | pass@k | reward (last 10) | steps/min | status |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for a in arms:
+        text.append(f"| {a['arm']} | {a['lr']:g} | {a['rank']} | {num(a['final'])} | {num(a['best'])} ({a['best_step']}) "
+                    f"| {num(a['pass_at_k'])} | {num(a['reward_last'])} | {num(a['steps_per_min'], '.1f')} | "
+                    f"{a['status']} |")
+    text += ["", "## Held-out accuracy against step", "", "![arms_accuracy](plots/arms_accuracy.png)", "",
+             "## Final accuracy against learning rate, one line per rank", "", "![arms_lr](plots/arms_lr.png)", ""]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(text))
+    return report
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: python rl/report.py RUN_DIR")
-    print(write(Path(sys.argv[1])))
+    target = Path(sys.argv[1])
+    if (target / "arms").is_dir():
+        for arm in sorted((target / "arms").iterdir()):
+            write(arm)
+        print(write_sweep(target))
+    else:
+        print(write(target))

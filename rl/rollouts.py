@@ -5,7 +5,9 @@ and payload digest that produced them, the grader's scores and the rewards train
 (scores plus optional shaping).
 
 Both batch sources are composed of a `Source` (rows drawn, sampled, scored) and a `Window`
-(the published versions and the check below); neither inherits the other.
+per arm (its published versions and the check below); neither inherits the other. A run
+without arms is one arm (rl/arms.py); a sweep's arms step together, their requests sampled
+in one batch on the shared engines.
 
 run.mode=sync (`Batches`): step s's groups are sampled when the learner asks for them, on
 the adapter it published after step s-1; the samplers wait while the learner trains.
@@ -29,28 +31,41 @@ import threading
 import time
 
 from common.records import Completion, Group, Sampling
+from rl.arms import ArmRun
 
 log = logging.getLogger(__name__)
 
 
-def collect(cfg, samplers, rewards, rows_P: list[dict], seed: int) -> tuple[list[Group], dict]:
-    """Sample G completions for each row and score them: the groups, and their metrics."""
-    r = cfg.rollout
+def collect(samplers, jobs: list[tuple[ArmRun, list[dict], int]]) -> list[tuple[list[Group], dict]]:
+    """Sample G completions for each row of each job (arm, its rows, its seed), every arm's
+    requests in one call to the samplers, and score them with each arm's reward: per job,
+    the groups and their metrics."""
     start = time.perf_counter()
-    groups = samplers.generate([row["prompt_ids"] for row in rows_P],
-                               Sampling(r.group_size, r.temperature, r.max_tokens, r.top_p, seed))
+    requests = [([row["prompt_ids"] for row in rows_P], sampling(arm.cfg, seed, arm.name)) for arm, rows_P, seed in jobs]
+    sampled_all = samplers.generate_many(requests)
     sampled = time.perf_counter()
-    completions = [c for g in groups for c in g.completions]
-    samples = [sample for row in rows_P for sample in [fields(row)] * r.group_size]  # one dict per row
-    scores, metrics = rewards.score([(c.text, s) for c, s in zip(completions, samples)])
-    totals = shaped(cfg, completions, scores, metrics)
-    parts = [slice(i * r.group_size, (i + 1) * r.group_size) for i in range(len(groups))]
-    groups = [dataclasses.replace(g, row=row, scores=scores[part], rewards=totals[part])
-              for row, g, part in zip(rows_P, groups, parts)]
-    tokens = sum(len(c.tokens) for c in completions)
-    metrics.update({"rollout/tokens_per_s": tokens / (sampled - start), "time/sample": sampled - start,
-                    "time/score": time.perf_counter() - sampled})
-    return groups, metrics
+    tokens = sum(len(c.tokens) for groups in sampled_all for g in groups for c in g.completions)
+    out = []
+    for (arm, rows_P, _), groups in zip(jobs, sampled_all):
+        scored = time.perf_counter()
+        r = arm.cfg.rollout
+        completions = [c for g in groups for c in g.completions]
+        samples = [sample for row in rows_P for sample in [fields(row)] * r.group_size]  # one dict per row
+        scores, metrics = arm.rewards.score([(c.text, s) for c, s in zip(completions, samples)])
+        totals = shaped(arm.cfg, completions, scores, metrics)
+        parts = [slice(i * r.group_size, (i + 1) * r.group_size) for i in range(len(groups))]
+        groups = [dataclasses.replace(g, row=row, scores=scores[part], rewards=totals[part])
+                  for row, g, part in zip(rows_P, groups, parts)]
+        # Sampling is one batch for every arm: its time and throughput are the fleet's.
+        metrics.update({"rollout/tokens_per_s": tokens / (sampled - start), "time/sample": sampled - start,
+                        "time/score": time.perf_counter() - scored})
+        out.append((groups, metrics))
+    return out
+
+
+def sampling(cfg, seed: int, arm: str) -> Sampling:
+    r = cfg.rollout
+    return Sampling(r.group_size, r.temperature, r.max_tokens, r.top_p, seed, arm)
 
 
 def fields(row: dict) -> dict:
@@ -76,12 +91,14 @@ def shaped(cfg, completions: list[Completion], scores: list[float], metrics: dic
 
 
 def keep_in_window(groups: list[Group], published: dict[int, str], newest: int,
-                   max_staleness: int) -> tuple[list[Group], list[Group]]:
+                   max_staleness: int, arm: str = "") -> tuple[list[Group], list[Group]]:
     """(kept, refused): refused groups come from an adapter more than max_staleness versions
-    behind `newest`, or carry a digest that is not the one published for their version."""
+    behind `newest`, from another arm's adapter, or carry a digest that is not the one
+    published for their version."""
     kept, refused = [], []
     for g in groups:
-        ok = 0 <= newest - g.version <= max_staleness and published.get(g.version) == g.digest
+        ok = (g.arm == arm and 0 <= newest - g.version <= max_staleness
+              and published.get(g.version) == g.digest)
         (kept if ok else refused).append(g)
     return kept, refused
 
@@ -107,56 +124,62 @@ def rollout_metrics(groups: list[Group], newest: int, max_staleness: int) -> dic
 
 
 class Source:
-    """Draws each step's prompt rows from the train split, samples and scores them."""
+    """Draws each step's prompt rows from every running arm's train split, samples (all arms
+    in one batch) and scores them."""
 
-    def __init__(self, cfg, samplers, rewards, train):
-        self.cfg, self.samplers, self.rewards, self.train = cfg, samplers, rewards, train
+    def __init__(self, samplers, arms: list[ArmRun]):
+        self.samplers, self.arms = samplers, arms
         self._last_end: float | None = None  # when the samplers last finished a batch
 
-    def batch(self, step: int) -> tuple[list[Group], dict, int]:
-        """Step `step`'s groups, their metrics, and the train split's position after them
-        (rows drawn so far, epochs included: the data state a checkpoint keeps)."""
+    def batch(self, step: int) -> dict[str, tuple[list[Group], dict, int]]:
+        """Step `step`'s groups of each running arm, their metrics, and the arm's train split
+        position after them (rows drawn so far, epochs included: the data state a checkpoint
+        keeps)."""
         start = time.perf_counter()
-        rows_P = self.train.next_batch(self.cfg.rollout.prompts_per_step)
-        groups, metrics = collect(self.cfg, self.samplers, self.rewards, rows_P, self.seed(step))
-        metrics["data/position"] = self.train.position
-        # Between two batches the samplers only serve adapter loads (and evaluations).
-        metrics["time/sampler_idle"] = start - self._last_end if self._last_end else 0.0
+        running = [arm for arm in self.arms if not arm.error]
+        jobs = [(arm, arm.train.next_batch(arm.cfg.rollout.prompts_per_step), self.seed(arm, step)) for arm in running]
+        out = {}
+        for arm, (groups, metrics) in zip(running, collect(self.samplers, jobs)):
+            metrics["data/position"] = arm.train.position
+            # Between two batches the samplers only serve adapter loads (and evaluations).
+            metrics["time/sampler_idle"] = start - self._last_end if self._last_end else 0.0
+            out[arm.name] = (groups, metrics, arm.train.position)
         self._last_end = time.perf_counter()
-        return groups, metrics, self.train.position
+        return out
 
-    def again(self, rows_P: list[dict], step: int) -> list[Group]:
-        """The same rows sampled again now (on the newest adapter), with another seed."""
-        groups, _ = collect(self.cfg, self.samplers, self.rewards, rows_P, self.seed(step) + 50_000)
+    def again(self, arm: ArmRun, rows_P: list[dict], step: int) -> list[Group]:
+        """The same rows sampled again now (on the arm's newest adapter), with another seed."""
+        ((groups, _),) = collect(self.samplers, [(arm, rows_P, self.seed(arm, step) + 50_000)])
         return groups
 
-    def seed(self, step: int) -> int:
-        return self.cfg.run.seed * 100_003 + step
+    @staticmethod
+    def seed(arm: ArmRun, step: int) -> int:
+        return arm.cfg.run.seed * 100_003 + step
 
 
 class Window:
-    """The versions the learner published, and the check every group passes before training."""
+    """The versions an arm's adapter was published at, and the check every group passes
+    before training."""
 
-    def __init__(self, cfg, published: dict[int, str]):
-        self.cfg = cfg
-        self.published = published  # version -> payload digest, as the learner published them
+    def __init__(self, arm: ArmRun):
+        self.arm = arm  # arm.published: version -> payload digest, as the learner published them
 
     def publish(self, version: int, digest: str):
-        self.published[version] = digest
+        self.arm.published[version] = digest
 
     def admit(self, step: int, groups: list[Group], metrics: dict, source: Source) -> tuple[list[Group], dict]:
         """The groups the learner may train on at `step`, and the batch's rollout metrics."""
-        r, newest = self.cfg.rollout, step - 1  # the learner holds version step - 1
-        kept, refused = keep_in_window(groups, self.published, newest, r.max_staleness)
+        arm, r, newest = self.arm, self.arm.cfg.rollout, step - 1  # the learner holds version step - 1
+        kept, refused = keep_in_window(groups, arm.published, newest, r.max_staleness, arm.name)
         regenerated = 0
         if refused and r.on_stale == "regenerate":  # sampled again now, on the newest adapter
-            again, _ = keep_in_window(source.again([g.row for g in refused], step), self.published, newest,
-                                      r.max_staleness)
+            again, _ = keep_in_window(source.again(arm, [g.row for g in refused], step), arm.published, newest,
+                                      r.max_staleness, arm.name)
             kept, regenerated = kept + again, len(again)
         if not kept:
-            raise RuntimeError(f"step {step}: every group came from outside the adapter window (learner at "
-                               f"version {newest}, max_staleness {r.max_staleness}, got versions "
-                               f"{sorted({g.version for g in groups})})")
+            raise RuntimeError(f"step {step}: every group{' of arm ' + arm.name if arm.name else ''} came from "
+                               f"outside the adapter window (learner at version {newest}, max_staleness "
+                               f"{r.max_staleness}, got versions {sorted({g.version for g in groups})})")
         metrics.update(rollout_metrics(kept, newest, r.max_staleness))
         metrics["rollout/refused_groups"] = len(refused)  # outside the window: never trained on
         metrics["rollout/regenerated_groups"] = regenerated
@@ -164,21 +187,26 @@ class Window:
 
 
 class Batches:
-    """Step s's groups, sampled when the learner asks (run.mode=sync)."""
+    """Step s's groups of every running arm, sampled when the learner asks (run.mode=sync)."""
 
-    def __init__(self, cfg, samplers, rewards, train, published: dict[int, str], first_step: int = 1):
-        self.source, self.window = Source(cfg, samplers, rewards, train), Window(cfg, published)
-        self.consumed = train.position  # train rows drawn for the batches handed to the learner (checkpointed)
+    def __init__(self, cfg, samplers, arms: list[ArmRun], first_step: int = 1):
+        self.source, self.windows = Source(samplers, arms), {arm.name: Window(arm) for arm in arms}
+        # Train rows drawn for the batches handed to the learner, per arm (checkpointed).
+        self.consumed = {arm.name: arm.train.position for arm in arms}
 
-    def publish(self, version: int, digest: str):
-        self.window.publish(version, digest)
+    def publish(self, arm: str, version: int, digest: str):
+        self.windows[arm].publish(version, digest)
 
-    def next(self, step: int) -> tuple[list[Group], dict]:
-        """The groups the learner trains on at `step` (all in the window) and their metrics."""
+    def next(self, step: int) -> dict[str, tuple[list[Group], dict]]:
+        """Per running arm, the groups the learner trains on at `step` (all in the window) and their metrics."""
         start = time.perf_counter()
-        groups, metrics, self.consumed = self.source.batch(step)
-        metrics["time/learner_idle"] = time.perf_counter() - start  # the learner waits for all of it
-        return self.window.admit(step, groups, metrics, self.source)
+        batch = self.source.batch(step)
+        idle = time.perf_counter() - start  # the learner waits for all of it
+        out = {}
+        for arm, (groups, metrics, self.consumed[arm]) in batch.items():
+            metrics["time/learner_idle"] = idle
+            out[arm] = self.windows[arm].admit(step, groups, metrics, self.source)
+        return out
 
     def close(self):
         pass
@@ -191,22 +219,23 @@ class Batches:
 
 
 class AsyncBatches:
-    """Step s's groups, sampled ahead by a thread while the learner trains (run.mode=async)."""
+    """Step s's groups of every running arm, sampled ahead by a thread while the learner
+    trains (run.mode=async). The arms step together, so one version number paces them all."""
 
-    def __init__(self, cfg, samplers, rewards, train, published: dict[int, str], first_step: int = 1):
+    def __init__(self, cfg, samplers, arms: list[ArmRun], first_step: int = 1):
         self.cfg, self.first_step = cfg, first_step  # first_step > 1 when a run resumes
-        self.source, self.window = Source(cfg, samplers, rewards, train), Window(cfg, published)
-        self.consumed = train.position  # rows of the batches handed to the learner, not those drawn ahead
+        self.source, self.windows = Source(samplers, arms), {arm.name: Window(arm) for arm in arms}
+        self.consumed = {arm.name: arm.train.position for arm in arms}  # not the rows drawn ahead
         self._ready: queue.Queue = queue.Queue(maxsize=cfg.rollout.max_staleness + 1)
-        self._version = max(published)  # newest version every sampler serves
+        self._version = first_step - 1  # newest version every sampler serves
         self._changed = threading.Condition()
         self._stopping = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._produce, name="rollout-producer", daemon=True)
         self._thread.start()
 
-    def publish(self, version: int, digest: str):
-        self.window.publish(version, digest)
+    def publish(self, arm: str, version: int, digest: str):
+        self.windows[arm].publish(version, digest)
         with self._changed:
             self._version = version
             self._changed.notify_all()
@@ -219,7 +248,7 @@ class AsyncBatches:
                     self._changed.wait_for(lambda s=step: self._stopping or self._version >= s - 1 - lag)
                 if self._stopping:
                     return
-                item = (step, *self.source.batch(step))
+                item = (step, self.source.batch(step))
                 while not self._stopping:
                     try:
                         self._ready.put(item, timeout=0.2)
@@ -229,11 +258,11 @@ class AsyncBatches:
         except BaseException as e:  # handed to the learner's side, which raises it
             self._error = e
 
-    def next(self, step: int) -> tuple[list[Group], dict]:
+    def next(self, step: int) -> dict[str, tuple[list[Group], dict]]:
         start = time.perf_counter()
         while True:
             try:
-                made_for, groups, metrics, position = self._ready.get(timeout=0.2)
+                made_for, batch = self._ready.get(timeout=0.2)
                 break
             except queue.Empty:
                 if self._error is not None:
@@ -241,10 +270,15 @@ class AsyncBatches:
                 if not self._thread.is_alive():
                     raise RuntimeError(f"the rollout thread stopped before step {step}") from None
         assert made_for == step, (made_for, step)
-        self.consumed = position  # the producer has drawn further ahead
-        metrics["time/learner_idle"] = time.perf_counter() - start
-        metrics["async/queue_depth"] = self._ready.qsize() + 1  # batches ready when the learner took this one
-        return self.window.admit(step, groups, metrics, self.source)
+        idle, depth = time.perf_counter() - start, self._ready.qsize() + 1  # batches ready when the learner took this one
+        out = {}
+        for arm, (groups, metrics, position) in batch.items():
+            if self.windows[arm].arm.error:  # stopped after the producer sampled it
+                continue
+            self.consumed[arm] = position  # the producer has drawn further ahead
+            metrics["time/learner_idle"], metrics["async/queue_depth"] = idle, depth
+            out[arm] = self.windows[arm].admit(step, groups, metrics, self.source)
+        return out
 
     def close(self):
         """Stop sampling ahead; an in-flight batch finishes (or fails when the actors go)."""

@@ -29,6 +29,8 @@ T tokens.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -40,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python rl/run.py` from anywhere
 
 from common.records import Datum, Group  # noqa: E402
+from rl.arms import ArmRun  # noqa: E402
 from rl.config import Config, ConfigError, describe, load_config, to_dict  # noqa: E402
 from rl.faults import Faults  # noqa: E402
 
@@ -50,28 +53,48 @@ def main(argv: list[str]) -> Path:
 
     from rewards.pool import RewardPool
     from rl import report
-    from rl.checkpoint import make_run_dir
+    from rl.checkpoint import arm_runs, make_run_dir
     from rl.fleet import Samplers, build_actors, dead_actors, placement, resolve_model, shutdown, write_adapter
     from rl.splits import load_splits
 
     ray.init()  # joins RAY_ADDRESS's cluster, or the job's; else starts a local instance
     try:
         run_dir, resume = make_run_dir(cfg)  # resume: the newest complete checkpoint there (run.resume), or None
+        arms, resumes = arm_runs(cfg, run_dir, resume)  # one arm, "", in run_dir without an arms section
     except ConfigError as e:  # a changed config, or run.resume pointing at no checkpoint
         raise SystemExit(f"config error: {e}")
-    print(f"run directory: {run_dir}", flush=True)
+    sweep = len(arms) > 1
+    print(f"run directory: {run_dir}" + (f" ({len(arms)} arms, each in arms/<name>)" if sweep else ""), flush=True)
     model_path = resolve_model(cfg)
-    train, evals = load_splits(cfg, model_path)  # evals: name -> held-out split
+    train_splits = {}  # arms with the same data and seed share rows (each keeps its own position)
+    for arm in arms:
+        key = repr((arm.cfg.data, arm.cfg.run.seed))
+        if key not in train_splits:
+            train_splits[key] = load_splits(arm.cfg, model_path)[0]
+        arm.train = dataclasses.replace(train_splits[key])
+    evals = load_splits(cfg, model_path)[1]  # name -> held-out split, shared by the arms
     secret = secrets.token_bytes(32)  # the adapter channel's key, handed out through Ray only
     learners, actors = build_actors(cfg, model_path, secret)  # learners[0]: rank 0, the learner we talk to
     stop = StopSignal()
     try:
         (run_dir / "placement.json").write_text(json.dumps(placement(learners, actors), indent=1))
-        faults = Faults(cfg.learner.max_skipped_steps)
-        samplers = Samplers(actors, learners[0], cfg.rollout.restart_timeout_s, faults)
-        with RewardPool(cfg.reward.fn, cfg.reward.num_workers, cfg.reward.timeout_s) as rewards:
-            step = rl_loop(cfg, learners[0], samplers, rewards, train, evals, run_dir, resume, faults, stop)
-        write_adapter(learners[0], run_dir)
+        fleet = arms[0].faults if not sweep else Faults()  # sampler restarts count for every arm
+        for arm in arms:
+            arm.faults.max_skipped_steps = arm.cfg.learner.max_skipped_steps
+        samplers = Samplers(actors, learners[0], cfg.rollout.restart_timeout_s, fleet)
+        with contextlib.ExitStack() as pools:
+            graders = {}  # (fn, workers, timeout) -> pool: arms with the same reward share one
+            for c in [cfg] + [arm.cfg for arm in arms]:
+                key = (c.reward.fn, c.reward.num_workers, c.reward.timeout_s)
+                if key not in graders:
+                    graders[key] = pools.enter_context(RewardPool(*key))
+            for arm in arms:
+                arm.rewards = graders[(arm.cfg.reward.fn, arm.cfg.reward.num_workers, arm.cfg.reward.timeout_s)]
+            rewards = graders[(cfg.reward.fn, cfg.reward.num_workers, cfg.reward.timeout_s)]  # evaluation's
+            step = rl_loop(cfg, learners[0], samplers, rewards, arms, evals, resumes, fleet, stop)
+        for arm in arms:
+            if not arm.error:  # a failed arm's last good adapter is in its checkpoint
+                write_adapter(learners[0], arm.run_dir, arm=arm.name)
     except Exception as e:
         dead = dead_actors(learners, actors)  # the root cause when an actor, or its node, went away
         if dead:
@@ -80,8 +103,13 @@ def main(argv: list[str]) -> Path:
     finally:
         stop.restore()
         shutdown(learners, actors)
-    report.write(run_dir)  # plots/*.png and report.md
-    print(report.summary(report.read(run_dir), run_dir), flush=True)
+    for arm in arms:
+        report.write(arm.run_dir)  # plots/*.png and report.md
+    if sweep:
+        report.write_sweep(run_dir)  # report.md and plots comparing the arms
+        print(report.sweep_summary(run_dir), flush=True)
+    else:
+        print(report.summary(report.read(run_dir), run_dir), flush=True)
     print(f"run directory: {run_dir}", flush=True)
     if stop.signal:
         print(f"stopped by {stop.signal.name} after step {step}; the same command resumes", flush=True)
@@ -89,97 +117,130 @@ def main(argv: list[str]) -> Path:
     return run_dir
 
 
-def rl_loop(cfg: Config, learner, samplers, rewards, train, evals: dict, run_dir: Path, resume: Path | None,
-            faults: Faults, stop: StopSignal) -> int:
-    """The loop, from step 1 or from the checkpoint `resume`; returns the last step it ran."""
+def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: dict, resumes: dict,
+            fleet: Faults, stop: StopSignal) -> int:
+    """The loop over every arm (one without an arms section), from step 1 or from each arm's
+    checkpoint in `resumes` (arm -> path, all at one step); returns the last step it ran."""
     import ray
     from tqdm import tqdm
 
-    from rl.evaluate import evaluate
+    from rl.evaluate import evaluate_arms
     from rl.loggers import Loggers
     from rl.probe import run_probe
     from rl.rollouts import AsyncBatches, Batches
 
-    start = restore(resume, learner, train, faults, run_dir / "metrics.jsonl") if resume else 0
-    first = ray.get(learner.publish.remote())  # version `start` (0: the zero adapter): samplers serve it first
-    published = {start: first.digest}  # version -> payload digest; rollouts must match one of these
+    sweep = len(arms) > 1
+    starts = {restore(arm, resumes[arm.name], learner, fleet) for arm in arms if resumes.get(arm.name)}
+    start = starts.pop() if starts else 0
+    for out in ray.get(learner.publish.remote()):  # version `start` (0: the zero adapter): samplers serve it first
+        next(arm for arm in arms if arm.name == out.arm).published = {start: out.digest}  # rollouts must match
     probe_prompts = [row["prompt_ids"] for row in evals["eval"].rows[:4]]
-    best = BestAdapter(cfg.eval.best_metric, run_dir)
+    best = {arm.name: BestAdapter(cfg.eval.best_metric, arm.run_dir, arm.name) for arm in arms}
     last = cfg.run.steps
-    with Loggers(cfg, run_dir, resumed_at=start + 1 if start else None) as log:
+    with contextlib.ExitStack() as stack:
+        log = {arm.name: stack.enter_context(Loggers(arm.cfg, arm.run_dir, resumed_at=start + 1 if start else None))
+               for arm in arms}
+        running = [arm for arm in arms if not arm.error]
         if start == 0:
-            metrics = {"data/skipped_rows": train.skipped + sum(e.skipped for e in evals.values()),
-                       **evaluate(cfg, samplers, rewards, evals)}
-            best.update(0, metrics, learner)
-            log.log(0, metrics)
-            print(f"eval/accuracy before training: {metrics['eval/accuracy']:.3f}", flush=True)
+            evaluated = evaluate_arms({arm.name: arm.cfg for arm in running}, samplers, rewards, evals)
+            for arm in running:
+                metrics = {"data/skipped_rows": arm.train.skipped + sum(e.skipped for e in evals.values()),
+                           **evaluated[arm.name]}
+                best[arm.name].update(0, metrics, learner)
+                log[arm.name].log(0, metrics)
+            print("eval/accuracy before training: " + ", ".join(
+                f"{evaluated[arm.name]['eval/accuracy']:.3f}" + (f" ({arm.name})" if sweep else "") for arm in running),
+                flush=True)
         make_batches = AsyncBatches if cfg.run.mode == "async" else Batches
-        bar = tqdm(range(start + 1, last + 1), disable=not cfg.run.progress, desc="rl", unit="step",
-                   initial=start, total=last, dynamic_ncols=True)
-        with make_batches(cfg, samplers, rewards, train, published, start + 1) as batches:
+        bar = tqdm(range(start + 1, last + 1), disable=not cfg.run.progress, desc="rl" + (f" x{len(arms)} arms" if sweep
+                   else ""), unit="step", initial=start, total=last, dynamic_ncols=True)
+        with make_batches(cfg, samplers, running, start + 1) as batches:
             step = start
             for step in bar:
                 t0 = time.perf_counter()
-                groups, sample_metrics = batches.next(step)  # sample and score (async: sampled ahead)
-                batch_B, table = training_batch(groups, cfg.loss.std_normalize)  # group-centred advantages
-                learn_metrics = ray.get(learner.train_step.remote(batch_B))  # skipped when not finite
-                faults.learner_step(learn_metrics["learner/skipped"])
-                sync_metrics = publish(learner, samplers, batches, step)  # returns once every sampler serves it
+                sampled = batches.next(step)  # each running arm's groups, sampled together (async: ahead)
+                batch_B, tables = training_batch(sampled, {arm.name: arm.cfg for arm in running})  # group-centred
+                learned = ray.get(learner.train_step.remote(batch_B))  # per arm; an arm's non-finite step is skipped
+                synced = publish(learner, samplers, batches, list(sampled))  # returns once every sampler serves them
                 if (step == start + 1 and cfg.sync.probe_every >= 0) or due(step, cfg.sync.probe_every):
-                    sync_metrics.update(run_probe(learner, samplers, probe_prompts, cfg))
-                metrics = {**sample_metrics, **learn_metrics, **sync_metrics, **faults.metrics()}
+                    for arm in running:
+                        synced[arm.name].update(run_probe(learner, samplers, probe_prompts, arm.cfg, arm=arm.name))
+                evaluated = {}
                 if step == last or due(step, cfg.run.eval_every):
-                    metrics.update(evaluate(cfg, samplers, rewards, evals))
-                    best.update(step, metrics, learner)
-                metrics["time/step"] = time.perf_counter() - t0
-                metrics.update(phase_shares(metrics))
-                log.log(step, metrics)
-                if due(step, cfg.logging.samples_every):
-                    log.table(step, table[: cfg.logging.samples])
-                show_progress(bar, metrics, best)
-                if step == last or stop.signal or faults.too_many_skipped or due(step, cfg.run.checkpoint_every):
-                    save(cfg, run_dir, step, learner, train.state(batches.consumed), faults)
-                faults.stop_if_too_many_skipped(step, learn_metrics, run_dir / "checkpoints")
+                    evaluated = evaluate_arms({arm.name: arm.cfg for arm in running}, samplers, rewards, evals)
+                elapsed, logged = time.perf_counter() - t0, {}
+                for arm in running:
+                    name = arm.name
+                    arm.faults.learner_step(learned[name]["learner/skipped"])
+                    metrics = {**sampled[name][1], **learned[name], **synced[name], **fault_metrics(arm, fleet),
+                               **evaluated.get(name, {}), "time/step": elapsed}
+                    if name in evaluated:
+                        best[name].update(step, metrics, learner)
+                    metrics.update(phase_shares(metrics))
+                    log[name].log(step, metrics)
+                    logged[name] = metrics
+                    if due(step, cfg.logging.samples_every):
+                        log[name].table(step, tables[name][: cfg.logging.samples])
+                    if step == last or stop.signal or arm.faults.too_many_skipped or due(step, cfg.run.checkpoint_every):
+                        save(arm, step, learner, arm.train.state(batches.consumed[name]), fault_metrics(arm, fleet))
+                    stop_if_failed(arm, step, learned[name], sweep)
+                running = [arm for arm in running if not arm.error]
+                if not running:
+                    raise RuntimeError(f"every arm stopped by step {step}: " + "; ".join(f"{a.name}: {a.error}" for a in arms))
+                show_progress(bar, logged, best)
                 if stop.signal:
                     break
     return step
-
-
 def due(step: int, every: int) -> bool:
     """Whether a cadence of `every` steps falls on `step` (0 or less: never)."""
     return every > 0 and step % every == 0
 
 
-def publish(learner, samplers, batches, step: int) -> dict:
-    """The adapter after `step` to every sampler; a sampler that missed it is restarted and
-    caught up; the digest joins the window. Returns the sync metrics."""
+def publish(learner, samplers, batches, arms: list[str]) -> dict[str, dict]:
+    """Each arm's adapter after this step to every sampler; a sampler that missed it is
+    restarted and caught up; the digests join the arms' windows. Returns each arm's sync metrics."""
     import ray
 
-    out = ray.get(learner.publish.remote())
-    samplers.recover_missing(out.missing)
-    batches.publish(step, out.digest)
-    return {**out.metrics, "time/sync": out.metrics["sync/latency_ms"] / 1e3}
+    outs = ray.get(learner.publish.remote(arms))
+    samplers.recover_missing(tuple(dict.fromkeys(m for out in outs for m in out.missing)))
+    for out in outs:
+        batches.publish(out.arm, out.version, out.digest)
+    return {out.arm: {**out.metrics, "time/sync": out.metrics["sync/latency_ms"] / 1e3} for out in outs}
 
 
-def show_progress(bar, metrics: dict, best: BestAdapter):
+def show_progress(bar, metrics: dict[str, dict], best: dict[str, BestAdapter]):
+    """The bar's postfix: reward and held-out accuracy (in a sweep: the mean reward over the
+    running arms and the best arm's accuracy), and steps per minute."""
     rate = bar.format_dict.get("rate") or 0.0
-    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", eval_acc=f"{best.last:.3f}", steps_per_min=f"{60 * rate:.1f}")
+    if len(best) == 1:
+        ((m, b),) = zip(metrics.values(), best.values())
+        bar.set_postfix(reward=f"{m['reward/mean']:.3f}", eval_acc=f"{b.last:.3f}", steps_per_min=f"{60 * rate:.1f}")
+        return
+    top = max(best, key=lambda arm: best[arm].last if best[arm].last == best[arm].last else float("-inf"))
+    reward = sum(m["reward/mean"] for m in metrics.values()) / max(len(metrics), 1)
+    bar.set_postfix(arms=len(metrics), reward=f"{reward:.3f}", best=f"{top} {best[top].last:.3f}",
+                    steps_per_min=f"{60 * rate:.1f}")
 
 
-def training_batch(groups: list[Group], std_normalize: bool) -> tuple[list[Datum], list[dict]]:
-    """The learner's batch, one entry per completion with its group-centred advantage, and
-    the same completions as rows of a sample table."""
+def training_batch(sampled: dict[str, tuple[list[Group], dict]], cfgs: dict[str, Config]
+                   ) -> tuple[list[Datum], dict[str, list[dict]]]:
+    """The learner's batch, one entry per completion with its group-centred advantage (each
+    arm's groups with its own loss.std_normalize), and each arm's completions as rows of a
+    sample table."""
     import torch
 
     from learner.loss import group_advantages
 
-    advantages_P_G = group_advantages(torch.tensor([g.rewards for g in groups]), std_normalize).tolist()
-    batch_B, table = [], []
-    for g, adv_G in zip(groups, advantages_P_G):
-        for c, reward, a in zip(g.completions, g.rewards, adv_G):
-            batch_B.append(Datum(g.row["prompt_ids"], c.tokens, c.logprobs, a))
-            table.append({"prompt": g.row["prompt"], "completion": c.text, "reward": reward, "advantage": a})
-    return batch_B, table
+    batch_B, tables = [], {}
+    for arm, (groups, _) in sampled.items():
+        advantages_P_G = group_advantages(torch.tensor([g.rewards for g in groups]),
+                                          cfgs[arm].loss.std_normalize).tolist()
+        tables[arm] = []
+        for g, adv_G in zip(groups, advantages_P_G):
+            for c, reward, a in zip(g.completions, g.rewards, adv_G):
+                batch_B.append(Datum(g.row["prompt_ids"], c.tokens, c.logprobs, a, arm))
+                tables[arm].append({"prompt": g.row["prompt"], "completion": c.text, "reward": reward, "advantage": a})
+    return batch_B, tables
 
 
 def phase_shares(metrics: dict) -> dict:
@@ -188,12 +249,31 @@ def phase_shares(metrics: dict) -> dict:
             for phase in ("sample", "score", "learn", "sync", "eval")}
 
 
+def fault_metrics(arm: ArmRun, fleet: Faults) -> dict:
+    """The arm's fault counters, with the fleet's sampler restarts (shared by a sweep's arms)."""
+    return {**arm.faults.metrics(), "fault/sampler_restarts": fleet.sampler_restarts,
+            "fault/resampled_groups": fleet.resampled_groups}
+
+
+def stop_if_failed(arm: ArmRun, step: int, learn_metrics: dict, sweep: bool):
+    """learner.max_skipped_steps non-finite steps in a row stop a run; in a sweep they stop
+    the arm alone (its error in arms/<name>/failed.json) and the others go on."""
+    try:
+        arm.faults.stop_if_too_many_skipped(step, learn_metrics, arm.run_dir / "checkpoints")
+    except FloatingPointError as e:
+        if not sweep:
+            raise
+        arm.error = str(e)
+        (arm.run_dir / "failed.json").write_text(json.dumps({"step": step, "error": arm.error}, indent=1))
+        print(f"\narm {arm.name} stopped at step {step}: {arm.error}", flush=True)
+
+
 class BestAdapter:
     """The adapter with the best eval.best_metric so far, kept in run_dir/best_adapter with
     best.json ({"step", "metric", "value"})."""
 
-    def __init__(self, metric: str, run_dir: Path):
-        self.metric, self.run_dir, self.last = metric, run_dir, float("nan")
+    def __init__(self, metric: str, run_dir: Path, arm: str = ""):
+        self.metric, self.run_dir, self.arm, self.last = metric, run_dir, arm, float("nan")
         saved = run_dir / "best_adapter" / "best.json"
         self.value = json.loads(saved.read_text())["value"] if saved.exists() else float("-inf")
 
@@ -206,40 +286,42 @@ class BestAdapter:
         self.last = metrics.get("eval/accuracy", self.last)
         if metrics[self.metric] > self.value:
             self.value = metrics[self.metric]
-            out = write_adapter(learner, self.run_dir, "best_adapter")
+            out = write_adapter(learner, self.run_dir, "best_adapter", self.arm)
             (out / "best.json").write_text(json.dumps({"step": step, "metric": self.metric, "value": self.value}))
 
 
-def restore(path: Path, learner, train, faults: Faults, metrics_path: Path) -> int:
-    """Put a checkpoint back: learner state, data position, fault counters; drop later metrics.
-    Returns the checkpoint's step."""
+def restore(arm: ArmRun, path: Path, learner, fleet: Faults) -> int:
+    """Put an arm's checkpoint back: learner state, data position, fault counters (the
+    fleet's too); drop later metrics. Returns the checkpoint's step."""
     import ray
 
     from rl import checkpoint
 
     files, state = checkpoint.read(path)
-    ray.get(learner.load_state_files.remote(files))
-    train.restore(state["data"])
-    faults.restore(state["faults"])
-    for logged in (metrics_path, metrics_path.with_name("samples.jsonl")):
+    ray.get(learner.load_state_files.remote(files, arm.name))
+    arm.train.restore(state["data"])
+    arm.faults.restore(state["faults"])
+    fleet.sampler_restarts = state["faults"]["fault/sampler_restarts"]
+    fleet.resampled_groups = state["faults"]["fault/resampled_groups"]
+    for logged in (arm.run_dir / "metrics.jsonl", arm.run_dir / "samples.jsonl"):
         checkpoint.truncate_metrics(logged, state["step"])
     print(f"resumed from {path} (step {state['step']})", flush=True)
     return state["step"]
 
 
-def save(cfg: Config, run_dir: Path, step: int, learner, data: dict, faults: Faults) -> Path:
-    """A checkpoint of the state after `step` (rl/checkpoint.py says what it holds)."""
+def save(arm: ArmRun, step: int, learner, data: dict, faults: dict) -> Path:
+    """A checkpoint of the arm's state after `step` (rl/checkpoint.py says what it holds)."""
     import ray
 
     from rl import checkpoint
 
     start = time.perf_counter()
-    files = {f"learner/{k}": v for k, v in ray.get(learner.state_files.remote()).items()}
-    files.update({f"adapter/{k}": v for k, v in ray.get(learner.adapter_files.remote()).items()})
-    config = to_dict(cfg)
-    state = {"step": step, "version": step, "data": data, "faults": faults.state(),
+    files = {f"learner/{k}": v for k, v in ray.get(learner.state_files.remote(arm.name)).items()}
+    files.update({f"adapter/{k}": v for k, v in ray.get(learner.adapter_files.remote(arm.name)).items()})
+    config = to_dict(arm.cfg)
+    state = {"step": step, "version": step, "data": data, "faults": faults,
              "config": config, "config_hash": checkpoint.config_hash(config), "time": time.time()}
-    path = checkpoint.write(run_dir / "checkpoints", step, files, state, cfg.run.keep_checkpoints)
+    path = checkpoint.write(arm.run_dir / "checkpoints", step, files, state, arm.cfg.run.keep_checkpoints)
     logging.getLogger(__name__).info("checkpoint %s: %.2f MB in %.0f ms", path, sum(map(len, files.values())) / 1e6,
                                      1e3 * (time.perf_counter() - start))
     return path

@@ -2,7 +2,7 @@
 
 A message is three frames, never pickle:
 
-    header   JSON: magic, version, step, peft_config, payload_bytes, payload_sha256,
+    header   JSON: magic, arm, version, step, peft_config, payload_bytes, payload_sha256,
              tensors [{name, dtype, shape, offset, nbytes}]
     payload  every tensor's raw little-endian bytes, back to back, in header order
     mac      HMAC-SHA256 of the header under the run's secret (the header holds the
@@ -13,6 +13,10 @@ The learner (`AdapterSender`) connects one DEALER socket to each sampler's ROUTE
 would drop messages sent before a subscriber joins, so every version is acknowledged: the
 receiver validates, hands the adapter to its loader, and answers `{"ok": true, ...}`, or
 `{"ok": false, "reason": ...}` while it keeps serving its last good version.
+
+One message carries one arm's adapter (rl/arms.py; "" in a run without arms): each arm has
+its own manifest (its rank and target modules) and its own increasing versions, and a
+message naming an arm the receiver was not given is refused.
 
 Light module: no torch. The payload layout is safetensors' own: `write_safetensors` makes a
 file of it by prefixing a header, without decoding tensors.
@@ -52,6 +56,7 @@ class Unacknowledged(ChannelError):
 
 @dataclass(frozen=True)
 class Adapter:
+    arm: str
     version: int
     step: int
     peft_config: dict
@@ -61,8 +66,8 @@ class Adapter:
 
 
 def encode(version: int, step: int, tensors: list[tuple[str, str, tuple, bytes]], peft_config: dict,
-           secret: bytes) -> list[bytes]:
-    """Frames for one adapter version; tensors are (name, dtype, shape, raw bytes)."""
+           secret: bytes, arm: str = "") -> list[bytes]:
+    """Frames for one adapter version of `arm`; tensors are (name, dtype, shape, raw bytes)."""
     meta, chunks, offset = [], [], 0
     for name, dtype, shape, data in tensors:
         meta.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": offset, "nbytes": len(data)})
@@ -70,16 +75,18 @@ def encode(version: int, step: int, tensors: list[tuple[str, str, tuple, bytes]]
         offset += len(data)
     payload = b"".join(chunks)
     header = json.dumps({
-        "magic": MAGIC, "version": version, "step": step, "peft_config": peft_config,
+        "magic": MAGIC, "arm": arm, "version": version, "step": step, "peft_config": peft_config,
         "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(), "tensors": meta,
     }).encode()
     return [header, payload, hmac.new(secret, header, hashlib.sha256).digest()]
 
 
-def decode(frames: list[bytes], secret: bytes, manifest: dict, max_bytes: int, last_version: int) -> Adapter:
-    """Validate frames against the run's secret and the learner's manifest, or raise ChannelError.
+def decode(frames: list[bytes], secret: bytes, manifests: dict[str, dict], max_bytes: int,
+           last_versions: dict[str, int]) -> Adapter:
+    """Validate frames against the run's secret and the learner's manifests, or raise ChannelError.
 
-    manifest maps tensor name -> [dtype, shape]; it must match the message exactly.
+    manifests: arm -> {tensor name -> [dtype, shape]}, which the message must match exactly;
+    last_versions: arm -> the newest version accepted (a message must be newer).
     """
     if len(frames) != 3:
         raise ChannelError(f"expected 3 frames (header, payload, mac), got {len(frames)}")
@@ -90,25 +97,29 @@ def decode(frames: list[bytes], secret: bytes, manifest: dict, max_bytes: int, l
         raise ChannelError("bad MAC: sender does not hold the run's secret, or the header was altered")
     try:
         h = json.loads(bytes(header_b))
-        version, step, tensors = int(h["version"]), int(h["step"]), h["tensors"]
+        arm, version, step, tensors = str(h["arm"]), int(h["version"]), int(h["step"]), h["tensors"]
         peft_config, size, digest = h["peft_config"], int(h["payload_bytes"]), h["payload_sha256"]
     except (ValueError, KeyError, TypeError) as e:
         raise ChannelError(f"malformed header: {e!r}") from None
     if h.get("magic") != MAGIC:
         raise ChannelError(f"unknown message format {h.get('magic')!r}, expected {MAGIC}")
+    if arm not in manifests:
+        raise ChannelError(f"unknown arm {arm!r} (this sampler serves {sorted(manifests)})")
+    last_version = last_versions.get(arm, -1)
     if version <= last_version:
-        raise ChannelError(f"stale or replayed version {version}: already serving {last_version}")
+        raise ChannelError(f"stale or replayed version {version}{' of arm ' + arm if arm else ''}: already "
+                           f"serving {last_version}")
     if len(payload) != size:
         raise ChannelError(f"truncated payload: {len(payload)} bytes, header says {size}")
     if hashlib.sha256(payload).hexdigest() != digest:
         raise ChannelError("payload digest mismatch: payload corrupted in transit")
     try:
-        end = _check_layout(tensors, manifest)
+        end = _check_layout(tensors, manifests[arm])
     except (KeyError, TypeError, AttributeError) as e:
         raise ChannelError(f"malformed tensor entry: {e!r}") from None
     if end != size:
         raise ChannelError(f"tensors cover {end} bytes of a {size}-byte payload")
-    return Adapter(version, step, peft_config, tensors, payload, digest)
+    return Adapter(arm, version, step, peft_config, tensors, payload, digest)
 
 
 def _check_layout(tensors: list, manifest: dict) -> int:
@@ -135,6 +146,14 @@ def _check_layout(tensors: list, manifest: dict) -> int:
     return end
 
 
+def _arm_of(frames: list) -> str:
+    """The arm a message says it is for, to label the reply (unchecked: decode checks it)."""
+    try:
+        return str(json.loads(bytes(frames[0]))["arm"]) if len(frames[0]) <= MAX_HEADER_BYTES else ""
+    except Exception:
+        return ""
+
+
 def write_safetensors(adapter: Adapter, file: Path):
     """The payload as a safetensors file: its layout already is safetensors' data section."""
     header = {t["name"]: {"dtype": t["dtype"], "shape": t["shape"],
@@ -149,11 +168,13 @@ def write_safetensors(adapter: Adapter, file: Path):
 
 
 class AdapterReceiver:
-    """A sampler's end: a ROUTER socket served by a thread; `load` is called per valid version."""
+    """A sampler's end: a ROUTER socket served by a thread; `load` is called per valid version.
 
-    def __init__(self, host: str, secret: bytes, manifest: dict, max_bytes: int, load):
-        self._secret, self._manifest, self._max_bytes, self._load = secret, manifest, max_bytes, load
-        self.version = -1  # last version accepted and loaded
+    manifests: arm -> the tensors its messages must hold (one entry "" without arms)."""
+
+    def __init__(self, host: str, secret: bytes, manifests: dict[str, dict], max_bytes: int, load):
+        self._secret, self._manifests, self._max_bytes, self._load = secret, manifests, max_bytes, load
+        self.versions: dict[str, int] = dict.fromkeys(manifests, -1)  # arm -> last version accepted and loaded
         self.refused: list[str] = []  # reasons, newest last
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -175,16 +196,18 @@ class AdapterReceiver:
             # copy=False: the payload is used in place (a MoE adapter can be 100+ MB).
             peer, *frames = [f.buffer for f in self._sock.recv_multipart(copy=False)]
             start = time.perf_counter()
+            arm = _arm_of(frames)
             try:
-                adapter = decode(frames, self._secret, self._manifest, self._max_bytes, self.version)
+                adapter = decode(frames, self._secret, self._manifests, self._max_bytes, self.versions)
                 self._load(adapter)
-                self.version = adapter.version
-                reply = {"ok": True, "version": adapter.version, "load_ms": 1e3 * (time.perf_counter() - start)}
+                self.versions[adapter.arm] = adapter.version
+                reply = {"ok": True, "arm": adapter.arm, "version": adapter.version,
+                         "load_ms": 1e3 * (time.perf_counter() - start)}
             except Exception as e:  # a refused message must never stop the receiver
                 reason = str(e) if isinstance(e, ChannelError) else f"load failed: {e!r}"
-                log.warning("refused adapter message: %s (still serving version %d)", reason, self.version)
+                log.warning("refused adapter message: %s (still serving version %d)", reason, self.versions.get(arm, -1))
                 self.refused.append(reason)
-                reply = {"ok": False, "reason": reason, "version": self.version}
+                reply = {"ok": False, "reason": reason, "arm": arm, "version": self.versions.get(arm, -1)}
             self._sock.send_multipart([bytes(peer), json.dumps(reply).encode()])
 
     def close(self):
@@ -192,6 +215,13 @@ class AdapterReceiver:
         self._thread.join(timeout=2)
         self._sock.close(0)
         self._ctx.term()
+
+
+def describe(wanted: set[tuple[str, int]]) -> str:
+    """'version 3' (no arms) or 'versions a:3, b:3'."""
+    if len(wanted) == 1 and next(iter(wanted))[0] == "":
+        return f"version {next(iter(wanted))[1]}"
+    return "versions " + ", ".join(f"{arm}:{version}" for arm, version in sorted(wanted))
 
 
 class AdapterSender:
@@ -215,36 +245,43 @@ class AdapterSender:
         if sock is not None:
             sock.close(0)
 
-    def publish(self, frames: list[bytes], version: int, timeout_s: float, endpoints: list[str] | None = None) -> dict:
-        """Send one version to every sampler (or to `endpoints`); raise ChannelError unless all load it in time.
-
-        The frames are encoded once; each send references the same buffers (no copy).
-        """
+    def publish(self, messages: list[list[bytes]], timeout_s: float, endpoints: list[str] | None = None) -> dict:
+        """Send messages (one per arm) to every sampler (or to `endpoints`); raise ChannelError
+        unless all load every one in time. Each message is encoded once; each send references
+        the same buffers (no copy)."""
         start = time.perf_counter()
+        wanted = set()
+        for frames in messages:
+            header = json.loads(frames[0])
+            wanted.add((header["arm"], header["version"]))
         targets = {ep: self._socks[ep] for ep in (endpoints if endpoints is not None else self._socks)}
         for sock in targets.values():
-            sock.send_multipart(frames, copy=False)
+            for frames in messages:
+                sock.send_multipart(frames, copy=False)
         poller = zmq.Poller()
         for sock in targets.values():
             poller.register(sock, zmq.POLLIN)
-        pending, acks = dict(targets), {}
+        pending = {ep: set(wanted) for ep in targets}
+        acks = []
         deadline = start + timeout_s
-        while pending:
+        while any(pending.values()):
             left_ms = 1e3 * (deadline - time.perf_counter())
+            waiting = sorted(ep for ep, left in pending.items() if left)
             if left_ms <= 0:
-                raise Unacknowledged(f"version {version}: no acknowledgement within {timeout_s} s from "
-                                     f"{sorted(pending)}", sorted(pending))
+                raise Unacknowledged(f"{describe(wanted)}: no acknowledgement within {timeout_s} s from {waiting}",
+                                     waiting)
             for sock, _ in poller.poll(left_ms):
                 reply = json.loads(sock.recv())
-                ep = next(e for e, s in pending.items() if s is sock)
-                if not reply.get("ok") or reply.get("version") != version:
-                    raise ChannelError(f"version {version} refused by {ep}: {reply.get('reason', reply)}")
-                acks[ep] = reply
-                del pending[ep]
+                ep = next(e for e, s in targets.items() if s is sock)
+                key = (reply.get("arm"), reply.get("version"))
+                if not reply.get("ok") or key not in pending[ep]:
+                    raise ChannelError(f"{describe(wanted)} refused by {ep}: {reply.get('reason', reply)}")
+                acks.append(reply)
+                pending[ep].discard(key)
         return {
             "sync/latency_ms": 1e3 * (time.perf_counter() - start),
-            "sync/load_ms": max(a["load_ms"] for a in acks.values()) if acks else 0.0,
-            "sync/bytes": sum(len(f) for f in frames),
+            "sync/load_ms": max(a["load_ms"] for a in acks) if acks else 0.0,
+            "sync/bytes": sum(len(f) for frames in messages for f in frames),
         }
 
     def close(self):

@@ -4,15 +4,19 @@ It generates G completions per prompt and returns, per completion, the token ids
 sampler's per-token log-probs in vLLM's processed mode (after temperature, as the learner
 computes them) and the adapter version that produced them.
 
-Each adapter version is a new vLLM LoRA identity (name `v{version}`, id `version + 1`):
-vLLM caches adapters by id and its prefix cache by name, so reusing either would serve a
-stale adapter silently. `max_staleness + 1` versions stay resident (vLLM's `max_loras`);
-older ones are removed, with their files, once no request uses them. The engine is not
-thread-safe, so the receiver thread and `generate` take turns under one lock.
+Each adapter version is a new vLLM LoRA identity (name `v{version}`, or `<arm>/v{version}`
+with arms, and an id never used before): vLLM caches adapters by id and its prefix cache by
+name, so reusing either would serve a stale adapter silently. Each arm (rl/arms.py) keeps
+`max_staleness + 1` versions resident (vLLM's `max_loras` holds every arm's); older ones are
+removed, with their files, once no request uses them. `generate_many` sends the requests of
+many arms to the engine as one batch, each prompt with its arm's newest adapter, so vLLM
+batches them together (multi-LoRA). The engine is not thread-safe, so the receiver thread and
+generation take turns under one lock.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -54,9 +58,10 @@ def adapter_dir() -> Path:
 
 
 class Sampler:
-    def __init__(self, spec: SamplerSpec, secret: bytes, manifest: dict, host: str = ""):
+    def __init__(self, spec: SamplerSpec, secret: bytes, manifests: dict[str, dict], host: str = ""):
         """spec: what this sampler is built from (common/specs.py, made by rl/fleet.py);
-        secret and manifest: the adapter channel's key and the tensors every message must hold."""
+        secret and manifests: the adapter channel's key and, per arm, the tensors its messages
+        must hold."""
         from vllm import LLM
 
         self.spec = spec
@@ -91,7 +96,7 @@ class Sampler:
             seed=spec.seed,
             enable_lora=True,
             max_lora_rank=spec.max_lora_rank,
-            max_loras=spec.resident_adapters,
+            max_loras=spec.resident_adapters * len(spec.arms),
             logprobs_mode="processed_logprobs",
             kv_cache_memory_bytes=spec.kv_cache_bytes or None,
             gpu_memory_utilization=spec.gpu_memory_utilization,
@@ -105,9 +110,11 @@ class Sampler:
         self._closing = threading.Event()
         threading.Thread(target=self._watch_engine, name="engine-watchdog", daemon=True).start()
         self.lock = threading.Lock()
-        self.adapters: OrderedDict[int, tuple] = OrderedDict()  # version -> (LoRARequest, digest), oldest first
+        # arm -> {version -> (LoRARequest, digest)}, oldest first
+        self.adapters: dict[str, OrderedDict[int, tuple]] = {arm: OrderedDict() for arm in spec.arms}
+        self._ids = itertools.count(1)  # vLLM LoRA ids, never reused
         self.adapter_dir = adapter_dir()
-        self.receiver = AdapterReceiver(host or node_ip(), secret, manifest, spec.max_message_bytes, self._load)
+        self.receiver = AdapterReceiver(host or node_ip(), secret, manifests, spec.max_message_bytes, self._load)
 
     def _watch_engine(self):
         """vLLM's client waits forever for the outputs of an engine process that was killed
@@ -123,8 +130,8 @@ class Sampler:
     def endpoint(self) -> str:
         return self.receiver.endpoint
 
-    def version(self) -> int:
-        return self.receiver.version
+    def version(self, arm: str = "") -> int:
+        return self.receiver.versions[arm]
 
     def refused(self) -> list[str]:
         return list(self.receiver.refused)
@@ -137,41 +144,54 @@ class Sampler:
         """
         from vllm.lora.request import LoRARequest
 
-        path = self.adapter_dir / f"v{adapter.version}"
-        path.mkdir()
+        name = f"{adapter.arm}/v{adapter.version}" if adapter.arm else f"v{adapter.version}"
+        path = self.adapter_dir / name
+        path.mkdir(parents=True)
         (path / "adapter_config.json").write_text(json.dumps({**adapter.peft_config,
                                                               "base_model_name_or_path": self.spec.model_path}))
-        request = LoRARequest(f"v{adapter.version}", adapter.version + 1, str(path))
+        request = LoRARequest(name, next(self._ids), str(path))
         with self.lock:
             loaded = self.llm.collective_rpc("add_adapter_from_memory", args=(
                 request.lora_name, request.lora_int_id, str(path), adapter.tensors, adapter.payload))
             if not all(loaded):
                 raise RuntimeError(f"vLLM did not load adapter version {adapter.version}")
-            self.adapters[adapter.version] = (request, adapter.digest)
+            versions = self.adapters[adapter.arm]
+            versions[adapter.version] = (request, adapter.digest)
             # Requests run under the lock, so none uses an evicted version.
-            while len(self.adapters) > self.spec.resident_adapters:
-                _, (old, _) = self.adapters.popitem(last=False)
+            while len(versions) > self.spec.resident_adapters:
+                _, (old, _) = versions.popitem(last=False)
                 self.llm.collective_rpc("remove_adapter_from_memory", args=(old.lora_int_id, old.lora_path))
                 shutil.rmtree(old.lora_path, ignore_errors=True)
 
     def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> Rollout:
-        """sampling.n completions per prompt on the newest adapter, whose version and payload
-        digest the Rollout names."""
+        """sampling.n completions per prompt on the newest adapter of sampling.arm, whose
+        version and payload digest the Rollout names."""
+        return self.generate_many([(prompt_ids_P, sampling)])[0]
+
+    def generate_many(self, requests: list[tuple[list[list[int]], Sampling]]) -> list[Rollout]:
+        """One Rollout per (prompts, sampling) request, all generated in one engine call: each
+        prompt on the newest adapter of its request's arm."""
         from vllm import SamplingParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        # detokenize=False: vLLM's incremental detokenization runs at every decoding step; the
-        # texts are decoded once below instead (a fifth of a default-job batch's time on CPU).
-        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_tokens, logprobs=0, seed=sampling.seed, detokenize=False)
+        prompts, params, loras, served = [], [], [], []
         with self.lock:
-            if not self.adapters:
-                raise RuntimeError("no adapter loaded yet: the learner publishes version 0 first")
-            version = next(reversed(self.adapters))
-            request, digest = self.adapters[version]
+            for prompt_ids_P, sampling in requests:
+                if not self.adapters.get(sampling.arm):
+                    raise RuntimeError(f"no adapter loaded yet{' for arm ' + repr(sampling.arm) if sampling.arm else ''}"
+                                       ": the learner publishes version 0 first")
+                version = next(reversed(self.adapters[sampling.arm]))
+                request, digest = self.adapters[sampling.arm][version]
+                served.append((sampling.arm, version, digest, len(prompt_ids_P)))
+                # detokenize=False: vLLM's incremental detokenization runs at every decoding step;
+                # the texts are decoded once below instead (a fifth of a default-job batch on CPU).
+                p = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                   max_tokens=sampling.max_tokens, logprobs=0, seed=sampling.seed, detokenize=False)
+                prompts += [{"prompt_token_ids": ids} for ids in prompt_ids_P]
+                params += [p] * len(prompt_ids_P)
+                loras += [request] * len(prompt_ids_P)
             try:
-                outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids_P], params,
-                                            lora_request=request, use_tqdm=False)
+                outputs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
             except EngineDeadError:
                 # vLLM's engine process is gone (OOM-killed, crashed): end this actor too, so that
                 # Ray restarts it with a new engine and the driver samples these prompts again.
@@ -179,10 +199,11 @@ class Sampler:
                 os._exit(1)
         texts = iter(self.tokenizer.batch_decode([c.token_ids for out in outputs for c in out.outputs],
                                                  skip_special_tokens=True))
-        completions_P_G = [[Completion(list(c.token_ids), [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)],
-                                       next(texts), c.finish_reason == "stop") for c in out.outputs]
-                           for out in outputs]
-        return Rollout(version, digest, completions_P_G)
+        completions = iter([[Completion(list(c.token_ids), [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)],
+                                        next(texts), c.finish_reason == "stop") for c in out.outputs]
+                            for out in outputs])
+        return [Rollout(arm, version, digest, list(itertools.islice(completions, count)))
+                for arm, version, digest, count in served]
 
     def close(self):
         """Stop the receiver and the engine's processes; remove the adapter files."""

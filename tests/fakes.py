@@ -23,10 +23,14 @@ class FakeSampler:
         self.version = version
 
     def generate(self, prompt_ids, sampling):
+        return self.generate_many([(prompt_ids, sampling)])[0]
+
+    def generate_many(self, requests):
         version = self.version  # the adapter a real sampler takes at the start of generate
         time.sleep(self.rng.uniform(0.0, 0.05))
         completion = Completion([1, 2], [-0.1, -0.2], "x", True)
-        return Rollout(version, f"{self.prefix}{version}", [[completion] * sampling.n for _ in prompt_ids])
+        return [Rollout(sampling.arm, version, f"{self.prefix}{version}", [[completion] * sampling.n for _ in prompt_ids])
+                for prompt_ids, sampling in requests]
 
 
 class FakeRewards:
@@ -35,28 +39,34 @@ class FakeRewards:
 
 
 class FakeLearner:
-    """Publishes versions to the fake samplers; its loss is NaN at the given steps."""
+    """Publishes versions to the fake samplers; its loss is NaN at the given steps (of arm
+    `nan_arm` only, in a learner of several arms)."""
 
-    def __init__(self, samplers, nan_steps=()):
-        self.samplers, self.nan_steps, self.version = samplers, set(nan_steps), 0
+    def __init__(self, samplers, nan_steps=(), arms=("",), nan_arm=""):
+        self.samplers, self.nan_steps, self.nan_arm, self.version = samplers, set(nan_steps), nan_arm, 0
+        self.arms = list(arms)
 
-    def publish(self):
+    def publish(self, arms=None):
         ray.get([s.load.remote(self.version) for s in self.samplers])
-        return Published(self.version, f"d{self.version}",
-                         metrics={"sync/latency_ms": 1.0, "sync/bytes": 1, "sync/version": self.version})
+        return [Published(arm, self.version, f"d{self.version}",
+                          metrics={"sync/latency_ms": 1.0, "sync/bytes": 1, "sync/version": self.version})
+                for arm in (self.arms if arms is None else arms)]
 
     def train_step(self, batch):
         self.version += 1
-        bad = self.version in self.nan_steps
-        return {"learner/loss": math.nan if bad else 0.1, "learner/grad_norm": math.nan if bad else 1.0,
-                "learner/skipped": int(bad), "time/learn": 0.0, "batch": len(batch)}
+        out = {}
+        for arm in dict.fromkeys(d.arm for d in batch):
+            bad = arm == self.nan_arm and self.version in self.nan_steps
+            out[arm] = {"learner/loss": math.nan if bad else 0.1, "learner/grad_norm": math.nan if bad else 1.0,
+                        "learner/skipped": int(bad), "time/learn": 0.0, "batch": sum(d.arm == arm for d in batch)}
+        return out
 
-    def state_files(self):
+    def state_files(self, arm=""):
         return {"deepspeed/state.pt": self.version.to_bytes(4, "little")}
 
-    def load_state_files(self, files):
+    def load_state_files(self, files, arm=""):
         self.version = int.from_bytes(files["deepspeed/state.pt"], "little")
         return {"step": self.version, "version": self.version}
 
-    def adapter_files(self):
+    def adapter_files(self, arm=""):
         return {"adapter_config.json": b"{}"}

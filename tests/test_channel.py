@@ -23,7 +23,7 @@ def frames(version=1, **kw):
 
 
 def test_round_trip_safetensors_file_and_in_memory_views(tmp_path):
-    a = decode(frames(3), SECRET, MANIFEST, 1 << 20, last_version=2)
+    a = decode(frames(3), SECRET, {"": MANIFEST}, 1 << 20, {"": 2})
     assert (a.version, a.step, a.peft_config["r"]) == (3, 3, 1)
     assert [t["offset"] for t in a.tensors] == [0, 16] and len(a.payload) == 28
     from safetensors.numpy import load_file
@@ -54,30 +54,30 @@ def test_round_trip_safetensors_file_and_in_memory_views(tmp_path):
 ])
 def test_refusals(mutate, reason):
     with pytest.raises(ChannelError, match=reason):
-        decode(mutate(frames()), SECRET, MANIFEST, 1024, last_version=0)
+        decode(mutate(frames()), SECRET, {"": MANIFEST}, 1024, {"": 0})
 
 
 def test_replayed_version_refused():
     with pytest.raises(ChannelError, match="replayed"):
-        decode(frames(2), SECRET, MANIFEST, 1 << 20, last_version=2)
+        decode(frames(2), SECRET, {"": MANIFEST}, 1 << 20, {"": 2})
 
 
 def test_sockets_ack_and_keep_last_good_version():
     loaded = []
-    rx = AdapterReceiver("127.0.0.1", SECRET, MANIFEST, 1 << 20, loaded.append)
+    rx = AdapterReceiver("127.0.0.1", SECRET, {"": MANIFEST}, 1 << 20, loaded.append)
     tx = AdapterSender()
     try:
         assert rx.endpoint.startswith("tcp://127.0.0.1:")
         tx.connect([rx.endpoint])
-        m = tx.publish(frames(1), 1, timeout_s=10)
+        m = tx.publish([frames(1)], timeout_s=10)
         assert m["sync/bytes"] > 28 and m["sync/latency_ms"] > 0
         with pytest.raises(ChannelError, match="bad MAC"):
-            tx.publish(frames(2, secret=b"y" * 32), 2, timeout_s=10)
+            tx.publish([frames(2, secret=b"y" * 32)], timeout_s=10)
         with pytest.raises(ChannelError, match="replayed"):
-            tx.publish(frames(1), 1, timeout_s=10)
-        assert [a.version for a in loaded] == [1] and rx.version == 1 and len(rx.refused) == 2
-        tx.publish(frames(2), 2, timeout_s=10)
-        assert rx.version == 2
+            tx.publish([frames(1)], timeout_s=10)
+        assert [a.version for a in loaded] == [1] and rx.versions[""] == 1 and len(rx.refused) == 2
+        tx.publish([frames(2)], timeout_s=10)
+        assert rx.versions[""] == 2
     finally:
         tx.close()
         rx.close()
@@ -91,7 +91,7 @@ def test_unacknowledged_version_times_out():
     try:
         tx.connect([f"tcp://127.0.0.1:{port}"])
         with pytest.raises(ChannelError, match="no acknowledgement"):
-            tx.publish(frames(1), 1, timeout_s=0.5)
+            tx.publish([frames(1)], timeout_s=0.5)
     finally:
         tx.close()
         silent.close(0)
@@ -99,17 +99,49 @@ def test_unacknowledged_version_times_out():
 
 
 def test_disconnected_sampler_is_not_waited_for():
-    rx = AdapterReceiver("127.0.0.1", SECRET, MANIFEST, 1 << 20, lambda a: None)
-    gone = AdapterReceiver("127.0.0.1", SECRET, MANIFEST, 1 << 20, lambda a: None)
+    rx = AdapterReceiver("127.0.0.1", SECRET, {"": MANIFEST}, 1 << 20, lambda a: None)
+    gone = AdapterReceiver("127.0.0.1", SECRET, {"": MANIFEST}, 1 << 20, lambda a: None)
     tx = AdapterSender()
     try:
         tx.connect([rx.endpoint, gone.endpoint])
-        tx.publish(frames(1), 1, timeout_s=10)
+        tx.publish([frames(1)], timeout_s=10)
         gone.close()
         with pytest.raises(ChannelError, match="no acknowledgement"):
-            tx.publish(frames(2), 2, timeout_s=0.5)
+            tx.publish([frames(2)], timeout_s=0.5)
         tx.disconnect(gone.endpoint)
-        assert tx.publish(frames(3), 3, timeout_s=10)["sync/bytes"] > 0
+        assert tx.publish([frames(3)], timeout_s=10)["sync/bytes"] > 0
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_each_arm_has_its_own_manifest_and_versions():
+    """A sweep's arms (rl/arms.py) publish one message each: arm b's rank-2 adapter is checked
+    against b's manifest, versions are counted per arm, an unknown arm and a message crossed
+    onto another arm's manifest are refused, and one publish waits for every arm's ack."""
+    wide = {"a.lora_A.weight": ["F32", [2, 4]], "a.lora_B.weight": ["F32", [3, 2]]}
+    rank2 = [("a.lora_A.weight", "F32", (2, 4), struct.pack("<8f", *range(8))),
+             ("a.lora_B.weight", "F32", (3, 2), struct.pack("<6f", *range(6)))]
+    loaded = []
+    rx = AdapterReceiver("127.0.0.1", SECRET, {"a": MANIFEST, "b": wide}, 1 << 20, loaded.append)
+    tx = AdapterSender()
+
+    def message(arm, version, t):
+        return encode(version, version, t, {"r": 1}, SECRET, arm)
+
+    try:
+        tx.connect([rx.endpoint])
+        tx.publish([message("a", 0, tensors()), message("b", 0, rank2)], timeout_s=10)
+        assert sorted((a.arm, a.version) for a in loaded) == [("a", 0), ("b", 0)]
+        tx.publish([message("a", 1, tensors())], timeout_s=10)  # b stays at 0: its own stream
+        assert rx.versions == {"a": 1, "b": 0}
+        with pytest.raises(ChannelError, match="unknown arm 'c'"):
+            tx.publish([message("c", 5, tensors())], timeout_s=10)
+        with pytest.raises(ChannelError, match="does not match the manifest"):
+            tx.publish([message("b", 1, tensors())], timeout_s=10)  # a's rank-1 tensors sent as b's
+        with pytest.raises(ChannelError, match="replayed version 1 of arm a"):
+            tx.publish([message("a", 1, tensors())], timeout_s=10)
+        assert rx.versions == {"a": 1, "b": 0} and len(loaded) == 3
     finally:
         tx.close()
         rx.close()

@@ -10,6 +10,7 @@ import signal
 import pytest
 import ray
 
+from rl.arms import ArmRun
 from rl.config import load_config
 from rl.faults import Faults
 from rl.fleet import Samplers
@@ -56,6 +57,13 @@ def setup(nan_steps=(), steps=10, mode="sync"):
     return cfg, learner, samplers, train, evals
 
 
+def loop(cfg, learner, samplers, train, evals, run_dir, resume, stop):
+    """rl_loop on one arm (a run without arms section), as rl/run.py's main calls it."""
+    arm = ArmRun("", cfg, run_dir, train, FakeRewards(), samplers.faults)
+    return rl_loop(cfg, learner, samplers, FakeRewards(), [arm], evals, {"": resume} if resume else {}, samplers.faults,
+                   stop)
+
+
 def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -64,7 +72,7 @@ def test_non_finite_steps_are_skipped_and_k_in_a_row_stop_the_run_with_a_checkpo
     # Step 2 is skipped and the run goes on; 4, 5, 6 in a row end it.
     cfg, learner, samplers, train, evals = setup(nan_steps={2, 4, 5, 6})
     with pytest.raises(FloatingPointError, match=r"3 steps in a row \(to step 6\).*learner.max_skipped_steps=3"):
-        rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, None, samplers.faults, NoSignal())
+        loop(cfg, learner, samplers, train, evals, tmp_path, None, NoSignal())
     logged = rows(tmp_path)
     assert [r["step"] for r in logged] == list(range(7))
     assert [r["learner/skipped"] for r in logged[1:]] == [0, 1, 0, 1, 1, 1]
@@ -78,8 +86,7 @@ def test_sigterm_checkpoints_and_stops_and_the_same_command_resumes(local_ray, t
     """In async mode the sampling thread has drawn rows ahead of the learner: the checkpoint
     holds the position the learner consumed, so no row is skipped or drawn twice."""
     cfg, learner, samplers, train, evals = setup(mode=mode)
-    step = rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, None, samplers.faults,
-                   StopAfter(tmp_path / "metrics.jsonl", 2))
+    step = loop(cfg, learner, samplers, train, evals, tmp_path, None, StopAfter(tmp_path / "metrics.jsonl", 2))
     assert step == 2 and [r["step"] for r in rows(tmp_path)] == [0, 1, 2]
     path = tmp_path / "checkpoints" / "step-000002"
     assert json.loads((path / "state.json").read_text())["data"]["position"] == 2 * 4
@@ -87,10 +94,41 @@ def test_sigterm_checkpoints_and_stops_and_the_same_command_resumes(local_ray, t
 
     # Relaunch: a new learner and split, as a new driver would have; it resumes at step 3.
     cfg, learner, samplers, train, evals = setup(mode=mode)
-    step = rl_loop(cfg, learner, samplers, FakeRewards(), train, evals, tmp_path, path, samplers.faults, NoSignal())
+    step = loop(cfg, learner, samplers, train, evals, tmp_path, path, NoSignal())
     logged = rows(tmp_path)
     assert step == 10 and [r["step"] for r in logged] == list(range(11))
     assert "eval/accuracy" in logged[0] and "eval/accuracy" in logged[-1]  # before training, and at the end
     assert [r["data/position"] for r in logged[1:]] == [4 * s for s in range(1, 11)]  # no row drawn twice
     assert [r["fault/resumes"] for r in logged[1:]] == [0, 0] + [1] * 8
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000010"]
+
+
+def test_an_arm_that_keeps_failing_stops_alone_and_the_others_go_on(local_ray, tmp_path):
+    """In a sweep, arm b's steps 3, 4, 5 are non-finite: b checkpoints, stops with its error
+    in failed.json and is no longer sampled or trained; a runs to the end. A relaunch keeps
+    b stopped and resumes a from its last checkpoint."""
+    from rl.checkpoint import arm_runs
+
+    cfg = load_config(None, ["run.steps=8", "rollout.prompts_per_step=2", "rollout.group_size=2", "sync.probe_every=-1",
+                             "run.checkpoint_every=4", "arms.list=[{name: a}, {name: b, learner.lr: 0.01}]"])
+    fakes = [ray.remote(FakeSampler).remote(0)]
+    learner = ray.remote(FakeLearner).remote(fakes, {3, 4, 5}, ("a", "b"), "b")
+    samplers = Samplers(fakes, faults=Faults())
+    evals = {"eval": Split([{"prompt_ids": [i], "answer": "1", "prompt": str(i)} for i in range(4)])}
+    arms, resumes = arm_runs(cfg, tmp_path, None)
+    for arm in arms:
+        arm.train, arm.rewards = Split([{"prompt_ids": [i], "answer": "1", "prompt": str(i)} for i in range(50)]), FakeRewards()
+    assert rl_loop(cfg, learner, samplers, FakeRewards(), arms, evals, resumes, samplers.faults, NoSignal()) == 8
+    a, b = (rows(tmp_path / "arms" / name) for name in ("a", "b"))
+    assert [r["step"] for r in a] == list(range(9)) and [r["step"] for r in b] == list(range(6))
+    assert [r["learner/skipped"] for r in b[1:]] == [0, 0, 1, 1, 1]
+    failed = json.loads((tmp_path / "arms" / "b" / "failed.json").read_text())
+    assert failed["step"] == 5 and "3 steps in a row (to step 5)" in failed["error"]
+    assert sorted(p.name for p in (tmp_path / "arms" / "b" / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+    assert a[-1]["data/position"] == 8 * 2 and b[-1]["data/position"] == 5 * 2  # b drew no rows after it stopped
+
+    cfg = load_config(None, ["run.steps=10", "rollout.prompts_per_step=2", "rollout.group_size=2", "sync.probe_every=-1",
+                             "run.checkpoint_every=4", "arms.list=[{name: a}, {name: b, learner.lr: 0.01}]"])
+    arms, resumes = arm_runs(cfg, tmp_path, None)
+    assert [arm.error != "" for arm in arms] == [False, True] and list(resumes) == ["a"]
+    assert resumes["a"].name == "step-000008"

@@ -18,6 +18,7 @@ from common.records import Datum, Sampling  # noqa: E402
 from demo.tiny_model import TEMPLATE, build_tiny_model  # noqa: E402
 from rl.config import load_config  # noqa: E402
 from rollout.channel import encode  # noqa: E402
+from tests.agreement import LOGPROB_TOL, logit_scale, logprob_gap  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -65,39 +66,8 @@ def generate(stack, n=8, temperature=1.0, seed=1):
     return ray.get(stack["sampler"].generate.remote(stack["prompt_ids"], Sampling(n, temperature, 40, seed=seed)))
 
 
-# Sampler (vLLM's kernels) and learner (transformers + PEFT) compute the same float32
-# function with sums in other orders. A row passes ~40 matmuls through the tiny model and its
-# adapter (4 layers x 7 projections and 2 attention products, LoRA, the head) with dot products
-# of length <= 512; each adds a relative error of about sqrt(512) x 6e-8 = 1.4e-6 of its
-# operands' scale (the usual sqrt(n) u estimate), so a logit is off by up to ~40 x 1.4e-6 =
-# 5.4e-5 of the logits' scale, and a log-prob, a logit minus a logsumexp, by twice that. The
-# errors are relative to the logits' scale, not to the log-prob: seen, 2.7e-4 at a log-prob of
-# -0.83 with logits up to 10.2 (2.7e-5 of the scale, after two steps at lr 0.02), while the
-# median token is off by 5e-7. Allowed: 1.1e-4 x max|logit|; a stale or wrongly scaled adapter
-# is off by 1e-2 and more at these scales.
-LOGPROB_TOL = 2 * 40 * 512**0.5 * 6e-8
-
-
-def logit_scale(model, seqs) -> float:
-    """The largest |logit| of `model` over these sequences: the scale the float32 errors follow."""
-    import torch
-
-    from learner.logprobs import _batch
-
-    input_ids, attention = _batch(seqs)
-    with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention).logits
-    return float(logits[attention.bool()].abs().max())
-
-
 def learner_logit_scale(stack, seqs) -> float:
     return ray.get(stack["learner"].__ray_call__.remote(lambda learner: logit_scale(learner.engine.module, seqs)))
-
-
-def logprob_gap(learner_lp, sampler_lp, scale: float) -> float:
-    """The largest |learner - sampler| over matching tokens, over the logits' scale."""
-    assert [len(x) for x in learner_lp] == [len(x) for x in sampler_lp]
-    return max(abs(a - b) for ls, ss in zip(learner_lp, sampler_lp) for a, b in zip(ls, ss)) / scale
 
 
 def max_logprob_gap(stack, out):
@@ -141,9 +111,9 @@ def test_logprobs_agree_after_training(stack):
         out = generate(stack, seed=3)
         batch = [Datum(p, c.tokens, c.logprobs, 1.0 if "boxed" in c.text else -1.0)
                  for p, g in zip(stack["prompt_ids"], out.completions_P_G) for c in g]
-        metrics = ray.get(learner.train_step.remote(batch))
+        metrics = ray.get(learner.train_step.remote(batch))[""]
         assert metrics["learner/grad_norm"] > 0
-        sync = ray.get(learner.publish.remote())
+        (sync,) = ray.get(learner.publish.remote())
         assert not sync.missing and len(sync.digest) == 64
         assert sync.metrics["sync/bytes"] > 0 and sync.metrics["sync/latency_ms"] > 0
     after = generate(stack, seed=7)
@@ -165,7 +135,7 @@ def test_vllm_reloads_an_evicted_adapter_from_memory(stack):
     before = generate(stack, n=1, temperature=0.0)
 
     def evict(sampler):
-        request, _ = sampler.adapters[next(reversed(sampler.adapters))]
+        request, _ = sampler.adapters[""][next(reversed(sampler.adapters[""]))]
         assert sorted(p.name for p in Path(request.lora_path).iterdir()) == ["adapter_config.json"]
         assert sampler.llm.llm_engine.remove_lora(request.lora_int_id)
         return request.lora_int_id
@@ -307,7 +277,7 @@ def test_micro_batches_chunks_and_checkpointing_take_the_same_step(stack):
                 "defaults": {}, "small micro-batches": dict(max_tokens_per_micro=120, logprob_chunk=5)}
     actor = ray.remote(num_cpus=0)(Learner)
     learners = {name: actor.remote(learner_spec(stack, 123, **v), b"k" * 32) for name, v in variants.items()}
-    steps = dict(zip(learners, ray.get([x.train_step.remote(batch) for x in learners.values()])))
+    steps = dict(zip(learners, [r[""] for r in ray.get([x.train_step.remote(batch) for x in learners.values()])]))
     ref = steps["reference"]
     for name, step in steps.items():
         assert step["learner/loss"] == pytest.approx(ref["learner/loss"], rel=1e-4, abs=1e-6), name
@@ -339,12 +309,12 @@ def test_a_non_finite_step_is_skipped_and_the_state_restores_exactly(stack, zero
     def adapter():
         return ray.get(learner.adapter_files.remote())["adapter_model.safetensors"]
 
-    assert ray.get(learner.train_step.remote(good))["learner/skipped"] == 0  # Adam has moments now
+    assert ray.get(learner.train_step.remote(good))[""]["learner/skipped"] == 0  # Adam has moments now
     saved, before = ray.get(learner.state_files.remote()), adapter()
-    skipped = ray.get(learner.train_step.remote(bad))
+    skipped = ray.get(learner.train_step.remote(bad))[""]
     assert skipped["learner/skipped"] == 1 and not math.isfinite(skipped["learner/loss"])
     assert adapter() == before
-    assert ray.get(learner.train_step.remote(good))["learner/skipped"] == 0
+    assert ray.get(learner.train_step.remote(good))[""]["learner/skipped"] == 0
     after_skip = adapter()
     assert after_skip != before
     assert ray.get(learner.load_state_files.remote(saved)) == {"step": 1, "version": 1}
@@ -375,7 +345,7 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
         group = place(cfg)
         ranks = start_learners(cfg, spec(cfg, stack["model_path"]), b"k" * 32, group, name=f"dp{world}")
         try:
-            steps = [ray.get(ranks[0].train_step.remote(batch)) for _ in range(2)]
+            steps = [ray.get(ranks[0].train_step.remote(batch))[""] for _ in range(2)]
             logprobs = ray.get(ranks[0].logprobs.remote([Datum(b.prompt_ids, b.tokens)
                                                           for b in batch]))
             adapter = load(ray.get(ranks[0].adapter_files.remote())["adapter_model.safetensors"])
@@ -422,7 +392,7 @@ def test_late_sampler_catches_up_before_prompts(stack):
     ray.get(stack["learner"].train_step.remote([
         Datum(p, c.tokens, c.logprobs, 1.0 - 2 * (i % 2))
         for p, g in zip(stack["prompt_ids"], out.completions_P_G) for i, c in enumerate(g)]))
-    assert ray.get(stack["learner"].publish.remote()).version == current.version + 1
+    assert ray.get(stack["learner"].publish.remote())[0].version == current.version + 1
     assert generate(stack, n=1, temperature=0.0).version == current.version + 1
 
 

@@ -7,11 +7,13 @@ test_integration.py and test_run.py. Staleness is asserted on recorded versions,
 
 import random
 import time
+from pathlib import Path
 
 import pytest
 import ray
 
 from common.records import Group
+from rl.arms import ArmRun
 from rl.config import load_config
 from rl.fleet import Samplers
 from rl.rollouts import AsyncBatches, Batches, keep_in_window
@@ -32,6 +34,14 @@ def test_stale_and_unknown_adapters_are_refused():
                                    newest=5, max_staleness=1)
     assert [g.row["i"] for g in kept] == [0, 1, 4]
     assert [g.row["i"] for g in refused] == [2, 3]  # version 3 is two behind; "forged" is not what 5 published
+
+
+def test_another_arms_groups_are_refused():
+    """A sweep's arms have version streams of their own: a group produced by arm b's adapter
+    (its version and digest as b published them) is refused by arm a's window."""
+    crossed = [Group({"i": 0}, [], 5, "d5", arm="a"), Group({"i": 1}, [], 5, "d5", arm="b")]
+    kept, refused = keep_in_window(crossed, PUBLISHED, newest=5, max_staleness=0, arm="a")
+    assert [g.row["i"] for g in kept] == [0] and [g.row["i"] for g in refused] == [1]
 
 
 def test_sync_window_keeps_only_the_newest():
@@ -56,13 +66,14 @@ def drive(mode, max_staleness, steps=12, on_stale="drop", digest_prefix="d", lag
     train = Split([{"prompt_ids": [i], "answer": "1"} for i in range(50)])
     rng, history = random.Random(0), []
     make = AsyncBatches if mode == "async" else Batches
-    with make(cfg, samplers, FakeRewards(), train, {0: "d0"}) as batches:
+    arm = ArmRun("", cfg, Path("."), train, FakeRewards(), published={0: "d0"})
+    with make(cfg, samplers, [arm]) as batches:
         for step in range(1, steps + 1):
-            kept, metrics = batches.next(step)
+            ((kept, metrics),) = batches.next(step).values()
             history.append(([g.version for g in kept], metrics))
             time.sleep(rng.uniform(0.0, 0.05))  # the learner's step
             ray.get([s.load.remote(max(0, step - (lag or {}).get(i, 0))) for i, s in enumerate(samplers)])
-            batches.publish(step, f"d{step}")
+            batches.publish("", step, f"d{step}")
     return history
 
 
