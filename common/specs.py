@@ -63,6 +63,7 @@ class SamplerSpec:
     max_lora_rank: int  # the smallest rank vLLM accepts that holds every arm's lora.rank
     arms: tuple[str, ...]  # the arms it serves ("" alone in a run without arms)
     resident_adapters: int  # versions kept loaded per arm: max_staleness + 1 (vLLM's max_loras: x arms)
+    max_num_seqs: int  # sequences vLLM runs at once (CPU: a step's completions of every arm, at least 256)
     kv_cache_bytes: int  # 0: vLLM sizes it from gpu_memory_utilization
     gpu_memory_utilization: float
     enforce_eager: bool

@@ -81,10 +81,13 @@ class WandbLogger:
 
         self.wandb = wandb
         # One W&B run per run directory: a resumed run continues it (W&B ignores the steps it
-        # already has, which the resumed run logs again).
-        run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[-64:]
-        self.run = wandb.init(project=cfg.logging.wandb_project, name=run_dir.name, id=run_id, resume="allow",
-                              dir=str(run_dir), mode=cfg.logging.wandb_mode, config=config)
+        # already has, which the resumed run logs again). A sweep's arms (RUN/arms/<name>) are
+        # runs of their own in one group named for the sweep, all open at once in this process.
+        sweep = run_dir.parent.parent.name if run_dir.parent.name == "arms" else None
+        name = f"{sweep}/{run_dir.name}" if sweep else run_dir.name
+        run_id = re.sub(r"[^A-Za-z0-9_-]", "-", name)[-64:]
+        self.run = wandb.init(project=cfg.logging.wandb_project, name=name, id=run_id, resume="allow", group=sweep,
+                              dir=str(run_dir), mode=cfg.logging.wandb_mode, config=config, reinit="create_new")
 
     def config(self, config: dict):
         pass  # given to wandb.init

@@ -19,11 +19,14 @@ from __future__ import annotations
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+DENSE_COLUMNS = 128  # most slots x slices x rank computed for every token of a many-adapter batch
+
 
 class GroupedLoRA(PunicaWrapperCPU):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.groups: list[tuple[int, torch.Tensor | None]] = []  # (adapter slot, its rows or None for all)
+        self.masks: dict[int, torch.Tensor] = {}  # slots -> [tokens, slots]: 1 where a token uses the slot
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
@@ -33,6 +36,7 @@ class GroupedLoRA(PunicaWrapperCPU):
             self.groups = [(first, None)] if first >= 0 else []
         else:
             self.groups = [(int(k), (indices == k).nonzero().squeeze(1)) for k in indices.unique() if k >= 0]
+        self.masks = {}
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
         """y[:, slice i] += scale * x @ A_i^T @ B_i^T for each token's adapter, as vLLM defines it.
@@ -45,6 +49,10 @@ class GroupedLoRA(PunicaWrapperCPU):
                                            buffer=buffer, **kwargs)
         out = y.view(-1, y.shape[-1])
         width = sum(output_slices)
+        slots, _, rank, _ = lora_a_stacked[0].shape
+        if len(self.groups) > 1 and slots * len(output_slices) * rank <= DENSE_COLUMNS:
+            out[:, :width] += self._dense(x, lora_a_stacked, lora_b_stacked, scale, output_slices).to(y.dtype)
+            return
         for k, rows in self.groups:
             xs = x if rows is None else x.index_select(0, rows)
             # The slices of a fused projection (q|k|v, gate|up) at once: their A's stacked,
@@ -60,6 +68,26 @@ class GroupedLoRA(PunicaWrapperCPU):
                 out[:, :width] += delta
             else:
                 out[rows, :width] += delta
+
+    def _dense(self, x, lora_a_stacked, lora_b_stacked, scale, output_slices) -> torch.Tensor:
+        """Every token's LoRA delta at once: h = x @ [A of every slot and slice]^T, each token's
+        other slots zeroed, then h @ [B of every slot, block-diagonal over slices]^T."""
+        slots, _, rank, width_in = lora_a_stacked[0].shape
+        n = len(output_slices)
+        a = torch.cat([a[:, 0] for a in lora_a_stacked], dim=1)  # [slots, n * rank, in]
+        h = x.to(torch.float32) @ a.reshape(-1, width_in).to(torch.float32).T  # [T, slots * n * rank]
+        if slots not in self.masks:  # a token's slot; index -1 (no adapter) matches none
+            self.masks[slots] = (self.token_lora_indices[:, None] == torch.arange(slots)[None, :]).to(torch.float32)
+        h = (h.view(len(x), slots, n * rank) * self.masks[slots][:, :, None]).view(len(x), -1)
+        if scale != 1.0:
+            h = h * scale
+        b = torch.zeros(slots, n * rank, sum(output_slices), dtype=torch.float32, device=x.device)
+        offset = 0
+        for i, (bi, size) in enumerate(zip(lora_b_stacked, output_slices)):
+            b[:, i * rank:(i + 1) * rank, offset:offset + size] = bi[:, 0, :size].transpose(1, 2)
+            offset += size
+        return h @ b.view(-1, sum(output_slices))
+
 
 def install():
     """Make vLLM-CPU's LoRA layers use `GroupedLoRA` (no effect on other platforms)."""

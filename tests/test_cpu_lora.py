@@ -38,13 +38,19 @@ def reference(y, x, a, b, ids, slices):
     return out
 
 
+@pytest.mark.parametrize("rank", [2, 48], ids=["rank 2", "rank 48"])
 @pytest.mark.parametrize("prefill", [False, True])
 @pytest.mark.parametrize("ids", [[12] * 9, [11, 13, 13, 0, 12, 11, 0, 13, 12], [0] * 5],
                          ids=["one adapter", "mixed, some tokens without", "no adapter"])
 @pytest.mark.parametrize("slices", [(96, 32, 32), (160,)], ids=["fused qkv", "single"])
-def test_grouped_lora_equals_vllm(ids, slices, prefill):
-    g = torch.Generator().manual_seed(len(ids) + len(slices))
-    rank, width_in = 2, 64
+def test_grouped_lora_equals_vllm(ids, slices, prefill, rank):
+    """Mixed batches take the dense path (all slots at once) at rank 2 (4 slots x 3 slices x 2
+    columns <= DENSE_COLUMNS) and the adapter-by-adapter path at rank 48."""
+    from rollout.cpu_lora import DENSE_COLUMNS
+
+    assert len(SLOTS) * 3 * 2 <= DENSE_COLUMNS < len(SLOTS) * 48
+    g = torch.Generator().manual_seed(len(ids) + len(slices) + rank)
+    width_in = 64
     a = tuple(torch.randn(len(SLOTS), 1, rank, width_in, generator=g) for _ in slices)
     b = tuple(torch.randn(len(SLOTS), 1, s, rank, generator=g) for s in slices)
     x = torch.randn(len(ids), width_in, generator=g)
@@ -55,7 +61,8 @@ def test_grouped_lora_equals_vllm(ids, slices, prefill):
     exact = reference(y0, x, a, b, ids, slices)
     # Both sum the same products in float32 in different orders: each rank-r entry of x @ A^T
     # is a length-64 dot product (error <= 64 eps sum|x_j a_j|), then a length-r product with
-    # B and one addition into y. Bound: (64 + r + 1) eps times the sums of absolute terms.
+    # B (the dense path's longer one adds only exact zeros) and one addition into y. Bound:
+    # (64 + r + 1) eps times the sums of absolute terms.
     scale = reference(y0.abs(), x.abs(), tuple(t.abs() for t in a), tuple(t.abs() for t in b), ids, slices)
     bound = (width_in + rank + 1) * EPS * scale
     assert ((ours.double() - exact).abs() <= bound).all()

@@ -160,3 +160,47 @@ def test_the_report_builds_from_metrics_jsonl_alone(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(plots/{name}.png)" in report
     assert "before 0.500   best 0.800 (step 20)   final 0.750 (step 30)" in report
     assert "adapter sync   median 21.0 ms, 2.25 MB per version" in report
+
+
+def test_wandb_holds_each_arm_of_a_sweep_as_a_run_of_its_own(tmp_path):
+    """A sweep's arms log at once from one process: one offline W&B run per arm, each with
+    only its own scalars, grouped under the sweep's name."""
+    cfg = load_config(None, ["logging.wandb=true", "logging.wandb_mode=offline", "logging.wandb_project=test"])
+    folders = [tmp_path / "sweep" / "arms" / name for name in ("lr=1e-3", "lr=3e-3")]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    with Loggers(cfg, folders[0]) as one, Loggers(cfg, folders[1]) as two:
+        for step in range(2):
+            one.log(step, {"reward/mean": 0.1 + step})
+            two.log(step, {"reward/mean": 0.5 + step})
+        assert one.all[1].run.group == "sweep" and one.all[1].run.name == "sweep/lr=1e-3"
+    for folder, first in zip(folders, (0.1, 0.5)):
+        (run_file,) = (folder / "wandb").glob("offline-run-*/run-*.wandb")
+        history = wandb_history(run_file)
+        assert [history[s]["reward/mean"] for s in range(2)] == [first, first + 1]
+
+
+def test_the_sweep_report_ranks_the_arms_from_their_folders(tmp_path):
+    """rl/report.py on a sweep folder: a row per arm, best final accuracy first, a failed arm
+    says why, and the two figures."""
+    import yaml
+
+    from rl.report import sweep_summary, write_sweep
+
+    for name, lr, rank, final in (("a", 1e-3, 1, 0.6), ("b", 3e-3, 1, 0.7), ("c", 1e-3, 4, 0.65)):
+        folder = tmp_path / "arms" / name
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"learner": {"lr": lr}, "lora": {"rank": rank}}))
+        rows = [{"step": 0, "eval/accuracy": 0.5}] + [
+            {"step": s, "reward/mean": 0.1 * s, "time/step": 1.0, **({"eval/accuracy": final} if s == 3 else {})}
+            for s in (1, 2, 3)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "arms" / "c" / "failed.json").write_text(json.dumps({"step": 3, "error": "3 steps in a row"}))
+    report = write_sweep(tmp_path).read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ") and "arm |" not in line]
+    assert [line.split(" | ")[0] for line in table] == ["| b", "| c", "| a"]
+    assert "failed: 3 steps in a row" in table[1] and "| 0.700 | 0.700 (3) |" in table[0]
+    for figure in ("arms_accuracy", "arms_lr"):
+        assert (tmp_path / "plots" / f"{figure}.png").stat().st_size > 10_000 and f"plots/{figure}.png" in report
+    lines = sweep_summary(tmp_path).splitlines()
+    assert lines[1].split()[:2] == ["1.", "b"] and "FAILED" in lines[2]
