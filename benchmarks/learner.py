@@ -117,8 +117,11 @@ def decode_overhead(model_path: str, prompts: int = 8, tokens: int = 64) -> dict
     model.save_pretrained(adapter)
     del model
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    # The sampler's LoRA path: vLLM's worker imports rollout/vllm_ext.py, which gives vLLM-CPU
+    # rollout/cpu_lora.py's LoRA ops (as every Sampler's engine does).
     llm = LLM(model=model_path, dtype="float32", max_model_len=512, enable_lora=True, max_lora_rank=1, max_loras=1,
-              kv_cache_memory_bytes=2**30, enforce_eager=True, seed=0)
+              kv_cache_memory_bytes=2**30, enforce_eager=True, seed=0,
+              worker_extension_cls="rollout.vllm_ext.InMemoryAdapters")
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     g = torch.Generator().manual_seed(1)
     inputs = [{"prompt_token_ids": torch.randint(0, 151936, (32,), generator=g).tolist()} for _ in range(prompts)]

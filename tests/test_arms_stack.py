@@ -48,7 +48,7 @@ def stack():
     tok = AutoTokenizer.from_pretrained(model_path)
     prompt_ids = [tok(TEMPLATE.format(prompt=p))["input_ids"] for p in PROMPTS]
     yield {"learner": learners[0], "sampler": samplers[0], "prompt_ids": prompt_ids, "model_path": model_path,
-           "cfg": cfg, "published": published}
+           "cfg": cfg, "published": published, "secret": secret}
     shutdown(learners, samplers)
 
 
@@ -221,3 +221,20 @@ def test_the_sampler_applies_every_arm_as_the_learner_does_and_z_stays_the_base_
         base_lp = [row[: int(m.sum())].tolist() for row, m in zip(lp, mask)]
         scale = logit_scale(base, seqs)
     assert logprob_gap(base_lp, [c.logprobs for g in after["z"].completions_P_G for c in g], scale) < LOGPROB_TOL
+
+
+def test_a_late_sampler_is_caught_up_on_every_arm(stack):
+    """A sampler that joins (or comes back after a restart) gets every arm's newest adapter
+    before it samples: the same versions and digests the first sampler serves."""
+    from rl.fleet import add_sampler, remove_sampler
+
+    arms = ["a", "twin", "b", "z"]
+    current = sample(stack, arms, n=1)
+    late = add_sampler(stack["cfg"], stack["model_path"], stack["secret"], stack["learner"], index=1)
+    try:
+        requests = [(stack["prompt_ids"], Sampling(1, 0.0, 8, arm=arm)) for arm in arms]
+        out = dict(zip(arms, ray.get(late.generate_many.remote(requests))))
+        for arm in arms:
+            assert (out[arm].version, out[arm].digest) == (current[arm].version, current[arm].digest), arm
+    finally:
+        remove_sampler(stack["learner"], late)
