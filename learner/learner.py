@@ -186,17 +186,20 @@ class Learner:
         groups = [{"params": arm.params, "lr": arm.spec.lr, "weight_decay": arm.spec.weight_decay}
                   for arm in self.arms.values()]
         self.optimizer = SkippableAdamW(groups, lr=spec.adapters[0].lr)
+        one = len(self.arms) == 1
         ds_config = {
             "train_micro_batch_size_per_gpu": spec.micro_batch_size,
             # Only sizes DeepSpeed's batch bookkeeping: each step marks its last micro-batch as the
             # boundary itself (train_shard), since their number varies with the lengths.
             "gradient_accumulation_steps": spec.accumulation_steps,
-            # ZeRO 0 clips each arm's gradient alone (train_shard); ZeRO 1/2 (one arm only) in
-            # DeepSpeed, which holds the gradient partitions.
-            "gradient_clipping": spec.adapters[0].grad_clip if spec.zero_stage else 0.0,
+            # One arm: DeepSpeed clips (it holds the gradients under ZeRO 1/2 and bf16). Several
+            # (ZeRO 0): each arm's gradient is clipped alone (train_shard).
+            "gradient_clipping": spec.adapters[0].grad_clip if one else 0.0,
             "zero_optimization": {"stage": spec.zero_stage},
             "zero_allow_untested_optimizer": True,  # ZeRO knows AdamW by exact type; ours only adds the skip
-            "bf16": {"enabled": dtype == torch.bfloat16},
+            # Several arms: no DeepSpeed bf16 optimizer (its fp32 copies own the gradients); PEFT
+            # keeps adapters in float32 over a bf16 base, and AdamW steps them directly.
+            "bf16": {"enabled": dtype == torch.bfloat16 and one},
             "steps_per_print": 10**9,
         }
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
@@ -331,11 +334,13 @@ class Learner:
         norms = {arm: self._grad_norm(self.arms[arm]) for arm in counts}
         skipped = self._non_finite({arm: (totals[arm]["loss"], norms[arm]) for arm in counts})
         for name, arm in self.arms.items():
+            if len(self.arms) == 1:
+                break  # DeepSpeed clips, and the skip below covers the one arm
             if name not in counts or skipped[name]:
                 for p in arm.params:
                     p.grad = None  # AdamW steps no parameter without a gradient: weights and state stay
-            elif arm.spec.grad_clip > 0 and norms[name] is not None:  # ZeRO 0: each arm's norm alone
-                torch.nn.utils.clip_grad_norm_(arm.params, arm.spec.grad_clip)
+            elif arm.spec.grad_clip > 0 and norms[name] is not None:
+                torch.nn.utils.clip_grad_norm_(arm.params, arm.spec.grad_clip)  # this arm's norm alone
         self.optimizer.skip = all(skipped.values())
         self.engine.step()
         # A skipped step leaves weights and optimiser state as they were (ZeRO 1/2 check their

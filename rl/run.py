@@ -66,13 +66,14 @@ def main(argv: list[str]) -> Path:
     sweep = len(arms) > 1
     print(f"run directory: {run_dir}" + (f" ({len(arms)} arms, each in arms/<name>)" if sweep else ""), flush=True)
     model_path = resolve_model(cfg)
-    train_splits = {}  # arms with the same data and seed share rows (each keeps its own position)
+    splits = {}  # (data, seed) -> (train, held-out sets): arms with the same share rows, each its own position
+    for c in [cfg] + [arm.cfg for arm in arms]:
+        key = repr((c.data, c.run.seed))
+        if key not in splits:
+            splits[key] = load_splits(c, model_path)
     for arm in arms:
-        key = repr((arm.cfg.data, arm.cfg.run.seed))
-        if key not in train_splits:
-            train_splits[key] = load_splits(arm.cfg, model_path)[0]
-        arm.train = dataclasses.replace(train_splits[key])
-    evals = load_splits(cfg, model_path)[1]  # name -> held-out split, shared by the arms
+        arm.train = dataclasses.replace(splits[repr((arm.cfg.data, arm.cfg.run.seed))][0])
+    evals = splits[repr((cfg.data, cfg.run.seed))][1]  # name -> held-out split, the run's, shared by the arms
     secret = secrets.token_bytes(32)  # the adapter channel's key, handed out through Ray only
     learners, actors = build_actors(cfg, model_path, secret)  # learners[0]: rank 0, the learner we talk to
     stop = StopSignal()
@@ -191,6 +192,8 @@ def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: 
                 if stop.signal:
                     break
     return step
+
+
 def due(step: int, every: int) -> bool:
     """Whether a cadence of `every` steps falls on `step` (0 or less: never)."""
     return every > 0 and step % every == 0
