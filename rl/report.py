@@ -182,11 +182,13 @@ def arms_table(run_dir: Path) -> list[dict]:
     return sorted(out, key=lambda a: -(a["final"] if a["final"] is not None else float("-inf")))
 
 
+def num(x, fmt: str = ".3f", missing: str = "n/a") -> str:
+    """A number as the sweep's table and summary show it."""
+    return missing if x is None else format(x, fmt)
+
+
 def sweep_summary(run_dir: Path) -> str:
     """The arms ranked by final held-out accuracy, one line each."""
-    def num(x, fmt=".3f"):
-        return "n/a" if x is None else format(x, fmt)
-
     arms = arms_table(run_dir)
     lines = [f"sweep {Path(run_dir).name}: {len(arms)} arms, ranked by final eval/accuracy"]
     for i, a in enumerate(arms, 1):
@@ -231,16 +233,14 @@ def write_sweep(run_dir: Path) -> Path:
     fig.savefig(run_dir / "plots" / "arms_lr.png", dpi=110)
     plt.close(fig)
 
-    def num(x, fmt=".3f"):
-        return "" if x is None else format(x, fmt)
-
     text = [f"# Sweep report: {run_dir.name}", "", f"{len(arms)} arms, one adapter each on one fleet, ranked by final "
             "held-out accuracy (each arm's own report is in arms/<name>/report.md).", "",
             "| arm | lr | rank | final acc | best acc (step) | pass@k | reward (last 10) | steps/min | status |",
             "|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
-        text.append(f"| {a['arm']} | {a['lr']:g} | {a['rank']} | {num(a['final'])} | {num(a['best'])} ({a['best_step']}) "
-                    f"| {num(a['pass_at_k'])} | {num(a['reward_last'])} | {num(a['steps_per_min'], '.1f')} | "
+        text.append(f"| {a['arm']} | {a['lr']:g} | {a['rank']} | {num(a['final'], missing='')} | "
+                    f"{num(a['best'], missing='')} ({a['best_step']}) | {num(a['pass_at_k'], missing='')} | "
+                    f"{num(a['reward_last'], missing='')} | {num(a['steps_per_min'], '.1f', '')} | "
                     f"{a['status']} |")
     text += ["", "## Held-out accuracy against step", "", "![arms_accuracy](plots/arms_accuracy.png)", "",
              "## Final accuracy against learning rate, one line per rank", "", "![arms_lr](plots/arms_lr.png)", ""]

@@ -67,13 +67,16 @@ def main(argv: list[str]) -> Path:
     print(f"run directory: {run_dir}" + (f" ({len(arms)} arms, each in arms/<name>)" if sweep else ""), flush=True)
     model_path = resolve_model(cfg)
     splits = {}  # (data, seed) -> (train, held-out sets): arms with the same share rows, each its own position
-    for c in [cfg] + [arm.cfg for arm in arms]:
+
+    def splits_of(c: Config):
         key = repr((c.data, c.run.seed))
         if key not in splits:
             splits[key] = load_splits(c, model_path)
+        return splits[key]
+
+    evals = splits_of(cfg)[1]  # name -> held-out split, the run's, shared by the arms
     for arm in arms:
-        arm.train = dataclasses.replace(splits[repr((arm.cfg.data, arm.cfg.run.seed))][0])
-    evals = splits[repr((cfg.data, cfg.run.seed))][1]  # name -> held-out split, the run's, shared by the arms
+        arm.train = dataclasses.replace(splits_of(arm.cfg)[0])
     secret = secrets.token_bytes(32)  # the adapter channel's key, handed out through Ray only
     learners, actors = build_actors(cfg, model_path, secret)  # learners[0]: rank 0, the learner we talk to
     stop = StopSignal()
@@ -85,13 +88,16 @@ def main(argv: list[str]) -> Path:
         samplers = Samplers(actors, learners[0], cfg.rollout.restart_timeout_s, fleet)
         with contextlib.ExitStack() as pools:
             graders = {}  # (fn, workers, timeout) -> pool: arms with the same reward share one
-            for c in [cfg] + [arm.cfg for arm in arms]:
+
+            def grader(c: Config):
                 key = (c.reward.fn, c.reward.num_workers, c.reward.timeout_s)
                 if key not in graders:
                     graders[key] = pools.enter_context(RewardPool(*key))
+                return graders[key]
+
+            rewards = grader(cfg)  # the run's: evaluation grades every arm with it
             for arm in arms:
-                arm.rewards = graders[(arm.cfg.reward.fn, arm.cfg.reward.num_workers, arm.cfg.reward.timeout_s)]
-            rewards = graders[(cfg.reward.fn, cfg.reward.num_workers, cfg.reward.timeout_s)]  # evaluation's
+                arm.rewards = grader(arm.cfg)
             step = rl_loop(cfg, learners[0], samplers, rewards, arms, evals, resumes, fleet, stop)
         for arm in arms:
             if not arm.error:  # a failed arm's last good adapter is in its checkpoint
