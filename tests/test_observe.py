@@ -81,8 +81,13 @@ def tensorboard_scalars(folder: Path) -> tuple[dict, list]:
 def wandb_history(path: Path) -> dict[int, dict]:
     """The history records of an offline W&B run file: LevelDB-log framing (32 KiB blocks,
     7-byte record headers) around protobuf Records."""
+    import wandb
     from wandb.proto import wandb_internal_pb2
 
+    # run.finish() can return before W&B's service process has written the run's file when
+    # other runs share that service (1 read in 4 found an empty file with two runs open);
+    # teardown waits for the service to exit, and with it for every file it holds.
+    wandb.teardown()
     data = path.read_bytes()
     assert data[:4] == b":W&B"
     pos, block, records, pending = 7, 32768, [], b""

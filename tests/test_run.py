@@ -144,6 +144,14 @@ def test_async_job_learns_within_the_staleness_bound(tmp_path):
     assert len(pids) == 2 and not running(pids)
 
 
+def comm(pid: int) -> str:
+    """A process's name, or "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def with_descendants(pids: set[int]) -> set[int]:
     """pids and every process below them (vLLM's engine core and worker below a sampler)."""
     children: dict[int, list[int]] = {}
@@ -288,7 +296,11 @@ def test_a_sampler_killed_mid_rollout_is_restarted_and_no_group_is_lost(tmp_path
             time.sleep(0.005)
         first = json.loads((run_dir / "placement.json").read_text())["sampler-0"]["pid"]
         engine = with_descendants({first})
-        engine_core = [pid for pid in engine if Path(f"/proc/{pid}/comm").read_text().startswith("VLLM::Engine")]
+        comms = {pid: comm(pid) for pid in engine}
+        engine_core = [pid for pid, name in comms.items() if name.startswith("VLLM::Engine")]
+        # Seen once in CI (not in 4 runs here): no engine process below the sampler's pid then.
+        assert victim == "actor" or engine_core, (f"no vLLM engine below sampler-0 (pid {first}): {comms}\n"
+                                                  + (tmp_path / "restart.log").read_text()[-3000:])
         os.kill(first if victim == "actor" else engine_core[0], signal.SIGKILL)
         assert proc.wait(timeout=900) == 0, (tmp_path / "restart.log").read_text()[-3000:]
     output = (tmp_path / "restart.log").read_text()
