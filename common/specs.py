@@ -23,7 +23,7 @@ class AdapterSpec:
     """One arm's adapter in the learner: its shape, its optimiser and its objective."""
 
     arm: str  # "" in a run without arms (rl/arms.py)
-    lora: LoraSpec
+    lora: LoraSpec  # rank 0: full fine-tuning (no adapter: every weight of the model is trained)
     seed: int  # the adapter's initialisation
     lr: float
     weight_decay: float
@@ -52,6 +52,7 @@ class LearnerSpec:
     # the adapter channel
     wire_dtype: str  # float32 | bfloat16
     ack_timeout_s: float
+    chunk_bytes: int  # full fine-tuning: the most payload bytes per weights message
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class SamplerSpec:
     max_model_len: int
     seed: int
     max_lora_rank: int  # the smallest rank vLLM accepts that holds every arm's lora.rank
+    full_weights: bool  # full fine-tuning: the learner sends the model's weights, no LoRA
     arms: tuple[str, ...]  # the arms it serves ("" alone in a run without arms)
     resident_adapters: int  # versions kept loaded per arm: max_staleness + 1 (vLLM's max_loras: x arms)
     max_num_seqs: int  # sequences vLLM runs at once (CPU: a step's completions of every arm, at least 256)

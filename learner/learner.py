@@ -2,7 +2,9 @@
 
 It trains the adapter with the importance-corrected policy gradient (learner/loss.py) and,
 after each optimiser step, ships the adapter's tensors to every sampler as one versioned,
-authenticated message (rollout/channel.py), returning once all of them acknowledged.
+authenticated message (rollout/channel.py), returning once all of them acknowledged. With
+lora.rank 0 it trains every weight of the model instead (full fine-tuning, the baseline
+LoRA is measured against) and ships the full weights, in chunks of sync.chunk_mb.
 DeepSpeed runs with the gloo backend on CPU (NCCL on GPU); the optimiser is torch's AdamW
 handed to DeepSpeed, which avoids compiling DeepSpeed's own CPU Adam op.
 """
@@ -23,9 +25,10 @@ import torch
 from common.cpus import pin_cpus
 from common.records import Datum, Published
 from common.specs import AdapterSpec, LearnerSpec
+from learner.flops import Shape
 from learner.logprobs import micro_batches, sequence_logprobs
 from learner.loss import denominator, policy_gradient_loss
-from rollout.channel import AdapterSender, Unacknowledged, encode
+from rollout.channel import AdapterSender, Unacknowledged, encode, version_digest
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -45,11 +48,52 @@ def rendezvous() -> tuple[str, int]:
 
 
 def encode_tensors(version: int, step: int, named: list[tuple[str, torch.Tensor]], config: dict,
-                   secret: bytes, arm: str = "") -> list[bytes]:
+                   secret: bytes, arm: str = "", chunk: int = 0, chunks: int = 1) -> list[bytes]:
     """Channel frames for named CPU tensors (their raw bytes, dtype kept)."""
     tensors = [(k, ST_DTYPES[v.dtype], tuple(v.shape), v.contiguous().view(torch.uint8).numpy().tobytes())
                for k, v in named]
-    return encode(version, step, tensors, config, secret, arm)
+    return encode(version, step, tensors, config, secret, arm, chunk, chunks)
+
+
+def weight_chunks(named: list[tuple[str, torch.Tensor]], chunk_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Consecutive tensors (model order: vLLM loads a layer once all its weights arrived) in
+    groups of at most chunk_bytes; a bigger tensor goes alone."""
+    chunks, size = [[]], 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if chunks[-1] and size + nbytes > chunk_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((name, t))
+        size += nbytes
+    return chunks
+
+
+def reset_peak_memory():
+    """Start a new high-water mark: the GPU allocator's, or on CPU the process's resident set's."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+    except OSError:
+        pass  # elsewhere the mark runs from the process's start
+
+
+def peak_memory_gb() -> float:
+    """The high-water mark since reset_peak_memory: on GPUs the tensors allocated (weights,
+    gradients, optimiser state, activations); on CPU the whole process's resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def by_arm(seqs: list[Datum]) -> dict[str, list[int]]:
@@ -87,6 +131,7 @@ def merge_metrics(results: list[dict]) -> dict:
         "learner/pad_frac": 1 - totals["positions"] / totals["padded"] if totals["padded"] else 0.0,
         "learner/grad_norm": results[0]["grad_norm"],  # before clipping; gradients are averaged over ranks
         "learner/tokens_per_s": totals["tokens"] / seconds,
+        "learner/peak_mem_gb": max(r["peak_mem_gb"] for r in results),
         "learner/skipped": int(results[0]["skipped"]),  # a non-finite loss or gradient: no update this step
         "time/learn": seconds,
     }
@@ -117,15 +162,18 @@ def set_rng_states(states: dict):
 
 
 class Arm:
-    """One adapter of the learner: its spec, PEFT name, parameters and version stream."""
+    """One adapter of the learner (or, with lora.rank 0, the whole model): its spec, PEFT
+    name, parameters and version stream."""
 
     def __init__(self, spec: AdapterSpec, peft_name: str, named: list[tuple[str, torch.nn.Parameter]]):
         self.spec, self.peft_name = spec, peft_name
-        self.names = [n.replace(f".{peft_name}.", ".") for n, _ in named]  # as PEFT saves them
+        self.full = spec.lora.rank == 0
+        self.names = [n if self.full else n.replace(f".{peft_name}.", ".") for n, _ in named]  # as PEFT saves them
         self.params = [p for _, p in named]
         self.version = 0
         self.step = 0
-        self.frames: list[bytes] = []  # the last published version, for catch-up
+        self.frames: list[bytes] = []  # the last published version, for catch-up (LoRA)
+        self.published = -1  # the last version published
 
 
 class Learner:
@@ -135,7 +183,7 @@ class Learner:
 
     It trains one adapter per arm (rl/arms.py; one, arm "", in a run without arms) on one
     frozen copy of the base model: PEFT holds them side by side and each forward activates
-    one. The optimiser has one parameter group per arm (its learning rate and weight decay;
+    one. With lora.rank 0 (one arm only) there is no adapter: every weight trains. The optimiser has one parameter group per arm (its learning rate and weight decay;
     Adam's state is per parameter, so the arms' updates are independent). With several arms,
     gradient clipping and the skip of a non-finite step are per arm: a skipped arm's gradients
     are dropped, and AdamW leaves a parameter without a gradient untouched (state included).
@@ -162,8 +210,13 @@ class Learner:
         if spec.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.shape = Shape.of(model)  # for learner/flops
         self.arms: dict[str, Arm] = {}
-        for i, a in enumerate(spec.adapters):
+        if spec.adapters[0].lora.rank == 0:
+            if len(spec.adapters) != 1:
+                raise ValueError("full fine-tuning (lora.rank 0) trains one model: one arm only")
+            self.arms[spec.adapters[0].arm] = Arm(spec.adapters[0], "", list(model.named_parameters()))
+        for i, a in enumerate(spec.adapters if not self.arms else ()):
             name = "default" if i == 0 else f"arm{i}"  # PEFT's names; an arm's name need not be an identifier
             config = LoraConfig(r=a.lora.rank, lora_alpha=a.lora.alpha, target_modules=list(a.lora.target_modules),
                                 lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
@@ -207,7 +260,7 @@ class Learner:
 
     def _activate(self, arm: str):
         """Make `arm`'s adapter the one forward passes use (and the only one with gradients)."""
-        if self._active != arm:
+        if self._active != arm and not self.arms[arm].full:
             self.model.set_adapter(self.arms[arm].peft_name)
             self._active = arm
 
@@ -215,8 +268,22 @@ class Learner:
     def _adapter_tensors(self, arm: str) -> list[tuple[str, torch.Tensor]]:
         from peft import get_peft_model_state_dict
 
+        if self.arms[arm].full:  # the weights themselves, in the model's order
+            return [(n, p.detach().contiguous().cpu()) for n, p in zip(self.arms[arm].names, self.arms[arm].params)]
         state = get_peft_model_state_dict(self.engine.module, adapter_name=self.arms[arm].peft_name)
         return sorted((k, v.detach().contiguous().cpu()) for k, v in state.items())
+
+    def _weight_messages(self, arm: Arm, digests: list[str]):
+        """Full fine-tuning: the chunks of the weights' current version, each encoded (in
+        sync.wire_dtype) only as it is sent; their payload digests are appended to `digests`."""
+        dtype = getattr(torch, self.spec.wire_dtype)
+        named = [(n, p.detach()) for n, p in zip(arm.names, arm.params)]
+        chunks = weight_chunks(named, self.spec.chunk_bytes * arm.params[0].element_size() // dtype.itemsize)
+        for i, part in enumerate(chunks):
+            frames = encode_tensors(arm.version, arm.step, [(n, t.to(dtype).cpu()) for n, t in part], {}, self.secret,
+                                    arm.spec.arm, i, len(chunks))
+            digests.append(json.loads(frames[0])["payload_sha256"])
+            yield frames
 
     def _wire_tensors(self, arm: str) -> list[tuple[str, torch.Tensor]]:
         """The adapter as it travels: in sync.wire_dtype (bfloat16 halves the bytes)."""
@@ -232,6 +299,8 @@ class Learner:
         return {arm: self.manifest(arm) for arm in self.arms}
 
     def peft_config_dict(self, arm: str = "") -> dict:
+        if self.arms[arm].full:
+            return {}
         d = self.engine.module.peft_config[self.arms[arm].peft_name].to_dict()
         return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
 
@@ -248,6 +317,8 @@ class Learner:
         """
         start = time.perf_counter()
         chosen = [self.arms[a] for a in (self.arms if arms is None else arms)]
+        if chosen[0].full:
+            return [self._publish_weights(chosen[0], start)]
         for arm in chosen:
             arm.frames = encode_tensors(arm.version, arm.step, self._wire_tensors(arm.spec.arm),
                                         self.peft_config_dict(arm.spec.arm), self.secret, arm.spec.arm)
@@ -257,8 +328,26 @@ class Learner:
         except Unacknowledged as e:  # a sampler died (or hangs): the driver restarts it or stops the run
             missing, metrics = tuple(e.missing), {"sync/bytes": sum(len(f) for a in chosen for f in a.frames)}
         metrics["sync/latency_ms"] = 1e3 * (time.perf_counter() - start)
+        for arm in chosen:
+            arm.published = arm.version
         return [Published(arm.spec.arm, arm.version, json.loads(arm.frames[0])["payload_sha256"], missing,
                           {**metrics, "sync/version": arm.version}) for arm in chosen]
+
+    def _publish_weights(self, arm: Arm, start: float) -> Published:
+        """publish for full fine-tuning: the weights in chunks, one in flight at a time."""
+        digests: list[str] = []
+        messages = self._weight_messages(arm, digests)
+        missing: tuple[str, ...] = ()
+        try:
+            metrics = self.sender.publish_chunks(messages, self.spec.ack_timeout_s)
+        except Unacknowledged as e:
+            for _ in messages:  # the chunks no sampler got still make the version's digest
+                pass
+            missing, metrics = tuple(e.missing), {"sync/bytes": sum(p.numel() * p.element_size() for p in arm.params)}
+        metrics["sync/latency_ms"] = 1e3 * (time.perf_counter() - start)
+        arm.published = arm.version
+        return Published(arm.spec.arm, arm.version, version_digest(digests), missing,
+                         {**metrics, "sync/version": arm.version, "sync/chunks": len(digests)})
 
     def disconnect(self, endpoint: str):
         self.sender.disconnect(endpoint)
@@ -266,6 +355,14 @@ class Learner:
     def catch_up(self, endpoint: str) -> dict:
         """Bring a sampler that started late (or restarted) to every arm's latest version before it gets prompts."""
         self.sender.connect([endpoint])
+        (first,) = list(self.arms.values())[:1]
+        if first.full:
+            # The weights are the published version's until the next train_step; after one (the
+            # async loop's sampling runs beside the learner) they are already the next version's,
+            # which the next publish brings to this sampler too: it waits for them.
+            if first.published >= 0 and first.version == first.published:
+                return self.sender.publish_chunks(self._weight_messages(first, []), self.spec.ack_timeout_s, [endpoint])
+            return {}
         return self.sender.publish([arm.frames for arm in self.arms.values() if arm.frames],
                                    self.spec.ack_timeout_s, [endpoint])
 
@@ -306,7 +403,14 @@ class Learner:
         n_micro = max(len(self._micro_batches(shard)) for shard in shards)
         pending = [peer.train_shard.remote(shard, counts, n_micro) for peer, shard in zip(self.peers, shards[1:])]
         results = [self.train_shard(shards[0], counts, n_micro)] + (ray.get(pending) if pending else [])
-        return {arm: merge_metrics([r[arm] for r in results]) for arm in counts}
+        out = {arm: merge_metrics([r[arm] for r in results]) for arm in counts}
+        for arm, ix in by_arm(seqs).items():  # learner/flops.py has the formula
+            lora = self.arms[arm].spec.lora
+            lengths = [(len(seqs[i].prompt_ids) + len(seqs[i].tokens), len(seqs[i].tokens)) for i in ix]
+            out[arm]["learner/flops"] = self.shape.train(lengths, lora.rank, lora.target_modules)
+        for metrics in out.values():
+            metrics.setdefault("learner/flops", 0.0)
+        return out
 
     def _micro_batches(self, seqs: list[Datum]) -> list[list[int]]:
         """learner.micro_batch_size completions at most, and learner.max_tokens_per_micro padded
@@ -318,6 +422,7 @@ class Learner:
         """This rank's share of a step; counts: arm -> (completions, tokens) of the whole step;
         n_micro: the micro-batches every rank runs (at least this rank's own; one arm only)."""
         start = time.perf_counter()
+        reset_peak_memory()
         self.engine.train()
         # (arm, its completions here, micro-batches as indices into them), the step's arms in order.
         plans = []
@@ -355,7 +460,7 @@ class Learner:
             a.version += 1  # a skipped step still makes a version (the same weights): versions count steps
             norm = norms[arm] if norms[arm] is not None else self.engine.get_global_grad_norm()  # ZeRO 1/2: partitions
             out[arm] = {"totals": totals[arm], "grad_norm": None if norm is None else float(norm), "seconds": elapsed,
-                        "skipped": skipped[arm] or not applied}
+                        "skipped": skipped[arm] or not applied, "peak_mem_gb": peak_memory_gb()}
         return out
 
     def _accumulate(self, arm: str, seqs: list[Datum], plan: list[list[int]], counts: tuple[int, int],
@@ -480,7 +585,17 @@ class Learner:
         return {"step": arm.step, "version": arm.version}
 
     def adapter_files(self, arm: str = "") -> dict[str, bytes]:
-        """An arm's adapter in PEFT layout (file name -> bytes), loadable by PeftModel and vLLM."""
+        """An arm's adapter in PEFT layout (file name -> bytes), loadable by PeftModel and vLLM;
+        with full fine-tuning the whole model (safetensors, config and the base model's
+        tokenizer files), loadable by transformers and vLLM as a model."""
+        if self.arms[arm].full:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+            for p in Path(self.spec.model_path).iterdir():  # the tokenizer's files; not the old weights
+                if p.is_file() and p.name not in files and not p.name.endswith((".safetensors", ".bin", ".index.json")):
+                    files[p.name] = p.read_bytes()
+            return files
         name = self.arms[arm].peft_name
         with tempfile.TemporaryDirectory() as tmp:
             self.model.save_pretrained(tmp, selected_adapters=[name])

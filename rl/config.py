@@ -47,7 +47,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = doc(1, "LoRA rank r.")
+    rank: int = doc(1, "LoRA rank r; 0: full fine-tuning (every weight trained, full weights synced).")
     alpha: float = doc(32.0, "LoRA alpha; the update is scaled by alpha / rank.")
     target_modules: tuple[str, ...] = doc(
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -147,6 +147,8 @@ class RewardConfig:
 @dataclass(frozen=True)
 class SyncConfig:
     max_message_mb: float = doc(256.0, "Largest adapter message a sampler accepts, in MiB.", free=True)
+    chunk_mb: float = doc(64.0, "Full fine-tuning: the full weights travel in messages of at most this many MiB "
+                                "(a tensor above it alone in one).", free=True)
     ack_timeout_s: float = doc(60.0, "How long the learner waits for every sampler to acknowledge a version.", free=True)
     wire_dtype: Literal["float32", "bfloat16"] = doc("float32", "Adapter dtype on the wire: bfloat16 halves the bytes "
                                                                 "(~1e-3 log-prob drift).")
@@ -221,7 +223,10 @@ class Config:
                                           "(rl/arms.py); each arm checks its own config on resume.", free=True)
 
     def __post_init__(self):
-        check(self.lora.rank >= 1, "lora.rank must be >= 1")
+        check(self.lora.rank >= 0, "lora.rank must be >= 1, or 0 for full fine-tuning")
+        check(self.lora.rank > 0 or 0 < self.sync.chunk_mb <= self.sync.max_message_mb,
+              "full fine-tuning (lora.rank 0) sends the weights in chunks of sync.chunk_mb: it must be > 0 and <= "
+              "sync.max_message_mb")
         check(self.rollout.group_size >= 2, "rollout.group_size must be >= 2 (advantages are group-centred)")
         check(self.rollout.temperature > 0, "rollout.temperature must be > 0")
         check(0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")

@@ -133,7 +133,8 @@ def learner_spec(cfg: Config, model_path: str, cpu_cores: str | None = None) -> 
         micro_batch_size=lr.micro_batch_size, max_tokens_per_micro=lr.max_tokens_per_micro,
         accumulation_steps=-(-per_rank // lr.micro_batch_size), logprob_chunk=lr.logprob_chunk,
         gradient_checkpointing=lr.gradient_checkpointing, cpu_cores=lr.cpu_cores if cpu_cores is None else cpu_cores,
-        wire_dtype=cfg.sync.wire_dtype, ack_timeout_s=cfg.sync.ack_timeout_s)
+        wire_dtype=cfg.sync.wire_dtype, ack_timeout_s=cfg.sync.ack_timeout_s,
+        chunk_bytes=int(cfg.sync.chunk_mb * 2**20))
 
 
 def sampler_spec(cfg: Config, model_path: str, index: int, cpu_cores: str | None = None) -> SamplerSpec:
@@ -141,6 +142,7 @@ def sampler_spec(cfg: Config, model_path: str, index: int, cpu_cores: str | None
     return SamplerSpec(
         model_path=model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=cfg.run.seed + index,
         max_lora_rank=vllm_lora_rank(max(arm.lora.rank for _, arm in arms)), arms=tuple(name for name, _ in arms),
+        full_weights=cfg.lora.rank == 0,
         resident_adapters=ro.max_staleness + 1,
         # On CPUs (GPUs keep vLLM's default) a step's completions of every arm in one wave (a
         # sweep of 8 default-job arms: 2.6 s, against 3.0 s in two waves of 256).
@@ -167,9 +169,11 @@ def describe_specs(learner: LearnerSpec, sampler: SamplerSpec) -> str:
             + (f" and <= {learner.max_tokens_per_micro} padded tokens" if learner.max_tokens_per_micro else "")
             + f" ({learner.accumulation_steps} per rank by count)"
             + (f", {len(learner.adapters)} adapters (one per arm)" if len(learner.adapters) > 1 else "")
-            + f"; samplers: vLLM max_lora_rank {sampler.max_lora_rank}, max_loras "
-            f"{sampler.resident_adapters * len(sampler.arms)} ({sampler.resident_adapters} resident version(s)"
-            + (f" x {len(sampler.arms)} arms" if len(sampler.arms) > 1 else "") + f"), engine {engine}")
+            + ("; full fine-tuning: samplers load full weights (no LoRA)" if sampler.full_weights else
+               f"; samplers: vLLM max_lora_rank {sampler.max_lora_rank}, max_loras "
+               f"{sampler.resident_adapters * len(sampler.arms)} ({sampler.resident_adapters} resident version(s)"
+               + (f" x {len(sampler.arms)} arms" if len(sampler.arms) > 1 else "") + ")")
+            + f", engine {engine}")
 
 
 def build_actors(cfg: Config, model_path: str, secret: bytes) -> tuple[list, list]:

@@ -5,8 +5,11 @@
 Writes RUN_DIR/plots/*.png and RUN_DIR/report.md (which links them, with the headline
 numbers). The driver calls it at the end of a run and prints `summary` to the console. For a
 sweep (RUN_DIR/arms/<name>/, rl/arms.py) each arm gets its own report, and RUN_DIR/report.md
-compares them: a table of every arm, each arm's held-out accuracy against step, and final
-accuracy against learning rate with one line per LoRA rank.
+compares them: a table of every arm, each arm's held-out accuracy against step, final
+accuracy against learning rate with one line per LoRA rank (0: full fine-tuning; mean over
+seeds, bars from the lowest to the highest seed), each rank's best learning rate with its
+seeds' spread, held-out accuracy at each rank's best learning rate against step and against
+the learner's cumulative FLOPs, and RUN_DIR/summary.json with the same numbers.
 """
 
 from __future__ import annotations
@@ -160,6 +163,15 @@ def write(run_dir: Path) -> Path:
     return report
 
 
+def cumulative_flops(rows: list[dict]) -> dict[int, float]:
+    """Step -> the learner's FLOPs summed up to and including it."""
+    total, out = 0.0, {}
+    for r in rows:
+        total += r.get("learner/flops", 0.0)
+        out[r["step"]] = total
+    return out
+
+
 def arms_table(run_dir: Path) -> list[dict]:
     """One row per arm of a sweep, best final accuracy first: its settings (learning rate,
     rank), headline numbers and status (an arm that failed says why)."""
@@ -174,12 +186,69 @@ def arms_table(run_dir: Path) -> list[dict]:
         last = ([r for r in rows if "eval/accuracy" in r] or [{}])[-1]
         failed = folder / "failed.json"
         out.append({"arm": folder.name, "lr": cfg["learner"]["lr"], "rank": cfg["lora"]["rank"],
+                    "seed": cfg["run"]["seed"], "flops_total": sum(r.get("learner/flops", 0.0) for r in rows),
+                    "peak_mem_gb": max((r["learner/peak_mem_gb"] for r in rows if "learner/peak_mem_gb" in r),
+                                       default=None),
                     "final": h.get("eval_final"), "best": h.get("eval_best"), "best_step": h.get("eval_best_step"),
                     "pass_at_k": next((v for k, v in last.items() if k.startswith("eval/pass@")), None),
                     "reward_last": h.get("reward_last"), "steps_per_min": h.get("steps_per_min"), "steps": h["steps"],
                     "status": "failed: " + json.loads(failed.read_text())["error"] if failed.exists() else "ok",
                     "rows": rows})
     return sorted(out, key=lambda a: -(a["final"] if a["final"] is not None else float("-inf")))
+
+
+def rank_name(rank: int) -> str:
+    return "full FT" if rank == 0 else f"rank {rank}"
+
+
+def by_rank(arms: list[dict]) -> dict[int, dict]:
+    """Per rank (0: full fine-tuning), over the arms that finished: the mean final accuracy
+    over seeds at each learning rate, the best learning rate, and at that rate the spread
+    (highest minus lowest seed), the seeds, the mean FLOPs and peak memory, and the arms."""
+    out = {}
+    for rank in sorted({a["rank"] for a in arms}):
+        groups: dict[float, list[dict]] = {}
+        for a in arms:
+            if a["rank"] == rank and a["lr"] > 0 and a["final"] is not None and a["status"] == "ok":
+                groups.setdefault(a["lr"], []).append(a)
+        if not groups:
+            continue
+        means = {lr: statistics.mean(a["final"] for a in group) for lr, group in groups.items()}
+        best = max(means, key=means.get)
+        finals = [a["final"] for a in groups[best]]
+        out[rank] = {"rank": rank, "best_lr": best, "final_accuracy_mean": means[best],
+                     "final_accuracy_spread": max(finals) - min(finals), "seeds": len(finals),
+                     "flops_total_mean": statistics.mean(a["flops_total"] for a in groups[best]),
+                     "peak_mem_gb": max((a["peak_mem_gb"] for a in groups[best] if a["peak_mem_gb"] is not None),
+                                        default=None),
+                     "final_accuracy_by_lr": {str(lr): means[lr] for lr in sorted(means)},
+                     "arms": [a["arm"] for a in groups[best]]}
+    return out
+
+
+def lora_against_full(ranks: dict[int, dict]) -> dict | None:
+    """The best LoRA rank (by mean final accuracy at its best learning rate) against full
+    fine-tuning at its own: the ratio of their best learning rates and of their FLOPs."""
+    lora = [r for rank, r in ranks.items() if rank > 0]
+    if 0 not in ranks or not lora:
+        return None
+    best, full = max(lora, key=lambda r: r["final_accuracy_mean"]), ranks[0]
+    return {"best_lora_rank": best["rank"], "lora_accuracy": best["final_accuracy_mean"],
+            "full_accuracy": full["final_accuracy_mean"],
+            "accuracy_difference": best["final_accuracy_mean"] - full["final_accuracy_mean"],
+            "spread": max(best["final_accuracy_spread"], full["final_accuracy_spread"]),
+            "lr_ratio": best["best_lr"] / full["best_lr"],
+            "flops_ratio": best["flops_total_mean"] / full["flops_total_mean"] if full["flops_total_mean"] else None}
+
+
+def summary_json(arms: list[dict]) -> dict:
+    """RUN_DIR/summary.json: per arm its settings and results, per rank the best learning
+    rate and its mean final accuracy over seeds, and LoRA against full fine-tuning."""
+    ranks = by_rank(arms)
+    return {"arms": [{"name": a["arm"], "rank": a["rank"], "lr": a["lr"], "seed": a["seed"],
+                      "final_accuracy": a["final"], "best_accuracy": a["best"], "flops_total": a["flops_total"],
+                      "peak_mem_gb": a["peak_mem_gb"], "status": a["status"]} for a in arms],
+            "ranks": list(ranks.values()), "lora_vs_full": lora_against_full(ranks)}
 
 
 def num(x, fmt: str = ".3f", missing: str = "n/a") -> str:
@@ -219,11 +288,19 @@ def write_sweep(run_dir: Path) -> Path:
     fig.tight_layout()
     fig.savefig(run_dir / "plots" / "arms_accuracy.png", dpi=110)
     plt.close(fig)
+    ranks = by_rank(arms)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for rank in sorted({a["rank"] for a in arms}):
-        points = sorted((a["lr"], a["final"]) for a in arms if a["rank"] == rank and a["final"] is not None and a["lr"] > 0)
+    for rank, r in ranks.items():
+        points = []
+        for lr in sorted(float(x) for x in r["final_accuracy_by_lr"]):
+            finals = [a["final"] for a in arms if a["rank"] == rank and a["lr"] == lr and a["final"] is not None
+                      and a["status"] == "ok"]
+            if lr > 0:
+                points.append((lr, statistics.mean(finals), min(finals), max(finals)))
         if points:
-            ax.plot(*zip(*points), marker="o", label=f"rank {rank}")
+            lrs, means, lows, highs = zip(*points)
+            ax.errorbar(lrs, means, yerr=[[m - lo for m, lo in zip(means, lows)], [hi - m for m, hi in zip(means, highs)]],
+                        marker="o", capsize=3, label=rank_name(rank))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final held-out accuracy")
@@ -232,6 +309,28 @@ def write_sweep(run_dir: Path) -> Path:
     fig.tight_layout()
     fig.savefig(run_dir / "plots" / "arms_lr.png", dpi=110)
     plt.close(fig)
+    for name, x_of, label in (("arms_best", lambda steps, flops: steps, "step"),
+                              ("arms_flops", lambda steps, flops: flops, "learner FLOPs (cumulative)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for rank, r in ranks.items():
+            runs = [next(a for a in arms if a["arm"] == name_) for name_ in r["arms"]]
+            curves = [(series(a["rows"], "eval/accuracy"), cumulative_flops(a["rows"])) for a in runs]
+            steps = curves[0][0][0]
+            if any(c[0][0] != steps for c in curves):
+                continue  # seeds evaluated at other steps (a stopped arm)
+            accs = list(zip(*[c[0][1] for c in curves]))
+            xs = x_of(steps, [statistics.mean(c[1].get(s, 0.0) for c in curves) for s in steps])
+            ax.plot(xs, [statistics.mean(v) for v in accs], marker="o", markersize=3,
+                    label=f"{rank_name(rank)}, lr {r['best_lr']:g}")
+            ax.fill_between(xs, [min(v) for v in accs], [max(v) for v in accs], alpha=0.2)
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out accuracy (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(run_dir / "plots" / f"{name}.png", dpi=110)
+        plt.close(fig)
+    (run_dir / "summary.json").write_text(json.dumps(summary_json(arms), indent=1))
 
     text = [f"# Sweep report: {run_dir.name}", "", f"{len(arms)} arms, one adapter each on one fleet, ranked by final "
             "held-out accuracy (each arm's own report is in arms/<name>/report.md).", "",
@@ -243,7 +342,26 @@ def write_sweep(run_dir: Path) -> Path:
                     f"{num(a['reward_last'], missing='')} | {num(a['steps_per_min'], '.1f', '')} | "
                     f"{a['status']} |")
     text += ["", "## Held-out accuracy against step", "", "![arms_accuracy](plots/arms_accuracy.png)", "",
-             "## Final accuracy against learning rate, one line per rank", "", "![arms_lr](plots/arms_lr.png)", ""]
+             "## Final accuracy against learning rate, one line per rank", "",
+             "Mean over seeds; the bars run from the lowest seed to the highest.", "", "![arms_lr](plots/arms_lr.png)", "",
+             "## Each rank at its best learning rate", "",
+             "| rank | best lr | final acc (mean over seeds) | spread over seeds | seeds | learner FLOPs (run) | peak memory (GB) |",
+             "|---|---|---|---|---|---|---|"]
+    for rank, r in ranks.items():
+        text.append(f"| {rank_name(rank)} | {r['best_lr']:g} | {num(r['final_accuracy_mean'])} | "
+                    f"{num(r['final_accuracy_spread'])} | {r['seeds']} | {r['flops_total_mean']:.3g} | "
+                    f"{num(r['peak_mem_gb'], '.2f', '')} |")
+    versus = lora_against_full(ranks)
+    if versus:
+        text += ["", f"Best LoRA ({rank_name(versus['best_lora_rank'])}) against full fine-tuning: final accuracy "
+                 f"{num(versus['lora_accuracy'])} against {num(versus['full_accuracy'])} (difference "
+                 f"{versus['accuracy_difference']:+.3f}; the larger seed spread of the two is "
+                 f"{num(versus['spread'])}), best learning rate {versus['lr_ratio']:.3g}x full fine-tuning's, "
+                 f"FLOPs {num(versus['flops_ratio'], '.2f')}x."]
+    text += ["", "Held-out accuracy at each rank's best learning rate (mean over seeds, band from the lowest to "
+             "the highest seed), against step and against the learner's cumulative FLOPs (learner/flops.py):", "",
+             "![arms_best](plots/arms_best.png)", "", "![arms_flops](plots/arms_flops.png)", "",
+             "The same numbers as JSON: [summary.json](summary.json).", ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(text))
     return report

@@ -12,6 +12,11 @@ removed, with their files, once no request uses them. `generate_many` sends the 
 many arms to the engine as one batch, each prompt with its arm's newest adapter, so vLLM
 batches them together (multi-LoRA). The engine is not thread-safe, so the receiver thread and
 generation take turns under one lock.
+
+With full fine-tuning (lora.rank 0) the engine runs without LoRA and the learner's messages
+are chunks of the model's weights, loaded into the running engine from memory as they
+arrive (rollout/vllm_ext.py, vLLM's in-place reload); requests wait while a version is
+incomplete, and each version drops vLLM's prefix cache (computed with the old weights).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -33,6 +39,7 @@ from rollout.channel import Adapter, AdapterReceiver
 
 log = logging.getLogger(__name__)
 
+WEIGHTS_WAIT_S = 600.0  # how long a request waits for a version of full weights to complete
 
 
 def node_ip() -> str:
@@ -93,9 +100,8 @@ class Sampler:
             dtype=spec.dtype,
             max_model_len=spec.max_model_len,
             seed=spec.seed,
-            enable_lora=True,
-            max_lora_rank=spec.max_lora_rank,
-            max_loras=spec.resident_adapters * len(spec.arms),
+            **({} if spec.full_weights else {"enable_lora": True, "max_lora_rank": spec.max_lora_rank,
+                                             "max_loras": spec.resident_adapters * len(spec.arms)}),
             logprobs_mode="processed_logprobs",
             kv_cache_memory_bytes=spec.kv_cache_bytes or None,
             gpu_memory_utilization=spec.gpu_memory_utilization,
@@ -109,7 +115,9 @@ class Sampler:
         self._closing = threading.Event()
         threading.Thread(target=self._watch_engine, name="engine-watchdog", daemon=True).start()
         self.lock = threading.Lock()
-        # arm -> {version -> (LoRARequest, digest)}, oldest first
+        self.ready = threading.Condition(self.lock)  # full weights: notified when a version completes
+        self.updating: int | None = None  # full weights: the version whose chunks are loading
+        # arm -> {version -> (LoRARequest, digest)}, oldest first (full weights: (None, digest), the newest only)
         self.adapters: dict[str, OrderedDict[int, tuple]] = {arm: OrderedDict() for arm in spec.arms}
         self._ids = itertools.count(1)  # vLLM LoRA ids, never reused
         self.adapter_dir = adapter_dir()
@@ -143,6 +151,8 @@ class Sampler:
         """
         from vllm.lora.request import LoRARequest
 
+        if self.spec.full_weights:
+            return self._load_weights(adapter)
         name = f"{adapter.arm}/v{adapter.version}" if adapter.arm else f"v{adapter.version}"
         path = self.adapter_dir / name
         path.mkdir(parents=True)
@@ -162,6 +172,31 @@ class Sampler:
                 self.llm.collective_rpc("remove_adapter_from_memory", args=(old.lora_int_id, old.lora_path))
                 shutil.rmtree(old.lora_path, ignore_errors=True)
 
+    def _load_weights(self, chunk: Adapter):
+        """One chunk of a version of full weights, validated by the receiver (rollout/channel.py):
+        into the engine at once; the last one completes the version."""
+        with self.lock:
+            if chunk.chunk == 0:
+                self.updating = chunk.version
+                self.llm.collective_rpc("begin_weights")
+            self.llm.collective_rpc("load_weights_from_memory", args=(chunk.tensors, chunk.payload))
+            if chunk.complete:
+                self.llm.collective_rpc("finish_weights")
+                self.llm.reset_prefix_cache()  # cached prompts' KV came from the old weights
+                self.adapters[chunk.arm] = OrderedDict({chunk.version: (None, chunk.digest)})
+                self.updating = None
+                self.ready.notify_all()
+
+    def _wait_for_weights(self, arm: str):
+        """Full weights, under the lock: until no version is half loaded and one is complete."""
+        deadline = time.monotonic() + WEIGHTS_WAIT_S
+        while self.updating is not None or not self.adapters.get(arm):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"no complete version of the weights within {WEIGHTS_WAIT_S:g} s"
+                                   + (f" (version {self.updating} is half loaded)" if self.updating is not None else ""))
+            self.ready.wait(left)
+
     def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> Rollout:
         """sampling.n completions per prompt on the newest adapter of sampling.arm, whose
         version and payload digest the Rollout names."""
@@ -176,6 +211,8 @@ class Sampler:
         prompts, params, loras, served = [], [], [], []
         with self.lock:
             for prompt_ids_P, sampling in requests:
+                if self.spec.full_weights:
+                    self._wait_for_weights(sampling.arm)
                 if not self.adapters.get(sampling.arm):
                     raise RuntimeError(f"no adapter loaded yet{' for arm ' + repr(sampling.arm) if sampling.arm else ''}"
                                        ": the learner publishes version 0 first")
@@ -190,7 +227,8 @@ class Sampler:
                 params += [p] * len(prompt_ids_P)
                 loras += [request] * len(prompt_ids_P)
             try:
-                outputs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+                outputs = self.llm.generate(prompts, params, lora_request=None if self.spec.full_weights else loras,
+                                            use_tqdm=False)
             except EngineDeadError:
                 # vLLM's engine process is gone (OOM-killed, crashed): end this actor too, so that
                 # Ray restarts it with a new engine and the driver samples these prompts again.

@@ -145,3 +145,96 @@ def test_each_arm_has_its_own_manifest_and_versions():
     finally:
         tx.close()
         rx.close()
+
+
+WEIGHTS = {f"w{i}": ["F32", [2, 2]] for i in range(5)}  # a model's full weights: five tensors
+
+
+def weight(i: int, scale: float = 1.0, shape=(2, 2)):
+    count = shape[0] * shape[1]
+    return (f"w{i}", "F32", shape, struct.pack(f"<{count}f", *(scale * (i + k) for k in range(count))))
+
+
+def chunked(version: int, groups=((0, 1), (2, 3), (4,)), scale: float = 1.0, secret: bytes = SECRET):
+    """A version of the full weights as chunk messages (full fine-tuning: rollout/channel.py)."""
+    return [encode(version, version, [weight(i, scale) for i in group], {}, secret, "", k, len(groups))
+            for k, group in enumerate(groups)]
+
+
+def test_full_weights_arrive_in_chunks_and_complete_one_version():
+    """Each chunk is checked alone and loaded; the last completes the version, whose digest
+    is the hash of the chunks' digests, and only then does the version count."""
+    import hashlib
+    import json
+
+    loaded = []
+    rx = AdapterReceiver("127.0.0.1", SECRET, {"": WEIGHTS}, 1 << 20, loaded.append)
+    tx = AdapterSender()
+    try:
+        tx.connect([rx.endpoint])
+        messages = chunked(1)
+        metrics = tx.publish_chunks(iter(messages), timeout_s=10)
+        assert [(a.chunk, a.chunks, a.complete) for a in loaded] == [(0, 3, False), (1, 3, False), (2, 3, True)]
+        digests = [json.loads(m[0])["payload_sha256"] for m in messages]
+        assert loaded[-1].digest == hashlib.sha256(",".join(digests).encode()).hexdigest()
+        assert rx.versions[""] == 1 and not rx.partial
+        assert metrics["sync/bytes"] == sum(len(f) for m in messages for f in m)
+    finally:
+        tx.close()
+        rx.close()
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (lambda good: [good[0], good[1][:-4], good[2]], "truncated payload"),
+    (lambda good: encode(2, 2, [weight(2, 7.0), weight(3, 7.0)], {}, b"f" * 32, "", 1, 3), "bad MAC"),
+    (lambda good: encode(2, 2, [weight(2), weight(3, shape=(1, 4))], {}, SECRET, "", 1, 3), "does not match the manifest"),
+    (lambda good: encode(2, 2, [weight(1), weight(2)], {}, SECRET, "", 1, 3), "unexpected or repeated \\['w1'\\]"),
+    (lambda good: encode(2, 2, [weight(4)], {}, SECRET, "", 2, 3), "out of order"),
+    (lambda good: encode(1, 1, [weight(2), weight(3)], {}, SECRET, "", 1, 3), "replayed"),
+])
+def test_a_bad_chunk_is_refused_and_the_last_good_weights_stay(bad, reason):
+    """Version 1 is served; version 2's first chunk has arrived. A truncated, forged,
+    misshapen, repeated, out-of-order or replayed chunk is refused before anything of it is
+    loaded: version 1 stays the version served, and the genuine chunks still complete 2."""
+    loaded = []
+    rx = AdapterReceiver("127.0.0.1", SECRET, {"": WEIGHTS}, 1 << 20, loaded.append)
+    tx = AdapterSender()
+    try:
+        tx.connect([rx.endpoint])
+        tx.publish_chunks(iter(chunked(1)), timeout_s=10)
+        genuine = chunked(2, scale=2.0)
+        tx.publish([genuine[0]], timeout_s=10)
+        with pytest.raises(ChannelError, match=reason):
+            tx.publish([bad(genuine[1])], timeout_s=10)
+        assert rx.versions[""] == 1 and len(loaded) == 4 and len(rx.refused) == 1
+        tx.publish_chunks(iter(genuine[1:]), timeout_s=10)
+        assert rx.versions[""] == 2 and [a.version for a in loaded[-2:]] == [2, 2]
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_a_version_that_misses_tensors_is_refused_at_its_last_chunk():
+    with pytest.raises(ChannelError, match="missing \\['w4'\\]"):
+        decode(encode(1, 1, [weight(0), weight(1), weight(2), weight(3)], {}, SECRET), SECRET, {"": WEIGHTS},
+               1 << 20, {"": 0})
+
+
+def test_a_sampler_that_misses_a_chunk_gets_no_more_and_is_named():
+    """publish_chunks goes on with the samplers that answer (they complete the version) and
+    names the one that did not; the learner's driver then restarts and catches it up."""
+    alive = AdapterReceiver("127.0.0.1", SECRET, {"": WEIGHTS}, 1 << 20, lambda a: None)
+    stuck: list = []
+    slow = AdapterReceiver("127.0.0.1", SECRET, {"": WEIGHTS}, 1 << 20,
+                           lambda a: stuck.append(a) or (a.chunk == 1 and __import__("time").sleep(2)))
+    tx = AdapterSender()
+    try:
+        tx.connect([alive.endpoint, slow.endpoint])
+        with pytest.raises(ChannelError, match="missed chunks") as e:
+            tx.publish_chunks(iter(chunked(1)), timeout_s=1.0)
+        assert e.value.missing == [slow.endpoint]
+        assert alive.versions[""] == 1 and [a.chunk for a in stuck] == [0, 1]
+    finally:
+        tx.close()
+        alive.close()
+        slow.close()

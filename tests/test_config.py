@@ -47,6 +47,8 @@ def test_overrides_are_typed():
     (["loss.clip_eps=0.2", "loss.ratio_cap=2"], "loss.clip_eps and loss.ratio_cap are two ways"),
     (["rollout.group_size=1"], "rollout.group_size must be >= 2"),
     (["learner.lr"], "expected dotted.key=value"),
+    (["lora.rank=-1"], "lora.rank must be >= 1, or 0 for full fine-tuning"),
+    (["lora.rank=0", "sync.max_message_mb=16"], "chunks of sync.chunk_mb: it must be > 0 and <= sync.max_message_mb"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

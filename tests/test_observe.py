@@ -195,17 +195,56 @@ def test_the_sweep_report_ranks_the_arms_from_their_folders(tmp_path):
     for name, lr, rank, final in (("a", 1e-3, 1, 0.6), ("b", 3e-3, 1, 0.7), ("c", 1e-3, 4, 0.65)):
         folder = tmp_path / "arms" / name
         folder.mkdir(parents=True)
-        (folder / "config.yaml").write_text(yaml.safe_dump({"learner": {"lr": lr}, "lora": {"rank": rank}}))
+        (folder / "config.yaml").write_text(yaml.safe_dump({"learner": {"lr": lr}, "lora": {"rank": rank},
+                                                            "run": {"seed": 0}}))
         rows = [{"step": 0, "eval/accuracy": 0.5}] + [
             {"step": s, "reward/mean": 0.1 * s, "time/step": 1.0, **({"eval/accuracy": final} if s == 3 else {})}
             for s in (1, 2, 3)]
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "arms" / "c" / "failed.json").write_text(json.dumps({"step": 3, "error": "3 steps in a row"}))
     report = write_sweep(tmp_path).read_text()
-    table = [line for line in report.splitlines() if line.startswith("| ") and "arm |" not in line]
+    table = [line for line in report.splitlines() if line.split(" | ")[0] in ("| a", "| b", "| c")]
     assert [line.split(" | ")[0] for line in table] == ["| b", "| c", "| a"]
     assert "failed: 3 steps in a row" in table[1] and "| 0.700 | 0.700 (3) |" in table[0]
     for figure in ("arms_accuracy", "arms_lr"):
         assert (tmp_path / "plots" / f"{figure}.png").stat().st_size > 10_000 and f"plots/{figure}.png" in report
     lines = sweep_summary(tmp_path).splitlines()
     assert lines[1].split()[:2] == ["1.", "b"] and "FAILED" in lines[2]
+
+
+def test_the_sweep_summary_finds_each_ranks_best_learning_rate_over_seeds(tmp_path):
+    """summary.json of a sweep with seeds and a full fine-tuning arm type (rank 0): per rank
+    the learning rate with the best mean final accuracy over seeds, the seeds' spread there,
+    and LoRA against full fine-tuning (learning rates 10x apart, FLOPs 2 : 3 per step here)."""
+    import yaml
+
+    from rl.report import write_sweep
+
+    arms = [(1, 1e-3, 0, 0.6), (1, 1e-3, 1, 0.7), (1, 3e-3, 0, 0.5), (1, 3e-3, 1, 0.5),
+            (0, 1e-4, 0, 0.62), (0, 1e-4, 1, 0.58), (0, 3e-5, 0, 0.4), (0, 3e-5, 1, 0.4), (0, 0.0, 0, 0.9)]
+    for rank, lr, seed, final in arms:
+        folder = tmp_path / "arms" / f"rank={rank},lr={lr:g},seed={seed}"
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"learner": {"lr": lr}, "lora": {"rank": rank},
+                                                            "run": {"seed": seed}}))
+        rows = [{"step": 0, "eval/accuracy": 0.4}] + [
+            {"step": s, "reward/mean": 0.1, "time/step": 1.0, "learner/flops": 3.0 if rank == 0 else 2.0,
+             "learner/peak_mem_gb": 1.5 if rank == 0 else 1.0, **({"eval/accuracy": final} if s == 2 else {})}
+            for s in (1, 2)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = write_sweep(tmp_path).read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["arms"]) == 9 and summary["arms"][0]["final_accuracy"] == 0.9  # the lr-0 control ranks first
+    assert {"name", "rank", "lr", "seed", "final_accuracy", "best_accuracy", "flops_total", "peak_mem_gb"} <= set(
+        summary["arms"][0])
+    full, lora = summary["ranks"]  # rank 0 first; the lr-0 control is no candidate for a best learning rate
+    assert (full["rank"], full["best_lr"], full["seeds"]) == (0, 1e-4, 2)
+    assert full["final_accuracy_mean"] == pytest.approx(0.6) and full["final_accuracy_spread"] == pytest.approx(0.04)
+    assert (lora["rank"], lora["best_lr"], lora["final_accuracy_mean"]) == (1, 1e-3, pytest.approx(0.65))
+    assert lora["flops_total_mean"] == 4.0 and full["peak_mem_gb"] == 1.5
+    versus = summary["lora_vs_full"]
+    assert versus["lr_ratio"] == pytest.approx(10) and versus["flops_ratio"] == pytest.approx(2 / 3)
+    assert versus["accuracy_difference"] == pytest.approx(0.05) and versus["spread"] == pytest.approx(0.1)
+    assert "| full FT | 0.0001 | 0.600 | 0.040 | 2 |" in report and "best learning rate 10x" in report
+    for figure in ("arms_lr", "arms_best", "arms_flops"):
+        assert (tmp_path / "plots" / f"{figure}.png").stat().st_size > 10_000 and f"plots/{figure}.png" in report

@@ -276,6 +276,43 @@ def test_a_killed_job_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000008", "step-000012"]
 
 
+def test_full_fine_tuning_learns_and_resumes_exactly(tmp_path):
+    """lora.rank=0 on the default job: every weight trains (lr 1e-4, the best of 3e-5, 1e-4
+    and 3e-4 in a scan; 3e-4 collapses), the full weights reach the sampler each step, and
+    held-out accuracy rises by 0.10 in 40 steps (measured: 0.415 -> 0.535). A copy of the
+    run directory with only the step-20 checkpoint, launched again, resumes from it and
+    ends exactly where the run ended (the same argument as the LoRA resume test below: the
+    fp32 weights and Adam state restored bit for bit, seeded sampling)."""
+    import torch
+    from safetensors.torch import load_file
+
+    args = [sys.executable, "rl/run.py", "configs/default.yaml", "lora.rank=0", "learner.lr=1e-4",
+            "run.checkpoint_every=20", "run.eval_every=20", f"run.output_dir={tmp_path}", "run.progress=false"]
+    whole = subprocess.run(args + ["run.steps=40", "run.name=whole"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=1200)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert a[-1]["eval/accuracy"] >= a[0]["eval/accuracy"] + 0.10, (a[0]["eval/accuracy"], a[-1]["eval/accuracy"])
+    assert [r["rollout/adapter_version"] for r in a[1:]] == list(range(40))
+    assert all(0.99 < r["learner/ratio_mean"] < 1.01 and r["sync/bytes"] > 4e6 for r in a[1:])
+    assert a[1]["sync/probe_gap_mean"] < 1e-4
+
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-000040")
+    cut = subprocess.run(args + ["run.steps=40", "run.name=cut"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=1200)
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'cut' / 'checkpoints' / 'step-000020'} (step 20)" in cut.stdout
+    b = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == list(range(41))
+    for x, y in zip(a, b):
+        for key in ("reward/mean", "data/position", "learner/loss", "learner/grad_norm", "eval/accuracy"):
+            assert x.get(key) == y.get(key), (x["step"], key, x.get(key), y.get(key))
+    one = load_file(tmp_path / "whole" / "adapter" / "model.safetensors")
+    two = load_file(tmp_path / "cut" / "adapter" / "model.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
 @pytest.mark.parametrize("victim", ["actor", "engine"])
 def test_a_sampler_killed_mid_rollout_is_restarted_and_no_group_is_lost(tmp_path, victim):
     """os.kill the sampler's process (the Ray actor, or vLLM's engine process below it, as an
