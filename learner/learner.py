@@ -11,6 +11,7 @@ handed to DeepSpeed, which avoids compiling DeepSpeed's own CPU Adam op.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -165,8 +166,8 @@ class Arm:
     """One adapter of the learner (or, with lora.rank 0, the whole model): its spec, PEFT
     name, parameters and version stream."""
 
-    def __init__(self, spec: AdapterSpec, peft_name: str, named: list[tuple[str, torch.nn.Parameter]]):
-        self.spec, self.peft_name = spec, peft_name
+    def __init__(self, spec: AdapterSpec, peft_name: str, named: list[tuple[str, torch.nn.Parameter]], model=None):
+        self.spec, self.peft_name, self.model = spec, peft_name, model  # model: the one its forward runs
         self.full = spec.lora.rank == 0
         self.names = [n if self.full else n.replace(f".{peft_name}.", ".") for n, _ in named]  # as PEFT saves them
         self.params = [p for _, p in named]
@@ -183,7 +184,8 @@ class Learner:
 
     It trains one adapter per arm (rl/arms.py; one, arm "", in a run without arms) on one
     frozen copy of the base model: PEFT holds them side by side and each forward activates
-    one. With lora.rank 0 (one arm only) there is no adapter: every weight trains. The optimiser has one parameter group per arm (its learning rate and weight decay;
+    one. An arm with lora.rank 0 has no adapter: every weight of a model of its own trains
+    (a copy of the base, made before PEFT wraps it; in a sweep as many copies as such arms). The optimiser has one parameter group per arm (its learning rate and weight decay;
     Adam's state is per parameter, so the arms' updates are independent). With several arms,
     gradient clipping and the skip of a non-finite step are per arm: a skipped arm's gradients
     are dropped, and AdamW leaves a parameter without a gradient untouched (state included).
@@ -211,12 +213,12 @@ class Learner:
             # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.shape = Shape.of(model)  # for learner/flops
-        self.arms: dict[str, Arm] = {}
-        if spec.adapters[0].lora.rank == 0:
-            if len(spec.adapters) != 1:
-                raise ValueError("full fine-tuning (lora.rank 0) trains one model: one arm only")
-            self.arms[spec.adapters[0].arm] = Arm(spec.adapters[0], "", list(model.named_parameters()))
-        for i, a in enumerate(spec.adapters if not self.arms else ()):
+        lora, full = [a for a in spec.adapters if a.lora.rank > 0], [a for a in spec.adapters if a.lora.rank == 0]
+        arms: dict[str, Arm] = {}
+        for k, a in enumerate(full):  # the loaded model itself serves one when no adapter needs it frozen
+            own = model if k == 0 and not lora else copy.deepcopy(model)
+            arms[a.arm] = Arm(a, "", list(own.named_parameters()), own)
+        for i, a in enumerate(lora):
             name = "default" if i == 0 else f"arm{i}"  # PEFT's names; an arm's name need not be an identifier
             config = LoraConfig(r=a.lora.rank, lora_alpha=a.lora.alpha, target_modules=list(a.lora.target_modules),
                                 lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
@@ -225,8 +227,13 @@ class Learner:
                 model = get_peft_model(model, config)
             else:
                 model.add_adapter(name, config)
-            self.arms[a.arm] = Arm(a, name, [(n, p) for n, p in model.named_parameters() if f".{name}." in n])
-        self.model, self._active = model, None
+            arms[a.arm] = Arm(a, name, [(n, p) for n, p in model.named_parameters() if f".{name}." in n])
+        for a in lora:
+            arms[a.arm].model = model  # PEFT's, with every adapter
+        self.arms = {a.arm: arms[a.arm] for a in spec.adapters}  # in the spec's order
+        # DeepSpeed's engine holds the adapters' model (or the one full fine-tuning model);
+        # other models of full fine-tuning arms train beside it with the same optimiser.
+        self.model, self._active = model if lora else arms[full[0].arm].model, None
         self._activate(next(iter(self.arms)))
         # One process group for the learner's ranks (each rank sees one GPU, as Ray assigns them).
         self.rank, self.world_size = rank, spec.world_size if master else 1
@@ -255,8 +262,15 @@ class Learner:
             "bf16": {"enabled": dtype == torch.bfloat16 and one},
             "steps_per_print": 10**9,
         }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
+        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=ds_config)
         self.sender = AdapterSender()
+        self.serving: dict[str, set[str]] = {}  # endpoint -> the arms its sampler serves
+
+    def _mode(self, train: bool):
+        """Training or evaluation mode for DeepSpeed's model and every full fine-tuning arm's."""
+        self.engine.train(train)
+        for arm in self.arms.values():
+            arm.model.train(train)
 
     def _activate(self, arm: str):
         """Make `arm`'s adapter the one forward passes use (and the only one with gradients)."""
@@ -304,34 +318,50 @@ class Learner:
         d = self.engine.module.peft_config[self.arms[arm].peft_name].to_dict()
         return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
 
-    def connect(self, endpoints: list[str]):
+    def connect(self, endpoints: list[str], arms: list[tuple[str, ...]] | None = None):
+        """Samplers to publish to; arms: what each serves (a sweep's full fine-tuning arms have
+        engines of their own), every arm when not given."""
         self.sender.connect(endpoints)
+        for i, endpoint in enumerate(endpoints):
+            self.serving[endpoint] = set(arms[i]) if arms else set(self.arms)
+
+    def _endpoints(self, arms: list[Arm]) -> list[str]:
+        """The connected samplers that serve any of these arms."""
+        names = {a.spec.arm for a in arms}
+        return [ep for ep, served in self.serving.items() if served & names]
 
     def publish(self, arms: list[str] | None = None) -> list[Published]:
         """Send each arm's current adapter (all arms, or `arms`) as its version `arm.version` to
-        every sampler; wait for all acks.
+        every sampler that serves it; wait for all acks. A full fine-tuning arm sends its
+        weights, in chunks (`_publish_weights`).
 
         Latency runs from "the learner has new weights" (serialisation included) to "every
-        sampler serves them". The frames are kept for samplers that join later. Samplers that
-        did not acknowledge within sync.ack_timeout_s are listed in `missing`.
+        sampler serves them". The adapters' frames are kept for samplers that join later.
+        Samplers that did not acknowledge within sync.ack_timeout_s are listed in `missing`.
         """
         start = time.perf_counter()
         chosen = [self.arms[a] for a in (self.arms if arms is None else arms)]
-        if chosen[0].full:
-            return [self._publish_weights(chosen[0], start)]
+        adapters = [arm for arm in chosen if not arm.full]
+        out = {}
+        if adapters:
+            for arm in adapters:
+                arm.frames = encode_tensors(arm.version, arm.step, self._wire_tensors(arm.spec.arm),
+                                            self.peft_config_dict(arm.spec.arm), self.secret, arm.spec.arm)
+            missing: tuple[str, ...] = ()
+            try:
+                metrics = self.sender.publish([arm.frames for arm in adapters], self.spec.ack_timeout_s,
+                                              self._endpoints(adapters))
+            except Unacknowledged as e:  # a sampler died (or hangs): the driver restarts it or stops the run
+                missing, metrics = tuple(e.missing), {"sync/bytes": sum(len(f) for a in adapters for f in a.frames)}
+            metrics["sync/latency_ms"] = 1e3 * (time.perf_counter() - start)
+            for arm in adapters:
+                arm.published = arm.version
+                out[arm.spec.arm] = Published(arm.spec.arm, arm.version, json.loads(arm.frames[0])["payload_sha256"],
+                                              missing, {**metrics, "sync/version": arm.version})
         for arm in chosen:
-            arm.frames = encode_tensors(arm.version, arm.step, self._wire_tensors(arm.spec.arm),
-                                        self.peft_config_dict(arm.spec.arm), self.secret, arm.spec.arm)
-        missing: tuple[str, ...] = ()
-        try:
-            metrics = self.sender.publish([arm.frames for arm in chosen], self.spec.ack_timeout_s)
-        except Unacknowledged as e:  # a sampler died (or hangs): the driver restarts it or stops the run
-            missing, metrics = tuple(e.missing), {"sync/bytes": sum(len(f) for a in chosen for f in a.frames)}
-        metrics["sync/latency_ms"] = 1e3 * (time.perf_counter() - start)
-        for arm in chosen:
-            arm.published = arm.version
-        return [Published(arm.spec.arm, arm.version, json.loads(arm.frames[0])["payload_sha256"], missing,
-                          {**metrics, "sync/version": arm.version}) for arm in chosen]
+            if arm.full:
+                out[arm.spec.arm] = self._publish_weights(arm, time.perf_counter())
+        return [out[arm.spec.arm] for arm in chosen]
 
     def _publish_weights(self, arm: Arm, start: float) -> Published:
         """publish for full fine-tuning: the weights in chunks, one in flight at a time."""
@@ -339,7 +369,7 @@ class Learner:
         messages = self._weight_messages(arm, digests)
         missing: tuple[str, ...] = ()
         try:
-            metrics = self.sender.publish_chunks(messages, self.spec.ack_timeout_s)
+            metrics = self.sender.publish_chunks(messages, self.spec.ack_timeout_s, self._endpoints([arm]))
         except Unacknowledged as e:
             for _ in messages:  # the chunks no sampler got still make the version's digest
                 pass
@@ -351,32 +381,35 @@ class Learner:
 
     def disconnect(self, endpoint: str):
         self.sender.disconnect(endpoint)
+        self.serving.pop(endpoint, None)
 
-    def catch_up(self, endpoint: str) -> dict:
-        """Bring a sampler that started late (or restarted) to every arm's latest version before it gets prompts."""
-        self.sender.connect([endpoint])
-        (first,) = list(self.arms.values())[:1]
-        if first.full:
-            # The weights are the published version's until the next train_step; after one (the
-            # async loop's sampling runs beside the learner) they are already the next version's,
-            # which the next publish brings to this sampler too: it waits for them.
-            if first.published >= 0 and first.version == first.published:
-                return self.sender.publish_chunks(self._weight_messages(first, []), self.spec.ack_timeout_s, [endpoint])
-            return {}
-        return self.sender.publish([arm.frames for arm in self.arms.values() if arm.frames],
-                                   self.spec.ack_timeout_s, [endpoint])
+    def catch_up(self, endpoint: str, arms: list[str] | None = None) -> dict:
+        """Bring a sampler that started late (or restarted) to the latest version of every arm
+        it serves (`arms`; all when not given) before it gets prompts."""
+        self.connect([endpoint], [tuple(arms if arms is not None else self.arms)])
+        chosen = [self.arms[a] for a in (arms if arms is not None else self.arms)]
+        frames = [arm.frames for arm in chosen if not arm.full and arm.frames]
+        metrics = self.sender.publish(frames, self.spec.ack_timeout_s, [endpoint]) if frames else {}
+        for arm in chosen:
+            # A full fine-tuning arm's weights are its published version's until the next
+            # train_step; after one (the async loop samples beside the learner) they are already
+            # the next version's, which the next publish brings to this sampler too: it waits.
+            if arm.full and arm.published >= 0 and arm.version == arm.published:
+                metrics = self.sender.publish_chunks(self._weight_messages(arm, []), self.spec.ack_timeout_s,
+                                                     [endpoint])
+        return metrics
 
     # -- training ---------------------------------------------------------------------
     def logprobs(self, seqs: list[Datum], temperature: float | None = None) -> list[list[float]]:
         """Per-token completion log-probs under each one's arm's current adapter (no grad), at
         the arm's temperature unless another is given (the probe tries others to diagnose a
         mismatch)."""
-        self.engine.eval()
+        self._mode(train=False)
         out: list = [None] * len(seqs)
         with torch.no_grad():
             for arm, indices in by_arm(seqs).items():
                 self._activate(arm)
-                lp, mask = sequence_logprobs(self.engine.module, [seqs[i] for i in indices],
+                lp, mask = sequence_logprobs(self.arms[arm].model, [seqs[i] for i in indices],
                                              temperature or self.arms[arm].spec.temperature, self.spec.logprob_chunk)
                 for i, row, m in zip(indices, lp, mask):
                     out[i] = row[: int(m.sum())].tolist()
@@ -423,7 +456,7 @@ class Learner:
         n_micro: the micro-batches every rank runs (at least this rank's own; one arm only)."""
         start = time.perf_counter()
         reset_peak_memory()
-        self.engine.train()
+        self._mode(train=True)
         # (arm, its completions here, micro-batches as indices into them), the step's arms in order.
         plans = []
         for arm in counts:
@@ -452,6 +485,10 @@ class Learner:
         # own gradient partitions, and skip, when they hold a NaN or inf).
         applied = self.engine.was_step_applied()
         self.optimizer.skip = False
+        for a in self.arms.values():
+            if a.model is not self.engine.module:  # DeepSpeed clears the gradients of its own model only
+                for p in a.params:
+                    p.grad = None
         elapsed = time.perf_counter() - start
         out = {}
         for arm in counts:
@@ -481,7 +518,7 @@ class Learner:
             # The last micro-batch is the accumulation boundary: gradients are reduced there.
             self.engine.set_gradient_accumulation_boundary(position == last)
             if chunk:
-                lp, mask = sequence_logprobs(self.engine.module, chunk, spec.temperature, self.spec.logprob_chunk)
+                lp, mask = sequence_logprobs(self.arms[arm].model, chunk, spec.temperature, self.spec.logprob_chunk)
                 T = lp.shape[1]
                 old = torch.tensor([list(s.sampler_logprobs) + [0.0] * (T - len(s.sampler_logprobs)) for s in chunk])
                 adv = torch.tensor([s.advantage for s in chunk])
@@ -590,7 +627,7 @@ class Learner:
         tokenizer files), loadable by transformers and vLLM as a model."""
         if self.arms[arm].full:
             with tempfile.TemporaryDirectory() as tmp:
-                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.arms[arm].model.save_pretrained(tmp, safe_serialization=True)
                 files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
             for p in Path(self.spec.model_path).iterdir():  # the tokenizer's files; not the old weights
                 if p.is_file() and p.name not in files and not p.name.endswith((".safetensors", ".bin", ".index.json")):

@@ -66,9 +66,6 @@ def expand(cfg: Config) -> list[tuple[str, Config]]:
                                   "model, the fleet and the loop are shared); these may: "
                                   + ", ".join(sorted(VARIES)) + ", loss.*, reward.*")
     configs = [with_values(without_arms(cfg), values, f"{where}: ") for where, _, values in arms]
-    if any(c.lora.rank == 0 for c in configs):
-        raise ConfigError("lora.rank 0 (full fine-tuning) in an arm: not supported yet (a full fine-tuning arm "
-                          "needs model weights and engines of its own); run it as a job of its own")
     return list(zip(names([name for _, name, _ in arms], configs, sorted(grid)), configs))
 
 

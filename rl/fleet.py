@@ -36,6 +36,17 @@ def resolve_model(cfg: Config) -> str:
     return build_tiny_model(cfg.model.cache_dir)
 
 
+def sampler_kinds(cfg: Config) -> list[bool]:
+    """Per sampler, whether it serves full fine-tuning arms (full weights) or adapters:
+    rollout.num_samplers samplers for the adapters, and in a sweep that also has full
+    fine-tuning arms one more for those (its engine cannot share weights with adapters; it
+    swaps the arms' weights in turn). Without adapters, rollout.num_samplers for full weights."""
+    ranks = [arm.lora.rank for _, arm in expand(cfg)]
+    lora, full = any(r > 0 for r in ranks), any(r == 0 for r in ranks)
+    return [False] * (cfg.rollout.num_samplers if lora else 0) + [True] * (1 if lora and full else
+                                                                           cfg.rollout.num_samplers if full else 0)
+
+
 def bundles(cfg: Config) -> list[dict[str, float]]:
     """Ray resources per actor: one bundle per learner rank, then one per sampler."""
     def bundle(cpus: float, gpus: float, custom: dict) -> dict[str, float]:
@@ -43,7 +54,7 @@ def bundles(cfg: Config) -> list[dict[str, float]]:
 
     lr, ro = cfg.learner, cfg.rollout
     return ([bundle(lr.num_cpus, lr.num_gpus, lr.resources)] * lr.world_size
-            + [bundle(ro.num_cpus, ro.num_gpus, ro.resources)] * ro.num_samplers)
+            + [bundle(ro.num_cpus, ro.num_gpus, ro.resources)] * len(sampler_kinds(cfg)))
 
 
 def place(cfg: Config):
@@ -60,7 +71,8 @@ def place(cfg: Config):
                if amount > have.get(key, 0.0) + 1e-9]
     if missing:
         raise ConfigError(f"the Ray cluster lacks resources for learner.world_size={cfg.learner.world_size} and "
-                          f"rollout.num_samplers={cfg.rollout.num_samplers}: needs " + ", ".join(missing))
+                          f"{len(sampler_kinds(cfg))} sampler(s) (rollout.num_samplers={cfg.rollout.num_samplers}, "
+                          "one more for a sweep's full fine-tuning arms): needs " + ", ".join(missing))
     group = placement_group(wanted, strategy="PACK" if cfg.run.placement == "pack" else "SPREAD")
     try:
         ray.get(group.ready(), timeout=cfg.run.placement_timeout_s)
@@ -103,7 +115,7 @@ def actor_cores(cfg: Config, group) -> list[str]:
     at once: those that share a node get disjoint cores (split_cores) rather than contend."""
     import ray
 
-    cores = [cfg.learner.cpu_cores] * cfg.learner.world_size + [cfg.rollout.cpu_cores] * cfg.rollout.num_samplers
+    cores = [cfg.learner.cpu_cores] * cfg.learner.world_size + [cfg.rollout.cpu_cores] * len(sampler_kinds(cfg))
     on_cpu = not (cfg.learner.num_gpus or cfg.rollout.num_gpus)
     if (cfg.run.mode != "async" or not on_cpu or cfg.learner.cpu_cores or cfg.rollout.cpu_cores
             or cfg.learner.world_size > 1):
@@ -137,12 +149,17 @@ def learner_spec(cfg: Config, model_path: str, cpu_cores: str | None = None) -> 
         chunk_bytes=int(cfg.sync.chunk_mb * 2**20))
 
 
-def sampler_spec(cfg: Config, model_path: str, index: int, cpu_cores: str | None = None) -> SamplerSpec:
-    ro, arms = cfg.rollout, expand(cfg)
+def sampler_spec(cfg: Config, model_path: str, index: int, cpu_cores: str | None = None,
+                 full: bool | None = None) -> SamplerSpec:
+    """Sampler `index`'s spec; full: whether it serves the full fine-tuning arms (full
+    weights) or the adapters (sampler_kinds says which)."""
+    kinds = sampler_kinds(cfg)
+    full = (kinds[index] if index < len(kinds) else kinds[0]) if full is None else full  # a joining sampler: kinds[0]
+    ro, arms = cfg.rollout, [(name, arm) for name, arm in expand(cfg) if (arm.lora.rank == 0) == full]
     return SamplerSpec(
         model_path=model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=cfg.run.seed + index,
         max_lora_rank=vllm_lora_rank(max(arm.lora.rank for _, arm in arms)), arms=tuple(name for name, _ in arms),
-        full_weights=cfg.lora.rank == 0,
+        full_weights=full,
         resident_adapters=ro.max_staleness + 1,
         # On CPUs (GPUs keep vLLM's default) a step's completions of every arm in one wave (a
         # sweep of 8 default-job arms: 2.6 s, against 3.0 s in two waves of 256).
@@ -183,13 +200,16 @@ def build_actors(cfg: Config, model_path: str, secret: bytes) -> tuple[list, lis
     group = place(cfg)
     cores, world = actor_cores(cfg, group), cfg.learner.world_size
     spec = learner_spec(cfg, model_path, cores[0])
-    specs = [sampler_spec(cfg, model_path, i, cores[world + i]) for i in range(cfg.rollout.num_samplers)]
+    specs = [sampler_spec(cfg, model_path, i, cores[world + i]) for i in range(len(sampler_kinds(cfg)))]
     print(describe_specs(spec, specs[0]), flush=True)
+    if specs[-1].full_weights and not specs[0].full_weights:
+        print(f"sampler-{len(specs) - 1}: the {len(specs[-1].arms)} full fine-tuning arm(s), whose weights it "
+              "swaps in turn", flush=True)
     learners = start_learners(cfg, spec, secret, group)
     manifests = ray.get(learners[0].manifests.remote())
-    samplers = [start_sampler(cfg, specs[i], secret, manifests, i, _in_bundle(group, world + i))
-                for i in range(cfg.rollout.num_samplers)]
-    ray.get(learners[0].connect.remote(ray.get([s.endpoint.remote() for s in samplers])))
+    samplers = [start_sampler(cfg, s, secret, {arm: manifests[arm] for arm in s.arms}, i, _in_bundle(group, world + i))
+                for i, s in enumerate(specs)]
+    ray.get(learners[0].connect.remote(ray.get([s.endpoint.remote() for s in samplers]), [s.arms for s in specs]))
     return learners, samplers
 
 
@@ -232,8 +252,10 @@ def add_sampler(cfg: Config, model_path: str, secret: bytes, learner, index: int
     """A sampler that joins a running job: it serves the learner's latest adapter before it gets prompts."""
     import ray
 
-    sampler = start_sampler(cfg, sampler_spec(cfg, model_path, index), secret, ray.get(learner.manifests.remote()), index)
-    ray.get(learner.catch_up.remote(ray.get(sampler.endpoint.remote())))
+    spec = sampler_spec(cfg, model_path, index)
+    manifests = ray.get(learner.manifests.remote())
+    sampler = start_sampler(cfg, spec, secret, {arm: manifests[arm] for arm in spec.arms}, index)
+    ray.get(learner.catch_up.remote(ray.get(sampler.endpoint.remote()), list(spec.arms)))
     return sampler
 
 
@@ -313,7 +335,8 @@ def shutdown(learners, samplers):
 
 
 class Samplers:
-    """The sampler actors as one: prompts are split across them.
+    """The sampler actors as one: each request's prompts are split across the samplers that
+    serve its arm (all of them, but for a sweep's full fine-tuning arms: sampler_kinds).
 
     A sampler that dies is restarted by Ray (rollout.max_restarts); the first call that
     notices waits for it (its engine starts again), has the learner bring it to the newest
@@ -326,18 +349,25 @@ class Samplers:
 
         self.actors, self.learner, self.restart_timeout_s = list(actors), learner, restart_timeout_s
         self.endpoints = ray.get([a.endpoint.remote() for a in self.actors]) if learner else []
+        # The arms each serves (asked once; None: stand-in samplers, which serve every arm).
+        self.serves = [set(arms) for arms in ray.get([a.arms.remote() for a in self.actors])] if learner else None
         self.faults = faults or Faults()  # counts restarts and groups sampled again
         self._lock = threading.Lock()  # the async producer and the main thread (eval, probe) both sample
 
     def __iter__(self):
         return iter(self.actors)
 
+    def serving(self, arm: str) -> list[int]:
+        """The indices of the samplers that serve `arm`."""
+        return [i for i in range(len(self.actors)) if self.serves is None or arm in self.serves[i]]
+
     def __len__(self):
         return len(self.actors)
 
     def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> list[Group]:
         """One Group per prompt, in prompt order, not yet scored (its `row` is empty: the
-        caller's). Sampler i gets prompts i, i+k, ... with seed sampling.seed + i."""
+        caller's). The j-th of the k samplers that serve the arm gets prompts j, j+k, ... with
+        seed sampling.seed + j."""
         return self.generate_many([(prompt_ids_P, sampling)])[0]
 
     def generate_many(self, requests: list[tuple[list[list[int]], Sampling]]) -> list[list[Group]]:
@@ -347,15 +377,20 @@ class Samplers:
 
         import ray
 
-        k = len(self.actors)
-        args = {}  # sampler -> its share of each request (possibly no prompts)
-        for i in range(k):
-            share = [(prompts[i::k], sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + i))
-                     for prompts, sampling in requests]
-            if any(prompts for prompts, _ in share):
-                args[i] = share
+        args: dict[int, list] = {}  # sampler -> (request index, its share of the prompts, sampling), non-empty only
+        where: dict[tuple[int, int], range] = {}  # (sampler, request) -> the prompt positions it gets
+        for r, (prompts, sampling) in enumerate(requests):
+            pool = self.serving(sampling.arm)
+            if prompts and not pool:
+                raise RuntimeError(f"no sampler serves arm {sampling.arm!r}")
+            for j, i in enumerate(pool):
+                share = prompts[j::len(pool)]
+                if share:
+                    seeded = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + j)
+                    args.setdefault(i, []).append((r, share, seeded))
+                    where[i, r] = range(j, len(prompts), len(pool))
         sent_to = list(self.endpoints)  # which incarnation of each sampler got the request
-        refs = {i: self.actors[i].generate_many.remote(a) for i, a in args.items()}
+        refs = {i: self.actors[i].generate_many.remote([(p, s) for _, p, s in a]) for i, a in args.items()}
         out = [[None] * len(prompts) for prompts, _ in requests]
         for i, ref in refs.items():
             while True:
@@ -365,11 +400,11 @@ class Samplers:
                 except ray.exceptions.RayActorError as e:
                     self.recover(i, sent_to[i] if self.learner else "", e)
                     sent_to[i] = self.endpoints[i]
-                    ref = self.actors[i].generate_many.remote(args[i])  # the same prompts and seeds
-                    self.faults.resampled_groups += sum(len(prompts) for prompts, _ in args[i])
-            for groups, res in zip(out, rollouts):
-                for j, completions in zip(range(i, len(groups), k), res.completions_P_G):
-                    groups[j] = Group({}, completions, res.version, res.digest, arm=res.arm)
+                    ref = self.actors[i].generate_many.remote([(p, s) for _, p, s in args[i]])  # the same prompts and seeds
+                    self.faults.resampled_groups += sum(len(p) for _, p, _ in args[i])
+            for (r, _, _), res in zip(args[i], rollouts):
+                for j, completions in zip(where[i, r], res.completions_P_G):
+                    out[r][j] = Group({}, completions, res.version, res.digest, arm=res.arm)
         return out
 
     def recover(self, i: int, lost_endpoint: str, error: BaseException | None = None):
@@ -399,7 +434,7 @@ class Samplers:
                 raise RuntimeError(f"sampler-{i} is alive but failed to sample or to acknowledge the adapter within "
                                    "sync.ack_timeout_s") from error
             ray.get(self.learner.disconnect.remote(lost_endpoint))
-            ray.get(self.learner.catch_up.remote(endpoint))
+            ray.get(self.learner.catch_up.remote(endpoint, sorted(self.serves[i]) if self.serves else None))
             self.endpoints[i] = endpoint
             self.faults.sampler_restarts += 1
             log.warning("sampler-%d died; Ray restarted it and it serves the learner's newest adapter again "

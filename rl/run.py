@@ -171,7 +171,8 @@ def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: 
                 synced = publish(learner, samplers, batches, list(sampled))  # returns once every sampler serves them
                 if (step == start + 1 and cfg.sync.probe_every >= 0) or due(step, cfg.sync.probe_every):
                     for arm in running:
-                        synced[arm.name].update(run_probe(learner, samplers, probe_prompts, arm.cfg, arm=arm.name))
+                        serving = [samplers.actors[i] for i in samplers.serving(arm.name)]
+                        synced[arm.name].update(run_probe(learner, serving, probe_prompts, arm.cfg, arm=arm.name))
                 evaluated = {}
                 if step == last or due(step, cfg.run.eval_every):
                     evaluated = evaluate_arms({arm.name: arm.cfg for arm in running}, samplers, rewards, evals)

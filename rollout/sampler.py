@@ -117,6 +117,11 @@ class Sampler:
         self.lock = threading.Lock()
         self.ready = threading.Condition(self.lock)  # full weights: notified when a version completes
         self.updating: int | None = None  # full weights: the version whose chunks are loading
+        # Several full fine-tuning arms: each one's newest weights (chunks) and what the engine holds.
+        self.swapping = spec.full_weights and len(spec.arms) > 1
+        self.stored: dict[str, list] = {}
+        self.incoming: dict[str, list] = {}
+        self.in_engine: tuple[str, int] | None = None
         # arm -> {version -> (LoRARequest, digest)}, oldest first (full weights: (None, digest), the newest only)
         self.adapters: dict[str, OrderedDict[int, tuple]] = {arm: OrderedDict() for arm in spec.arms}
         self._ids = itertools.count(1)  # vLLM LoRA ids, never reused
@@ -174,18 +179,45 @@ class Sampler:
 
     def _load_weights(self, chunk: Adapter):
         """One chunk of a version of full weights, validated by the receiver (rollout/channel.py):
-        into the engine at once; the last one completes the version."""
+        into the engine at once; the last one completes the version. Serving several full
+        fine-tuning arms (a sweep on a small model), the sampler keeps each arm's newest
+        weights instead and swaps them into the engine when its requests come (`_swap_in`)."""
         with self.lock:
+            if self.swapping:
+                if chunk.chunk == 0:
+                    self.incoming[chunk.arm] = []
+                self.incoming[chunk.arm].append((chunk.tensors, bytes(chunk.payload)))
+                if chunk.complete:
+                    self.stored[chunk.arm] = self.incoming.pop(chunk.arm)
+                    self.adapters[chunk.arm] = OrderedDict({chunk.version: (None, chunk.digest)})
+                    self.ready.notify_all()
+                return
             if chunk.chunk == 0:
                 self.updating = chunk.version
                 self.llm.collective_rpc("begin_weights")
-            self.llm.collective_rpc("load_weights_from_memory", args=(chunk.tensors, chunk.payload))
+            self._load_chunk(chunk.tensors, chunk.payload)
             if chunk.complete:
-                self.llm.collective_rpc("finish_weights")
-                self.llm.reset_prefix_cache()  # cached prompts' KV came from the old weights
+                self._finish_weights()
                 self.adapters[chunk.arm] = OrderedDict({chunk.version: (None, chunk.digest)})
                 self.updating = None
                 self.ready.notify_all()
+
+    def _load_chunk(self, layout: list[dict], payload: bytes):
+        self.llm.collective_rpc("load_weights_from_memory", args=(layout, payload))
+
+    def _finish_weights(self):
+        self.llm.collective_rpc("finish_weights")
+        self.llm.reset_prefix_cache()  # cached prompts' KV came from the old weights
+
+    def _swap_in(self, arm: str):
+        """Under the lock: the engine holds arm's newest weights (loaded now unless it already did)."""
+        version = next(reversed(self.adapters[arm]))
+        if self.in_engine != (arm, version):
+            self.llm.collective_rpc("begin_weights")
+            for layout, payload in self.stored[arm]:
+                self._load_chunk(layout, payload)
+            self._finish_weights()
+            self.in_engine = (arm, version)
 
     def _wait_for_weights(self, arm: str):
         """Full weights, under the lock: until no version is half loaded and one is complete."""
@@ -204,36 +236,56 @@ class Sampler:
 
     def generate_many(self, requests: list[tuple[list[list[int]], Sampling]]) -> list[Rollout]:
         """One Rollout per (prompts, sampling) request, all generated in one engine call: each
-        prompt on the newest adapter of its request's arm."""
+        prompt on the newest adapter of its request's arm (full weights: one call per arm,
+        each on that arm's weights)."""
+        batches = []  # (request indices, vLLM's outputs, who served them)
+        with self.lock:
+            if not self.spec.full_weights:
+                batches.append((range(len(requests)), *self._generate(requests)))
+            for arm in dict.fromkeys(sampling.arm for _, sampling in requests) if self.spec.full_weights else ():
+                mine = [i for i, (_, sampling) in enumerate(requests) if sampling.arm == arm]
+                self._wait_for_weights(arm)
+                if self.swapping:
+                    self._swap_in(arm)
+                batches.append((mine, *self._generate([requests[i] for i in mine])))
+        done = [None] * len(requests)
+        for mine, outputs, served in batches:  # decoded outside the lock: adapters may load meanwhile
+            for i, out in zip(mine, self._rollouts(outputs, served)):
+                done[i] = out
+        return done
+
+    def _generate(self, requests: list[tuple[list[list[int]], Sampling]]) -> tuple[list, list]:
+        """Under the lock: vLLM's outputs for the requests, and who served each (arm, version,
+        digest, prompts)."""
         from vllm import SamplingParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
         prompts, params, loras, served = [], [], [], []
-        with self.lock:
-            for prompt_ids_P, sampling in requests:
-                if self.spec.full_weights:
-                    self._wait_for_weights(sampling.arm)
-                if not self.adapters.get(sampling.arm):
-                    raise RuntimeError(f"no adapter loaded yet{' for arm ' + repr(sampling.arm) if sampling.arm else ''}"
-                                       ": the learner publishes version 0 first")
-                version = next(reversed(self.adapters[sampling.arm]))
-                request, digest = self.adapters[sampling.arm][version]
-                served.append((sampling.arm, version, digest, len(prompt_ids_P)))
-                # detokenize=False: vLLM's incremental detokenization runs at every decoding step;
-                # the texts are decoded once below instead (a fifth of a default-job batch on CPU).
-                p = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                   max_tokens=sampling.max_tokens, logprobs=0, seed=sampling.seed, detokenize=False)
-                prompts += [{"prompt_token_ids": ids} for ids in prompt_ids_P]
-                params += [p] * len(prompt_ids_P)
-                loras += [request] * len(prompt_ids_P)
-            try:
-                outputs = self.llm.generate(prompts, params, lora_request=None if self.spec.full_weights else loras,
-                                            use_tqdm=False)
-            except EngineDeadError:
-                # vLLM's engine process is gone (OOM-killed, crashed): end this actor too, so that
-                # Ray restarts it with a new engine and the driver samples these prompts again.
-                log.exception("the vLLM engine died; exiting so that Ray restarts this sampler")
-                os._exit(1)
+        for prompt_ids_P, sampling in requests:
+            if not self.adapters.get(sampling.arm):
+                raise RuntimeError(f"no adapter loaded yet{' for arm ' + repr(sampling.arm) if sampling.arm else ''}"
+                                   ": the learner publishes version 0 first")
+            version = next(reversed(self.adapters[sampling.arm]))
+            request, digest = self.adapters[sampling.arm][version]
+            served.append((sampling.arm, version, digest, len(prompt_ids_P)))
+            # detokenize=False: vLLM's incremental detokenization runs at every decoding step;
+            # the texts are decoded once below instead (a fifth of a default-job batch on CPU).
+            p = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                               max_tokens=sampling.max_tokens, logprobs=0, seed=sampling.seed, detokenize=False)
+            prompts += [{"prompt_token_ids": ids} for ids in prompt_ids_P]
+            params += [p] * len(prompt_ids_P)
+            loras += [request] * len(prompt_ids_P)
+        try:
+            outputs = self.llm.generate(prompts, params, lora_request=None if self.spec.full_weights else loras,
+                                        use_tqdm=False)
+        except EngineDeadError:
+            # vLLM's engine process is gone (OOM-killed, crashed): end this actor too, so that
+            # Ray restarts it with a new engine and the driver samples these prompts again.
+            log.exception("the vLLM engine died; exiting so that Ray restarts this sampler")
+            os._exit(1)
+        return outputs, served
+
+    def _rollouts(self, outputs: list, served: list) -> list[Rollout]:
         texts = iter(self.tokenizer.batch_decode([c.token_ids for out in outputs for c in out.outputs],
                                                  skip_special_tokens=True))
         completions = iter([[Completion(list(c.token_ids), [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)],
@@ -241,6 +293,10 @@ class Sampler:
                             for out in outputs])
         return [Rollout(arm, version, digest, list(itertools.islice(completions, count)))
                 for arm, version, digest, count in served]
+
+    def arms(self) -> list[str]:
+        """The arms this sampler serves."""
+        return list(self.spec.arms)
 
     def close(self):
         """Stop the receiver and the engine's processes; remove the adapter files."""

@@ -73,38 +73,46 @@ def test_two_samplers_split_the_prompts(tmp_path):
 
 
 def test_a_sweep_runs_every_arm_in_one_job_and_resumes_as_one(tmp_path):
-    """Three arms of the default job in one job: a frozen control (lr 0) and ranks 1 and 4.
+    """Four arms of the default job in one job: a frozen control (lr 0), ranks 1 and 4, and
+    full fine-tuning (rank 0, on a sampler of its own: two engines, so half a CPU each).
     Each arm's folder is laid out like a run directory; the sweep's report compares them; the
-    control keeps the zero adapter. Launched again with more steps, every arm resumes from its
-    step-6 checkpoint."""
+    control keeps the zero adapter; the full fine-tuning arm's weights reach its engine (the
+    probe agrees). Launched again with more steps, every arm resumes from its step-6
+    checkpoint."""
     from safetensors.torch import load_file
 
     args = [sys.executable, "rl/run.py", "configs/default.yaml", "run.checkpoint_every=3", "run.eval_every=3",
             "data.eval_size=16", "eval.samples=2", "eval.k=2", f"run.output_dir={tmp_path}", "run.name=sweep",
-            "run.progress=false",
-            "arms.list=[{name: control, learner.lr: 0.0}, {lora.rank: 1}, {lora.rank: 4}]"]
+            "run.progress=false", "rollout.num_cpus=0.5",
+            "arms.list=[{name: control, learner.lr: 0.0}, {lora.rank: 1}, {lora.rank: 4}, "
+            "{name: full, lora.rank: 0, learner.lr: 1.0e-4}]"]
     proc = subprocess.run(args + ["run.steps=6"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "sweep"
-    names = ["control", "lr=1e-3,rank=1", "lr=1e-3,rank=4"]
+    names = ["control", "full", "lr=1e-3,rank=1", "lr=1e-3,rank=4"]
     assert sorted(p.name for p in (sweep / "arms").iterdir()) == names
-    for name, rank in zip(names, (1, 1, 4)):
+    for name, rank in zip(names, (1, 0, 1, 4)):
         arm = sweep / "arms" / name
         rows = [json.loads(line) for line in (arm / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(7))
         assert [r["rollout/adapter_version"] for r in rows[1:]] == list(range(6))
         assert all(r["rollout/refused_groups"] == 0 and 0.99 < r["learner/ratio_mean"] < 1.01 for r in rows[1:])
         assert rows[1]["sync/probe_gap_mean"] < 1e-4  # each arm probed after the first sync
-        assert json.loads((arm / "adapter" / "adapter_config.json").read_text())["r"] == rank
         assert sorted(p.name for p in (arm / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
         for file in ("config.yaml", "report.md", "best_adapter/best.json", "plots/reward.png"):
             assert (arm / file).exists(), (name, file)
+        if rank == 0:  # the whole model, trained
+            assert rows[1]["sync/bytes"] > 4e6 and (arm / "adapter" / "model.safetensors").stat().st_size > 4e6
+            continue
+        assert json.loads((arm / "adapter" / "adapter_config.json").read_text())["r"] == rank
         lora_b = [v for k, v in load_file(arm / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k]
         assert (max(v.abs().max().item() for v in lora_b) == 0) == (name == "control"), name
     report = (sweep / "report.md").read_text()
     assert all(f"| {name} |" in report for name in names) and "plots/arms_lr.png" in report
     assert (sweep / "plots" / "arms_accuracy.png").stat().st_size > 10_000
-    assert "3 arms, ranked by final eval/accuracy" in proc.stdout
+    assert "4 arms, ranked by final eval/accuracy" in proc.stdout
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert sorted(r["rank"] for r in summary["ranks"]) == [0, 1, 4] and summary["lora_vs_full"]["lr_ratio"] == 10
 
     again = subprocess.run(args + ["run.steps=7"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
