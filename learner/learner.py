@@ -185,8 +185,9 @@ class Learner:
     It trains one adapter per arm (rl/arms.py; one, arm "", in a run without arms) on one
     frozen copy of the base model: PEFT holds them side by side and each forward activates
     one. An arm with lora.rank 0 has no adapter: every weight of a model of its own trains
-    (a copy of the base, made before PEFT wraps it; in a sweep as many copies as such arms). The optimiser has one parameter group per arm (its learning rate and weight decay;
-    Adam's state is per parameter, so the arms' updates are independent). With several arms,
+    (a copy of the base, made before PEFT wraps it; in a sweep as many copies as such arms).
+    The optimiser has one parameter group per arm (its learning rate and weight decay; Adam's
+    state is per parameter, so the arms' updates are independent). With several arms,
     gradient clipping and the skip of a non-finite step are per arm: a skipped arm's gradients
     are dropped, and AdamW leaves a parameter without a gradient untouched (state included).
     """
@@ -210,7 +211,8 @@ class Learner:
         model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
         model.config.use_cache = False  # the learner scores whole sequences: no KV cache
         if spec.gradient_checkpointing:
-            # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
+            # Non-reentrant: reentrant checkpointing needs an input that requires grad, and with
+            # adapters the embeddings are frozen.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.shape = Shape.of(model)  # for learner/flops
         lora, full = [a for a in spec.adapters if a.lora.rank > 0], [a for a in spec.adapters if a.lora.rank == 0]

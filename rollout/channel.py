@@ -147,6 +147,9 @@ def decode(frames: list[bytes], secret: bytes, manifests: dict[str, dict], max_b
                            f"serving {last_version}")
     if not 0 <= chunk < chunks <= max(len(manifests[arm]), 1):
         raise ChannelError(f"chunk {chunk} of {chunks}: out of range for {len(manifests[arm])} tensors")
+    if chunk == 0 and ongoing is not None and ongoing.version == version:
+        raise ChannelError(f"replayed chunk 0 of version {version}{' of arm ' + arm if arm else ''}: its chunks "
+                           "are arriving")
     if chunk and (ongoing is None or (ongoing.version, ongoing.chunks, len(ongoing.digests)) != (version, chunks, chunk)):
         have = f"version {ongoing.version}, {len(ongoing.digests)} of {ongoing.chunks} chunks" if ongoing else "no chunks"
         raise ChannelError(f"chunk {chunk} of {chunks} of version {version} out of order (have {have})")

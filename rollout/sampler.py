@@ -133,7 +133,10 @@ class Sampler:
         (an OOM kill): leave with it, so that Ray restarts this sampler with a new engine."""
         import psutil
 
-        engines = [p for p in psutil.Process().children() if p.name().startswith("VLLM::")]
+        # vLLM names its engine process VLLM::EngineCore, but the name was seen missing (twice in CI,
+        # plain "python"); the engine core is also the child with a child of its own (the
+        # worker), which the resource tracker beside it is not.
+        engines = [p for p in psutil.Process().children() if p.name().startswith("VLLM::") or p.children()]
         while not self._closing.wait(1.0):
             if any(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in engines):
                 log.error("the vLLM engine process died; exiting so that Ray restarts this sampler")

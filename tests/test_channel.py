@@ -191,6 +191,7 @@ def test_full_weights_arrive_in_chunks_and_complete_one_version():
     (lambda good: encode(2, 2, [weight(1), weight(2)], {}, SECRET, "", 1, 3), "unexpected or repeated \\['w1'\\]"),
     (lambda good: encode(2, 2, [weight(4)], {}, SECRET, "", 2, 3), "out of order"),
     (lambda good: encode(1, 1, [weight(2), weight(3)], {}, SECRET, "", 1, 3), "replayed"),
+    (lambda good: chunked(2, scale=2.0)[0], "replayed chunk 0 of version 2"),
 ])
 def test_a_bad_chunk_is_refused_and_the_last_good_weights_stay(bad, reason):
     """Version 1 is served; version 2's first chunk has arrived. A truncated, forged,
