@@ -38,7 +38,7 @@ class AdapterSpec:
 class LearnerSpec:
     model_path: str
     dtype: str  # torch dtype name: float32 | bfloat16 | float16
-    adapters: tuple[AdapterSpec, ...]  # one per arm, trained on one frozen copy of the base model
+    adapters: tuple[AdapterSpec, ...]  # one per arm: an adapter on the shared frozen base, or (rank 0) a model copy of its own
     seed: int
     world_size: int  # learner ranks in the process group
     # optimisation

@@ -179,13 +179,21 @@ def vllm_lora_rank(rank: int) -> int:
     raise ConfigError(f"lora.rank={rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
 
 
+def arms_text(adapters) -> str:
+    """", 40 arms (30 adapters, 10 full models)": what the learner trains, one entry per arm."""
+    full = sum(1 for a in adapters if a.lora.rank == 0)
+    kinds = [f"{len(adapters) - full} adapters" if len(adapters) > full else "",
+             f"{full} full model{'s' * (full != 1)}" if full else ""]
+    return f", {len(adapters)} arms ({', '.join(k for k in kinds if k)})"
+
+
 def describe_specs(learner: LearnerSpec, sampler: SamplerSpec) -> str:
     """The values the driver derived for the actors, as printed at start."""
     engine = "in separate processes" if sampler.separate_engine else "inside each sampler"
     return (f"learner: {learner.world_size} rank(s), micro-batches of <= {learner.micro_batch_size} completions"
             + (f" and <= {learner.max_tokens_per_micro} padded tokens" if learner.max_tokens_per_micro else "")
             + f" ({learner.accumulation_steps} per rank by count)"
-            + (f", {len(learner.adapters)} adapters (one per arm)" if len(learner.adapters) > 1 else "")
+            + (arms_text(learner.adapters) if len(learner.adapters) > 1 else "")
             + ("; full fine-tuning: samplers load full weights (no LoRA)" if sampler.full_weights else
                f"; samplers: vLLM max_lora_rank {sampler.max_lora_rank}, max_loras "
                f"{sampler.resident_adapters * len(sampler.arms)} ({sampler.resident_adapters} resident version(s)"
