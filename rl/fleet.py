@@ -182,9 +182,7 @@ def vllm_lora_rank(rank: int) -> int:
 def arms_text(adapters) -> str:
     """", 40 arms (30 adapters, 10 full models)": what the learner trains, one entry per arm."""
     full = sum(1 for a in adapters if a.lora.rank == 0)
-    kinds = [f"{len(adapters) - full} adapters" if len(adapters) > full else "",
-             f"{full} full model{'s' * (full != 1)}" if full else ""]
-    return f", {len(adapters)} arms ({', '.join(k for k in kinds if k)})"
+    return f", {len(adapters)} arms ({len(adapters) - full} adapters, {full} full models)"
 
 
 def describe_specs(learner: LearnerSpec, sampler: SamplerSpec) -> str:

@@ -332,8 +332,8 @@ def write_sweep(run_dir: Path) -> Path:
         plt.close(fig)
     (run_dir / "summary.json").write_text(json.dumps(summary_json(arms), indent=1))
 
-    text = [f"# Sweep report: {run_dir.name}", "", f"{len(arms)} arms on one fleet (an adapter or, rank 0, a full model each), ranked by final "
-            "held-out accuracy (each arm's own report is in arms/<name>/report.md).", "",
+    text = [f"# Sweep report: {run_dir.name}", "", f"{len(arms)} arms on one fleet (an adapter or, rank 0, a full model each), "
+            "ranked by final held-out accuracy (each arm's own report is in arms/<name>/report.md).", "",
             "| arm | lr | rank | final acc | best acc (step) | pass@k | reward (last 10) | steps/min | status |",
             "|---|---|---|---|---|---|---|---|---|"]
     for a in arms:

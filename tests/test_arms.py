@@ -1,9 +1,12 @@
 """A sweep's arms from its config: what may vary, how arms are named, and the errors."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from rl.arms import expand, show
 from rl.config import ConfigError, load_config
+from rl.fleet import arms_text
 
 
 def arms(*overrides):
@@ -58,3 +61,8 @@ def test_the_arms_section_is_free_on_resume():
 
     plain, sweep = load_config(None, []), load_config(None, ["arms.grid={learner.lr: [1e-3]}"])
     assert config_hash(to_dict(plain)) == config_hash(to_dict(sweep))
+
+
+def test_the_start_line_counts_adapters_and_full_models():
+    arms = [SimpleNamespace(lora=SimpleNamespace(rank=r)) for r in (1, 4, 0, 16, 0)]
+    assert arms_text(arms) == ", 5 arms (3 adapters, 2 full models)"
