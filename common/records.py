@@ -24,6 +24,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     arm: str = ""  # whose adapter samples (rl/arms.py; "" in a run without arms)
+    length_profile: str = ""  # benchmarks: each completion's length forced (rollout/lengths.py); "": the model's
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,19 @@ class Rollout:
     version: int
     digest: str  # the payload digest of the adapter version that produced every completion
     completions_P_G: list[list[Completion]]
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What a streaming sampler hands back (Sampler.exchange): groups finished since the last
+    call, each a one-prompt Rollout under the driver's key; keys of groups aborted because
+    their adapter version left the resident window; the engine's busy seconds so far; and
+    the groups still running."""
+
+    finished: list[tuple[str, Rollout]]
+    aborted: list[str]
+    busy_s: float
+    running: int
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,16 @@ class RolloutConfig:
     max_restarts: int = doc(3, "Times Ray restarts a sampler that died; its lost groups are sampled again. 0: a death "
                                "ends the run.", free=True)
     restart_timeout_s: float = doc(600.0, "How long to wait for a restarted sampler to come back (its engine starts).", free=True)
+    oversample: int = doc(-1, "run.mode=stream: groups kept in flight beyond what the window's steps take, so the "
+                              "learner never waits on the tail; -1: prompts_per_step / 2.", free=True)
+    filter_zero_signal: bool = doc(False, "Dynamic sampling (DAPO): leave out groups whose rewards are all equal "
+                                          "and sample more until a step has prompts_per_step groups with signal "
+                                          "(run.mode sync or stream).")
+    max_draws_per_step: int = doc(0, "With filter_zero_signal: the most finished groups a step looks at; when "
+                                     "reached, zero-signal groups fill the step (counted). 0: 4 x prompts_per_step.")
+    length_profile: Literal["", "longtail"] = doc("", "Benchmarks: force each completion's length (rollout/lengths.py; "
+                                                      "longtail: log-normal, median max_tokens/8, 5% at max_tokens) "
+                                                      "so that every mode does the same work; '': the model's own.")
 
 
 @dataclass(frozen=True)
@@ -182,8 +192,11 @@ class RunConfig:
     placement: Literal["pack", "spread"] = doc("pack", "Ray placement of learner ranks and samplers: pack (fill nodes; colocate when "
                                  "they fit) | spread (one per node where possible).", free=True)
     placement_timeout_s: float = doc(300.0, "How long to wait for the cluster to place every actor.", free=True)
-    mode: Literal["sync", "async"] = doc("sync", "sync: sample, train, publish in turn | async: samplers generate the next batches "
-                            "while the learner trains, at most rollout.max_staleness versions behind.")
+    mode: Literal["sync", "async", "stream"] = doc(
+        "sync", "sync: sample, train, publish in turn | async: samplers generate the next batches while the learner "
+                "trains, at most rollout.max_staleness versions behind | stream: groups flow one at a time to "
+                "whichever sampler has room and back as they finish; each step trains on the first "
+                "prompts_per_step finished inside the window (rl/stream.py).")
     seed: int = doc(0, "Seed for data order, sampling and initialisation.")
     eval_every: int = doc(0, "Evaluate every N steps; 0 means only before and after training.", free=True)
     output_dir: str = doc("runs", "Parent folder of run directories.", free=True)
@@ -261,6 +274,15 @@ class Config:
         check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
         check(self.rollout.max_restarts >= 0, "rollout.max_restarts must be >= 0")
         check(self.learner.max_skipped_steps >= 1, "learner.max_skipped_steps must be >= 1")
+        check(self.run.mode != "stream" or self.lora.rank > 0,
+              "run.mode=stream needs LoRA (lora.rank >= 1): full weights load in place, under running requests")
+        check(self.run.mode != "stream" or not (self.arms.grid or self.arms.list),
+              "run.mode=stream runs one experiment: an arms section needs run.mode sync or async")
+        check(not self.rollout.filter_zero_signal or self.run.mode != "async",
+              "rollout.filter_zero_signal needs run.mode sync or stream (async samples whole batches ahead)")
+        check(self.rollout.oversample >= -1, "rollout.oversample must be >= 0, or -1 for prompts_per_step / 2")
+        check(self.rollout.max_draws_per_step == 0 or self.rollout.max_draws_per_step >= self.rollout.prompts_per_step,
+              "rollout.max_draws_per_step must be 0 or >= rollout.prompts_per_step")
         check(0 <= self.reward.overlong_buffer < self.rollout.max_tokens,
               "reward.overlong_buffer must be >= 0 and < rollout.max_tokens")
 

@@ -111,19 +111,19 @@ def split_cores(node_of_bundle: list[str], cpus: list[float], node_cpus: dict[st
 
 def actor_cores(cfg: Config, group) -> list[str]:
     """The CPU ids of each bundle's actor (learner ranks, then samplers): the config's, except
-    in run.mode=async on CPUs with neither cpu_cores set, where the learner and the samplers run
+    in run.mode async or stream on CPUs with neither cpu_cores set, where the learner and the samplers run
     at once: those that share a node get disjoint cores (split_cores) rather than contend."""
     import ray
 
     cores = [cfg.learner.cpu_cores] * cfg.learner.world_size + [cfg.rollout.cpu_cores] * len(sampler_kinds(cfg))
     on_cpu = not (cfg.learner.num_gpus or cfg.rollout.num_gpus)
-    if (cfg.run.mode != "async" or not on_cpu or cfg.learner.cpu_cores or cfg.rollout.cpu_cores
+    if (cfg.run.mode == "sync" or not on_cpu or cfg.learner.cpu_cores or cfg.rollout.cpu_cores
             or cfg.learner.world_size > 1):
         return cores
     table = ray.util.placement_group_table(group)["bundles_to_node_id"]
     node_cpus = {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]}
     cores = split_cores([table[i] for i in range(len(cores))], [b.get("CPU", 0.0) for b in bundles(cfg)], node_cpus)
-    print(f"run.mode=async: learner on CPUs {cores[0] or 'all'}, samplers on {[c or 'all' for c in cores[1:]]}",
+    print(f"run.mode={cfg.run.mode}: learner on CPUs {cores[0] or 'all'}, samplers on {[c or 'all' for c in cores[1:]]}",
           flush=True)
     return cores
 

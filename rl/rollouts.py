@@ -17,6 +17,8 @@ It starts step s's batch as soon as version s-1-max_staleness is published, so n
 more than rollout.max_staleness versions behind the learner that trains on it; with
 max_staleness 0 it waits for each version, which is the sync loop.
 
+run.mode=stream (rl/stream.py `StreamBatches`) streams groups one at a time instead.
+
 Either way every group is checked against the window before it reaches the learner
 (`keep_in_window`): a group too stale, or whose digest is not what the learner published,
 is dropped or sampled again (rollout.on_stale), and counted.
@@ -65,7 +67,7 @@ def collect(samplers, jobs: list[tuple[ArmRun, list[dict], int]]) -> list[tuple[
 
 def sampling(cfg, seed: int, arm: str) -> Sampling:
     r = cfg.rollout
-    return Sampling(r.group_size, r.temperature, r.max_tokens, r.top_p, seed, arm)
+    return Sampling(r.group_size, r.temperature, r.max_tokens, r.top_p, seed, arm, r.length_profile)
 
 
 def fields(row: dict) -> dict:
@@ -105,6 +107,7 @@ def keep_in_window(groups: list[Group], published: dict[int, str], newest: int,
 
 def rollout_metrics(groups: list[Group], newest: int, max_staleness: int) -> dict:
     completions = [c for g in groups for c in g.completions]
+    lengths = sorted(len(c.tokens) for c in completions)
     flat = [x for g in groups for x in g.rewards]  # with shaping
     graded = [x for g in groups for x in g.scores]  # the grader's alone
     staleness = [newest - g.version for g in groups]
@@ -114,7 +117,10 @@ def rollout_metrics(groups: list[Group], newest: int, max_staleness: int) -> dic
         "reward/accuracy": sum(x == 1.0 for x in graded) / len(graded),
         "rollout/zero_signal_groups": zero_signal,  # all rewards equal: no learning signal
         "rollout/zero_signal_frac": zero_signal / len(groups),
-        "rollout/response_len": sum(len(c.tokens) for c in completions) / len(completions),
+        "rollout/response_len": sum(lengths) / len(lengths),
+        "rollout/response_len_p50": lengths[len(lengths) // 2],
+        "rollout/response_len_p90": lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))],
+        "rollout/response_len_max": lengths[-1],
         "rollout/truncated_frac": sum(not c.finished for c in completions) / len(completions),
         "rollout/adapter_version": min(g.version for g in groups),
         "rollout/staleness_mean": sum(staleness) / len(staleness),  # versions behind the learner
@@ -147,9 +153,10 @@ class Source:
         self._last_end = time.perf_counter()
         return out
 
-    def again(self, arm: ArmRun, rows_P: list[dict], step: int) -> list[Group]:
-        """The same rows sampled again now (on the arm's newest adapter), with another seed."""
-        ((groups, _),) = collect(self.samplers, [(arm, rows_P, self.seed(arm, step) + 50_000)])
+    def again(self, arm: ArmRun, rows_P: list[dict], step: int, draw: int = 0) -> list[Group]:
+        """Rows sampled (again) now, on the arm's newest adapter, with another seed (draw: the
+        how-manieth extra draw of the step)."""
+        ((groups, _),) = collect(self.samplers, [(arm, rows_P, self.seed(arm, step) + 50_000 * (draw + 1))])
         return groups
 
     @staticmethod
@@ -201,12 +208,39 @@ class Batches:
         """Per running arm, the groups the learner trains on at `step` (all in the window) and their metrics."""
         start = time.perf_counter()
         batch = self.source.batch(step)
-        idle = time.perf_counter() - start  # the learner waits for all of it
         out = {}
         for arm, (groups, metrics, self.consumed[arm]) in batch.items():
-            metrics["time/learner_idle"] = idle
             out[arm] = self.windows[arm].admit(step, groups, metrics, self.source)
+            if self.windows[arm].arm.cfg.rollout.filter_zero_signal:
+                out[arm] = self._with_signal(step, self.windows[arm].arm, *out[arm])
+            metrics["time/learner_idle"] = time.perf_counter() - start  # the learner waits for all of it
         return out
+
+    def _with_signal(self, step: int, arm: ArmRun, groups: list[Group], metrics: dict) -> tuple[list[Group], dict]:
+        """rollout.filter_zero_signal: the groups whose rewards differ, with new prompts drawn
+        and sampled until there are prompts_per_step of them or max_draws_per_step were looked
+        at; then the newest zero-signal groups fill the step."""
+        r = arm.cfg.rollout
+        limit = r.max_draws_per_step or 4 * r.prompts_per_step
+        signal = [g for g in groups if len(set(g.rewards)) > 1]
+        flat = [g for g in groups if len(set(g.rewards)) == 1]
+        looked, draw = len(groups), 0
+        while len(signal) < r.prompts_per_step and looked < limit:
+            rows = arm.train.next_batch(min(r.prompts_per_step - len(signal), limit - looked))
+            more = self.source.again(arm, rows, step, draw)
+            signal += [g for g in more if len(set(g.rewards)) > 1]
+            flat += [g for g in more if len(set(g.rewards)) == 1]
+            looked, draw = looked + len(rows), draw + 1
+        self.consumed[arm.name] = arm.train.position
+        fill = max(0, r.prompts_per_step - len(signal))
+        kept = signal[: r.prompts_per_step] + (flat[-fill:] if fill else [])
+        metrics.update(rollout_metrics(kept, step - 1, r.max_staleness))
+        metrics.update({"rollout/filtered_groups": len(flat), "rollout/filter_fill": fill, "data/position": arm.train.position})
+        return kept, metrics
+
+    def state(self, arm: str) -> dict:
+        """The arm's split state for a checkpoint: the rows of the batches handed to the learner."""
+        return self.windows[arm].arm.train.state(self.consumed[arm])
 
     def close(self):
         pass
@@ -279,6 +313,11 @@ class AsyncBatches:
             metrics["time/learner_idle"], metrics["async/queue_depth"] = idle, depth
             out[arm] = self.windows[arm].admit(step, groups, metrics, self.source)
         return out
+
+    def state(self, arm: str) -> dict:
+        """The arm's split state for a checkpoint: the rows of the batches handed to the learner
+        (those drawn ahead are drawn again on resume)."""
+        return self.windows[arm].arm.train.state(self.consumed[arm])
 
     def close(self):
         """Stop sampling ahead; an in-flight batch finishes (or fails when the actors go)."""

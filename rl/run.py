@@ -8,7 +8,8 @@ math-verify -> group-centred advantages -> one learner step (importance-correcte
 gradient) -> publish the adapter to every sampler and wait for their acknowledgements ->
 log one flat dict of metrics. With run.mode=async the sampling and scoring of the next
 batches runs ahead, while the learner trains, at most rollout.max_staleness adapter versions
-behind (rl/rollouts.py); the loop below is the same. The held-out sets are evaluated
+behind (rl/rollouts.py); with run.mode=stream groups flow one at a time and each step takes
+the first to finish inside that window (rl/stream.py); the loop below is the same. The held-out sets are evaluated
 (greedy accuracy, pass@k and mean@n: rl/evaluate.py) before training, every run.eval_every
 steps and at the end. Every run.checkpoint_every steps, at the end and on SIGTERM a
 checkpoint is written (rl/checkpoint.py); launching the same command again resumes from the
@@ -135,6 +136,7 @@ def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: 
     from rl.loggers import Loggers
     from rl.probe import run_probe
     from rl.rollouts import AsyncBatches, Batches
+    from rl.stream import StreamBatches
 
     sweep = len(arms) > 1
     starts = {restore(arm, resumes[arm.name], learner, fleet) for arm in arms if resumes.get(arm.name)}
@@ -158,7 +160,7 @@ def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: 
             print("eval/accuracy before training: " + ", ".join(
                 f"{evaluated[arm.name]['eval/accuracy']:.3f}" + (f" ({arm.name})" if sweep else "") for arm in running),
                 flush=True)
-        make_batches = AsyncBatches if cfg.run.mode == "async" else Batches
+        make_batches = {"sync": Batches, "async": AsyncBatches, "stream": StreamBatches}[cfg.run.mode]
         bar = tqdm(range(start + 1, last + 1), disable=not cfg.run.progress, desc="rl" + (f" x{len(arms)} arms" if sweep
                    else ""), unit="step", initial=start, total=last, dynamic_ncols=True)
         with make_batches(cfg, samplers, running, start + 1) as batches:
@@ -190,7 +192,7 @@ def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: 
                     if due(step, cfg.logging.samples_every):
                         log[name].table(step, tables[name][: cfg.logging.samples])
                     if step == last or stop.signal or arm.faults.too_many_skipped or due(step, cfg.run.checkpoint_every):
-                        save(arm, step, learner, arm.train.state(batches.consumed[name]), fault_metrics(arm, fleet))
+                        save(arm, step, learner, batches.state(name), fault_metrics(arm, fleet))
                     stop_if_failed(arm, step, learned[name], sweep)
                 running = [arm for arm in running if not arm.error]
                 if not running:

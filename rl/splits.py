@@ -22,36 +22,51 @@ class Split:
     """Prompt rows ({"prompt", "answer", "prompt_ids", ...}) and a seeded, resumable epoch order.
 
     Each epoch's order depends only on the seed and the epoch, so `state()` (rows handed out
-    so far) is the exact position, and `restore(state)` resumes it.
+    so far) is the exact position, and `restore(state)` resumes it. Row draws are numbered by
+    position; a state may also list positions handed out but never trained (run.mode=stream:
+    groups in flight at a checkpoint), which a restored split hands out again first.
     """
 
     rows: list[dict]
     seed: int = 0
     position: int = 0  # rows handed out so far, across epochs
     skipped: int = 0  # bad source rows left out (data.on_bad_row=skip)
-    _order: list[int] = field(default_factory=list)
+    redraw: list[int] = field(default_factory=list)  # positions to hand out again before new ones
+    _order: tuple[int, list[int]] = (-1, [])  # (epoch, its order)
 
-    def state(self, position: int | None = None) -> dict:
-        """The order's state after `position` rows (default: all handed out so far)."""
-        return {"position": self.position if position is None else position, "seed": self.seed,
-                "size": len(self.rows)}
+    def state(self, position: int | None = None, redraw: list[int] = ()) -> dict:
+        """The order's state after `position` rows (default: all handed out so far), with the
+        positions among them to hand out again on restore."""
+        out = {"position": self.position if position is None else position, "seed": self.seed, "size": len(self.rows)}
+        return {**out, "redraw": sorted(redraw)} if redraw else out
 
     def restore(self, state: dict):
         if (state["seed"], state["size"]) != (self.seed, len(self.rows)):
             raise ValueError(f"cannot resume a split of {state['size']} rows with seed {state['seed']} "
                              f"on {len(self.rows)} rows with seed {self.seed}: the data or the seed changed")
-        self.position, self._order = state["position"], []
+        self.position, self.redraw = state["position"], list(state.get("redraw", []))
+
+    def row_at(self, position: int) -> dict:
+        epoch, i = divmod(position, len(self.rows))
+        if self._order[0] != epoch:
+            order = list(range(len(self.rows)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self.rows[self._order[1][i]]
+
+    def draw(self, n: int) -> list[tuple[int, dict]]:
+        """The next n (position, row): the positions to hand out again first, then new ones."""
+        out = []
+        for _ in range(n):
+            if self.redraw:
+                position = self.redraw.pop(0)
+            else:
+                position, self.position = self.position, self.position + 1
+            out.append((position, self.row_at(position)))
+        return out
 
     def next_batch(self, n: int) -> list[dict]:
-        batch = []
-        for _ in range(n):
-            epoch, i = divmod(self.position, len(self.rows))
-            if i == 0 or not self._order:
-                self._order = list(range(len(self.rows)))
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
-            batch.append(self.rows[self._order[i]])
-            self.position += 1
-        return batch
+        return [row for _, row in self.draw(n)]
 
 
 ARITHMETIC_TRAIN_SIZE = 5000  # distinct generated training problems

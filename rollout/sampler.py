@@ -11,7 +11,9 @@ name, so reusing either would serve a stale adapter silently. Each arm (rl/arms.
 removed, with their files, once no request uses them. `generate_many` sends the requests of
 many arms to the engine as one batch, each prompt with its arm's newest adapter, so vLLM
 batches them together (multi-LoRA). The engine is not thread-safe, so the receiver thread and
-generation take turns under one lock.
+generation take turns under one lock; with run.mode=stream, `exchange` hands the engine to a
+thread of its own instead (rollout/stream.py), which adds groups as they come, streams them back
+as they finish and loads adapters between two decoding steps.
 
 With full fine-tuning (lora.rank 0) the engine runs without LoRA and the learner's messages
 are chunks of the model's weights, loaded into the running engine from memory as they
@@ -30,12 +32,15 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from pathlib import Path
 
 from common.cpus import pin_cpus
-from common.records import Completion, Rollout, Sampling
+from common.records import Completion, Rollout, Sampling, Streamed
 from common.specs import SamplerSpec
 from rollout.channel import Adapter, AdapterReceiver
+from rollout.lengths import forced_length
+from rollout.stream import EngineLoop, Running
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +130,8 @@ class Sampler:
         # arm -> {version -> (LoRARequest, digest)}, oldest first (full weights: (None, digest), the newest only)
         self.adapters: dict[str, OrderedDict[int, tuple]] = {arm: OrderedDict() for arm in spec.arms}
         self._ids = itertools.count(1)  # vLLM LoRA ids, never reused
+        self._calls = itertools.count()  # keys of blocking calls' groups in the engine loop
+        self.loop: EngineLoop | None = None  # streaming: the thread that drives the engine (rollout/stream.py)
         self.adapter_dir = adapter_dir()
         self.receiver = AdapterReceiver(host or node_ip(), secret, manifests, spec.max_message_bytes, self._load)
 
@@ -168,17 +175,27 @@ class Sampler:
                                                               "base_model_name_or_path": self.spec.model_path}))
         request = LoRARequest(name, next(self._ids), str(path))
         with self.lock:
-            loaded = self.llm.collective_rpc("add_adapter_from_memory", args=(
-                request.lora_name, request.lora_int_id, str(path), adapter.tensors, adapter.payload))
-            if not all(loaded):
-                raise RuntimeError(f"vLLM did not load adapter version {adapter.version}")
-            versions = self.adapters[adapter.arm]
-            versions[adapter.version] = (request, adapter.digest)
-            # Requests run under the lock, so none uses an evicted version.
-            while len(versions) > self.spec.resident_adapters:
-                _, (old, _) = versions.popitem(last=False)
-                self.llm.collective_rpc("remove_adapter_from_memory", args=(old.lora_int_id, old.lora_path))
-                shutil.rmtree(old.lora_path, ignore_errors=True)
+            loop = self.loop
+            if loop is None:
+                return self._add_adapter(adapter, request)
+        return loop.call(lambda: self._add_adapter(adapter, request))  # between two decoding steps
+
+    def _add_adapter(self, adapter: Adapter, request):
+        """Under the lock, or in the engine loop when streaming: the version into vLLM, and the
+        arm's oldest out once more than the resident window are loaded (streaming: after
+        aborting the groups still running on it, which are too stale to train on)."""
+        loaded = self.llm.collective_rpc("add_adapter_from_memory", args=(
+            request.lora_name, request.lora_int_id, request.lora_path, adapter.tensors, adapter.payload))
+        if not all(loaded):
+            raise RuntimeError(f"vLLM did not load adapter version {adapter.version}")
+        versions = self.adapters[adapter.arm]
+        versions[adapter.version] = (request, adapter.digest)
+        while len(versions) > self.spec.resident_adapters:
+            _, (old, _) = versions.popitem(last=False)
+            if self.loop is not None:
+                self.loop.abort_version(old.lora_int_id)
+            self.llm.collective_rpc("remove_adapter_from_memory", args=(old.lora_int_id, old.lora_path))
+            shutil.rmtree(old.lora_path, ignore_errors=True)
 
     def _load_weights(self, chunk: Adapter):
         """One chunk of a version of full weights, validated by the receiver (rollout/channel.py):
@@ -240,10 +257,11 @@ class Sampler:
     def generate_many(self, requests: list[tuple[list[list[int]], Sampling]]) -> list[Rollout]:
         """One Rollout per (prompts, sampling) request, all generated in one engine call: each
         prompt on the newest adapter of its request's arm (full weights: one call per arm,
-        each on that arm's weights)."""
-        batches = []  # (request indices, vLLM's outputs, who served them)
+        each on that arm's weights). While streaming, they join the running groups instead."""
+        batches = []  # (request indices, vLLM's completions per prompt, who served them)
         with self.lock:
-            if not self.spec.full_weights:
+            loop = self.loop
+            if loop is None and not self.spec.full_weights:
                 batches.append((range(len(requests)), *self._generate(requests)))
             for arm in dict.fromkeys(sampling.arm for _, sampling in requests) if self.spec.full_weights else ():
                 mine = [i for i, (_, sampling) in enumerate(requests) if sampling.arm == arm]
@@ -251,33 +269,58 @@ class Sampler:
                 if self.swapping:
                     self._swap_in(arm)
                 batches.append((mine, *self._generate([requests[i] for i in mine])))
+        if loop is not None:
+            batches.append((range(len(requests)), *self._generate_streaming(loop, requests)))
         done = [None] * len(requests)
         for mine, outputs, served in batches:  # decoded outside the lock: adapters may load meanwhile
             for i, out in zip(mine, self._rollouts(outputs, served)):
                 done[i] = out
         return done
 
-    def _generate(self, requests: list[tuple[list[list[int]], Sampling]]) -> tuple[list, list]:
-        """Under the lock: vLLM's outputs for the requests, and who served each (arm, version,
-        digest, prompts)."""
+    def _newest(self, arm: str) -> tuple:
+        """The newest version of arm's adapter: (LoRARequest or None, version, digest)."""
+        if not self.adapters.get(arm):
+            raise RuntimeError(f"no adapter loaded yet{' for arm ' + repr(arm) if arm else ''}"
+                               ": the learner publishes version 0 first")
+        version = next(reversed(self.adapters[arm]))
+        request, digest = self.adapters[arm][version]
+        return request, version, digest
+
+    def _params(self, prompt_ids: list[int], sampling: Sampling, split: bool) -> list:
+        """vLLM's sampling parameters for one prompt's sampling.n completions: one request of
+        n, or (split, or lengths forced by rollout.length_profile) n requests of one, the
+        i-th seeded seed + i as vLLM seeds the children of a request of n."""
         from vllm import SamplingParams
+
+        # detokenize=False: vLLM's incremental detokenization runs at every decoding step;
+        # the texts are decoded once in _rollouts instead (a fifth of a default-job batch on CPU).
+        base = dict(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                    logprobs=0, detokenize=False)
+        if not split and not sampling.length_profile:
+            return [SamplingParams(n=sampling.n, seed=sampling.seed, **base)]
+        params = []
+        for i in range(sampling.n):
+            if sampling.length_profile:  # a benchmark's: exactly this many tokens (no EOS before)
+                base["max_tokens"] = base["min_tokens"] = forced_length(prompt_ids, i, sampling.max_tokens,
+                                                                        sampling.length_profile)
+            params.append(SamplingParams(n=1, seed=None if sampling.seed is None else sampling.seed + i, **base))
+        return params
+
+    def _generate(self, requests: list[tuple[list[list[int]], Sampling]]) -> tuple[list, list]:
+        """Under the lock: vLLM's completions per prompt for the requests, and who served each
+        request (arm, version, digest, prompts, n)."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        prompts, params, loras, served = [], [], [], []
+        prompts, params, loras, served, per_prompt = [], [], [], [], []
         for prompt_ids_P, sampling in requests:
-            if not self.adapters.get(sampling.arm):
-                raise RuntimeError(f"no adapter loaded yet{' for arm ' + repr(sampling.arm) if sampling.arm else ''}"
-                                   ": the learner publishes version 0 first")
-            version = next(reversed(self.adapters[sampling.arm]))
-            request, digest = self.adapters[sampling.arm][version]
-            served.append((sampling.arm, version, digest, len(prompt_ids_P)))
-            # detokenize=False: vLLM's incremental detokenization runs at every decoding step;
-            # the texts are decoded once below instead (a fifth of a default-job batch on CPU).
-            p = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                               max_tokens=sampling.max_tokens, logprobs=0, seed=sampling.seed, detokenize=False)
-            prompts += [{"prompt_token_ids": ids} for ids in prompt_ids_P]
-            params += [p] * len(prompt_ids_P)
-            loras += [request] * len(prompt_ids_P)
+            request, version, digest = self._newest(sampling.arm)
+            served.append((sampling.arm, version, digest, len(prompt_ids_P), sampling.n))
+            for ids in prompt_ids_P:
+                ps = self._params(ids, sampling, split=False)
+                per_prompt.append(len(ps))
+                prompts += [{"prompt_token_ids": ids}] * len(ps)
+                params += ps
+                loras += [request] * len(ps)
         try:
             outputs = self.llm.generate(prompts, params, lora_request=None if self.spec.full_weights else loras,
                                         use_tqdm=False)
@@ -286,16 +329,66 @@ class Sampler:
             # Ray restarts it with a new engine and the driver samples these prompts again.
             log.exception("the vLLM engine died; exiting so that Ray restarts this sampler")
             os._exit(1)
-        return outputs, served
+        outputs = iter(outputs)
+        return [[c for _ in range(k) for c in next(outputs).outputs] for k in per_prompt], served
 
-    def _rollouts(self, outputs: list, served: list) -> list[Rollout]:
-        texts = iter(self.tokenizer.batch_decode([c.token_ids for out in outputs for c in out.outputs],
+    def _generate_streaming(self, loop: EngineLoop, requests: list[tuple[list[list[int]], Sampling]]
+                            ) -> tuple[list, list]:
+        """_generate's result with the engine loop running: each prompt joins the running groups
+        (an evaluation while the driver streams), and this call waits for them."""
+        groups, served = [], []
+
+        def add():
+            for prompt_ids_P, sampling in requests:
+                request, version, digest = self._newest(sampling.arm)
+                served.append((sampling.arm, version, digest, len(prompt_ids_P), sampling.n))
+                for ids in prompt_ids_P:
+                    g = Running(f"call-{next(self._calls)}", sampling.n, request.lora_int_id,
+                                (sampling.arm, version, digest), done=Future())
+                    loop.add(g, ids, self._params(ids, sampling, split=True), request)
+                    groups.append(g)
+
+        loop.call(add)
+        return [g.done.result() for g in groups], served
+
+    def _rollouts(self, completions_P: list[list], served: list) -> list[Rollout]:
+        """vLLM's completions per prompt as Rollouts, one per request (served: who served it)."""
+        texts = iter(self.tokenizer.batch_decode([c.token_ids for cs in completions_P for c in cs],
                                                  skip_special_tokens=True))
-        completions = iter([[Completion(list(c.token_ids), [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)],
-                                        next(texts), c.finish_reason == "stop") for c in out.outputs]
-                            for out in outputs])
-        return [Rollout(arm, version, digest, list(itertools.islice(completions, count)))
-                for arm, version, digest, count in served]
+        prompts = iter([[Completion(list(c.token_ids), [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)],
+                                    next(texts), c.finish_reason == "stop") for c in cs] for cs in completions_P])
+        return [Rollout(arm, version, digest, list(itertools.islice(prompts, count)))
+                for arm, version, digest, count, _ in served]
+
+    def exchange(self, requests: list[tuple[str, list[int], Sampling]], wait_s: float) -> Streamed:
+        """Streaming (run.mode=stream; rl/stream.py): add each (key, prompt ids, sampling) as one
+        group on its arm's newest adapter, then wait up to wait_s for groups to finish. Returns
+        the groups finished and the keys aborted since the last call. The first call starts the
+        engine loop (rollout/stream.py), which drives the engine from then on."""
+        if self.spec.full_weights:
+            raise RuntimeError("streaming needs LoRA: full weights load in place, under running requests")
+        with self.lock:
+            if self.loop is None:
+                self.loop = EngineLoop(self.llm.llm_engine)
+        loop = self.loop
+
+        def add():
+            for key, ids, sampling in requests:
+                request, version, digest = self._newest(sampling.arm)
+                loop.add(Running(key, sampling.n, request.lora_int_id, (sampling.arm, version, digest)), ids,
+                         self._params(ids, sampling, split=True), request)
+
+        if requests:
+            loop.call(add)
+        finished, aborted, busy_s = loop.take(wait_s)
+        rollouts = self._rollouts([completions for _, completions in finished],
+                                  [(*g.served, 1, g.n) for g, _ in finished])
+        return Streamed([(g.key, r) for (g, _), r in zip(finished, rollouts)], aborted, busy_s, loop.running())
+
+    def stop_stream(self):
+        """Abort every streamed group (the driver's stream ended); the engine loop stays."""
+        if self.loop is not None:
+            self.loop.stop()
 
     def arms(self) -> list[str]:
         """The arms this sampler serves."""
@@ -305,5 +398,7 @@ class Sampler:
         """Stop the receiver and the engine's processes; remove the adapter files."""
         self._closing.set()
         self.receiver.close()
+        if self.loop is not None:
+            self.loop.close()
         self.llm.llm_engine.engine_core.shutdown()
         shutil.rmtree(self.adapter_dir, ignore_errors=True)

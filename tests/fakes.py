@@ -5,12 +5,13 @@ real stack in test_integration.py and test_run.py.
 """
 
 import math
+import os
 import random
 import time
 
 import ray
 
-from common.records import Completion, Published, Rollout
+from common.records import Completion, Published, Rollout, Streamed
 
 
 class FakeSampler:
@@ -52,6 +53,14 @@ class FakeLearner:
                           metrics={"sync/latency_ms": 1.0, "sync/bytes": 1, "sync/version": self.version})
                 for arm in (self.arms if arms is None else arms)]
 
+    def disconnect(self, endpoint):
+        pass
+
+    def catch_up(self, endpoint, arms=None):
+        """A restarted sampler is brought to the newest version (the real one sends it the adapter)."""
+        ray.get([s.load.remote(self.version) for s in self.samplers])
+        return {}
+
     def train_step(self, batch):
         self.version += 1
         out = {}
@@ -70,3 +79,62 @@ class FakeLearner:
 
     def adapter_files(self, arm=""):
         return {"adapter_config.json": b"{}"}
+
+
+class FakeStreamSampler:
+    """A streaming sampler (Sampler.exchange) with no engine: each group it is sent finishes
+    `delay` + up to 50 ms later on the version it was sent on; loading a version aborts the
+    groups that leave the resident window (max_staleness + 1 versions), as the real one does.
+    `endpoint` names this incarnation (Ray restarts it with a new one)."""
+
+    def __init__(self, seed, delay=0.0, max_staleness=0):
+        self.version, self.rng, self.delay, self.resident = 0, random.Random(seed), delay, max_staleness + 1
+        self.running, self.aborted, self.busy, self.served = {}, [], 0.0, 0
+        self.incarnation = f"fake-{os.getpid()}-{random.random()}"
+
+    def endpoint(self):
+        return self.incarnation
+
+    def arms(self):
+        return [""]
+
+    def load(self, version):
+        self.version = version
+        for key in [k for k, (_, v, _) in self.running.items() if v <= version - self.resident]:
+            del self.running[key]
+            self.aborted.append(key)
+
+    def exchange(self, requests, wait_s):
+        now = time.monotonic()
+        for key, _, sampling in requests:
+            self.running[key] = (now + self.delay + self.rng.uniform(0.0, 0.05), self.version, sampling)
+        deadline = now + wait_s
+        while True:
+            done = [k for k, (at, _, _) in self.running.items() if at <= time.monotonic()]
+            if done or self.aborted or time.monotonic() >= deadline:
+                break
+            time.sleep(0.002)
+        if self.running:
+            self.busy += time.monotonic() - now
+        finished = []
+        for key in done:
+            _, version, sampling = self.running.pop(key)
+            completions = [Completion([1, 2], [-0.1, -0.2], "x", True)] * sampling.n
+            finished.append((key, Rollout(sampling.arm, version, f"d{version}", [completions])))
+        self.served += len(finished)
+        aborted, self.aborted = self.aborted, []
+        return Streamed(finished, aborted, self.busy, len(self.running))
+
+    def stop_stream(self):
+        self.running.clear()
+
+    def groups_served(self):
+        return self.served
+
+
+class FlatRewards:
+    """Every completion of a row whose answer is "flat" scores 0 (a group with no signal);
+    the others alternate 0, 1."""
+
+    def score(self, items):
+        return [0.0 if sample["answer"] == "flat" else float(i % 2) for i, (_, sample) in enumerate(items)], {}

@@ -49,6 +49,12 @@ def test_overrides_are_typed():
     (["learner.lr"], "expected dotted.key=value"),
     (["lora.rank=-1"], "lora.rank must be >= 1, or 0 for full fine-tuning"),
     (["lora.rank=0", "sync.max_message_mb=16"], "chunks of sync.chunk_mb: it must be > 0 and <= sync.max_message_mb"),
+    (["run.mode=stream", "lora.rank=0"], "run.mode=stream needs LoRA (lora.rank >= 1)"),
+    (["run.mode=stream", "arms.grid={learner.lr: [1e-3, 1e-4]}"], "run.mode=stream runs one experiment"),
+    (["run.mode=async", "rollout.filter_zero_signal=true"], "rollout.filter_zero_signal needs run.mode sync or stream"),
+    (["rollout.max_draws_per_step=4"], "rollout.max_draws_per_step must be 0 or >= rollout.prompts_per_step"),
+    (["rollout.oversample=-2"], "rollout.oversample must be >= 0, or -1"),
+    (["rollout.length_profile=short"], "rollout.length_profile must be one of  | longtail"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

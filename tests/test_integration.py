@@ -433,3 +433,52 @@ def test_bf16_wire_effect_on_logprobs(stack, tmp_path):
     gap = ((fp32 - bf16).abs() * mask).sum().item() / mask.sum().item()
     print(f"bf16 wire: mean |log-prob gap| {gap:.2e} nats")
     assert 1e-5 < gap < 5e-2
+
+
+def test_streamed_groups_finish_on_their_version_and_agree_with_the_learner(stack):
+    """run.mode=stream's engine loop (rollout/stream.py) on the real engine. Groups added one at
+    a time run while the learner trains and publishes: the adapter loads between two decoding
+    steps, and the groups still running on the old version (the stack keeps one version
+    resident, max_staleness 0) are aborted and reported, never switched to the new one. Groups
+    added after it come back with the new version and its log-probs.
+
+    Timing argument for "still running": each prompt's 16 completions have forced lengths
+    (rollout/lengths.py) that include 200 tokens for both prompts (asserted), so each long group
+    needs at least 200 decoding steps (>= 2 s at the ~10 ms a step of this engine) beside the other
+    groups, while the publish that follows the group's start is one warm train step (~0.5 s here)
+    and a ~25 ms load. This test goes last: from here on the engine loop drives the sampler."""
+    from rollout.lengths import forced_length
+
+    sampler, learner, prompts = stack["sampler"], stack["learner"], stack["prompt_ids"]
+    assert all(max(forced_length(p, i, 200, "longtail") for i in range(16)) == 200 for p in prompts)
+    warm = generate(stack, seed=31)
+    batch = [Datum(p, c.tokens, c.logprobs, 1.0 if "boxed" in c.text else -1.0)
+             for p, g in zip(prompts, warm.completions_P_G) for c in g]
+    ray.get(learner.train_step.remote(batch))  # warm: the step below is as fast as every later one
+    (before,) = ray.get(learner.publish.remote())
+    long = Sampling(16, 1.0, 200, seed=5, length_profile="longtail")
+    first = ray.get(sampler.exchange.remote([(f"long{i}", p, long) for i, p in enumerate(prompts)], 0.0))
+    assert first.running == 2 and not first.finished
+    ray.get(learner.train_step.remote(batch))
+    (after,) = ray.get(learner.publish.remote())  # returns once the sampler serves it
+    assert after.version == before.version + 1 and not after.missing
+    finished, aborted = [], []
+    while len(finished) + len(aborted) < 2:
+        out = ray.get(sampler.exchange.remote([], 1.0))
+        finished, aborted = finished + out.finished, aborted + out.aborted
+    assert sorted(aborted) == ["long0", "long1"] and not finished  # never finished on the new version
+
+    short = Sampling(8, 1.0, 40, seed=9)
+    ray.get(sampler.exchange.remote([(f"new{i}", p, short) for i, p in enumerate(prompts)], 0.0))
+    got = {}
+    while len(got) < 2:
+        got.update(ray.get(sampler.exchange.remote([], 1.0)).finished)
+    rollouts = [got["new0"], got["new1"]]
+    assert {r.version for r in rollouts} == {after.version} and {r.digest for r in rollouts} == {after.digest}
+    seqs = [Datum(p, c.tokens) for p, r in zip(prompts, rollouts) for c in r.completions_P_G[0]]
+    learner_lp = ray.get(learner.logprobs.remote(seqs))
+    sampler_lp = [c.logprobs for r in rollouts for c in r.completions_P_G[0]]
+    assert logprob_gap(learner_lp, sampler_lp, learner_logit_scale(stack, seqs)) < LOGPROB_TOL
+    # An evaluation while streaming joins the running groups through the loop.
+    assert generate(stack, seed=2).version == after.version
+    ray.get(sampler.stop_stream.remote())

@@ -152,6 +152,40 @@ def test_async_job_learns_within_the_staleness_bound(tmp_path):
     assert len(pids) == 2 and not running(pids)
 
 
+STREAM_KEYS = ("rollout/in_flight", "rollout/carried_over", "rollout/filtered_groups", "rollout/busy_frac",
+               "rollout/busy_frac/sampler-0", "time/learner_idle", "time/sampler_idle", "rollout/response_len_p90")
+
+
+def test_stream_job_filters_zero_signal_and_resumes_with_its_groups_in_flight(tmp_path):
+    """run.mode=stream with dynamic sampling, stopped at a checkpoint and resumed: every step
+    trains groups inside the window and, unless its draws ran out, none without signal; the
+    checkpoint lists the prompts drawn but not trained (in flight or waiting), and the
+    resumed run draws them again, so that trained + filtered + pending = drawn."""
+    base = [sys.executable, "rl/run.py", "configs/default.yaml", "run.mode=stream", "rollout.max_staleness=1",
+            "rollout.filter_zero_signal=true", "run.eval_every=0", "data.eval_size=64",
+            f"run.output_dir={tmp_path}", "run.name=stream", "run.progress=false"]
+    first = subprocess.run(base + ["run.steps=10"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "stream"
+    state = json.loads((run_dir / "checkpoints" / "step-000010" / "state.json").read_text())["data"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = 10 * 8  # prompts_per_step of the default job, every step
+    filtered = sum(r["rollout/filtered_groups"] - r["rollout/filter_fill"] for r in rows[1:])
+    assert state["position"] == trained + filtered + len(state.get("redraw", []))
+    assert state["position"] == rows[-1]["data/position"]
+    again = subprocess.run(base + ["run.steps=16"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-000010'} (step 10)" in again.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(17))
+    for key in KEYS + STREAM_KEYS:
+        assert all(key in r for r in rows[1:]), key
+    for s, r in enumerate(rows[1:], start=1):
+        assert s - 2 <= r["rollout/adapter_version"] <= s - 1 and r["rollout/staleness_max"] <= 1
+        assert r["rollout/zero_signal_groups"] <= r["rollout/filter_fill"]  # none without signal, unless filling
+    assert sum(r["rollout/filtered_groups"] for r in rows[1:]) > 0  # the filter did leave groups out
+
+
 def comm(pid: int) -> str:
     """A process's name, or "" once it is gone."""
     try:
