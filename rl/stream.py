@@ -63,12 +63,14 @@ class StreamBatches:
         self.flying: dict[str, tuple[int, int, dict, float]] = {}  # key -> (sampler, position, row, sent at)
         self.ready: list[tuple[int, Group]] = []  # finished and scored, in finish order
         self.filtered: list[tuple[int, Group]] = []  # zero-signal groups since the last step
+        self.scoring: set[int] = set()  # positions of the groups finished and being scored
         self.scored: list[tuple[dict, int]] = []  # reward metrics of the groups scored since the last step
-        self.counts = dict.fromkeys(("refused", "aborted", "lost", "filtered"), 0)  # since the last step
+        self.counts = dict.fromkeys(("refused", "aborted", "lost", "filtered", "tokens", "score_s"), 0)  # since the last step
         self.latency = [0.0] * len(samplers)  # per sampler: moving mean seconds from send to finish
         self.busy_s = [0.0] * len(samplers)  # per sampler: its engine's busy seconds, as it last said
         self._busy_at_step = [0.0] * len(samplers)
         self._recovering: set[int] = set()
+        self._recoveries: list[threading.Thread] = []  # joined by close: no sampler is left half caught up
         self._keys = itertools.count()
         self._changed = threading.Condition()
         self._stopping = False
@@ -116,7 +118,9 @@ class StreamBatches:
         """The split's state for a checkpoint: every prompt drawn and not yet trained (running,
         waiting, or to be drawn again) is drawn again first on resume."""
         with self._changed:
-            pending = [p for p, _ in self.redraw] + [p for _, p, _, _ in self.flying.values()] + [p for p, _ in self.ready]
+            # Zero-signal groups since the last step count as pending too: no logged step looked at them.
+            pending = ([p for p, _ in self.redraw] + [p for _, p, _, _ in self.flying.values()] + sorted(self.scoring)
+                       + [p for p, _ in self.ready] + [p for p, _ in self.filtered])
         if pending:
             log.info("checkpoint: %d prompts drawn but not trained yet (in flight or waiting) are drawn again on "
                      "resume", len(pending))
@@ -130,6 +134,8 @@ class StreamBatches:
             self._stopping = True
             self._changed.notify_all()
         self._thread.join(timeout=60)
+        for thread in self._recoveries:  # a sampler coming back (its engine starting) finishes coming back
+            thread.join(timeout=self.samplers.restart_timeout_s)
         try:
             ray.get([a.stop_stream.remote() for a in self.samplers.actors], timeout=60)
         except Exception:  # a sampler gone meanwhile: nothing of it is left to stop
@@ -160,6 +166,9 @@ class StreamBatches:
             self.redraw.extendleft((positions[id(g)], g.row) for g in refused)
             self.ready = [(positions[id(g)], g) for g in kept]
             self.counts["refused"] += len(refused)
+        # Zero-signal groups only fill a step from inside the window too (the others stay filtered).
+        kept, _ = keep_in_window([g for _, g in self.filtered], self.arm.published, newest, self.lag, self.arm.name)
+        self.filtered = [(p, g) for p, g in self.filtered if any(g is k for k in kept)]
 
     def _step_metrics(self, groups: list[Group], newest: int, idle: float, fill: int) -> dict:
         now = time.perf_counter()
@@ -182,6 +191,8 @@ class StreamBatches:
             "rollout/filtered_groups": self.counts["filtered"],  # zero signal, left out
             "rollout/filter_fill": fill,  # zero-signal groups that filled the step (max_draws_per_step)
             "rollout/regenerated_groups": 0,
+            "rollout/tokens_per_s": self.counts["tokens"] / wall,  # of every group that finished since the last step
+            "time/score": self.counts["score_s"],  # overlaps sampling and learning
             **{f"rollout/busy_frac/sampler-{i}": f for i, f in enumerate(busy)},
         })
         metrics["rollout/busy_frac"] = sum(busy) / len(busy)
@@ -270,12 +281,14 @@ class StreamBatches:
                     else time.perf_counter() - sent
                 finished.append((position, Group(row, rollout.completions_P_G[0], rollout.version, rollout.digest,
                                                  arm=rollout.arm)))
+                self.scoring.add(position)
             self._changed.notify_all()
         if not finished:
             return
         scored = self._score(finished)  # outside the lock: the learner's side may take meanwhile
         with self._changed:
             for position, g in scored:
+                self.scoring.discard(position)
                 if not self._usable(g.version):
                     self.redraw.appendleft((position, g.row))
                     self.counts["refused"] += 1
@@ -287,7 +300,7 @@ class StreamBatches:
             self._changed.notify_all()
 
     def _score(self, finished: list[tuple[int, Group]]) -> list[tuple[int, Group]]:
-        cfg = self.arm.cfg
+        start, cfg = time.perf_counter(), self.arm.cfg
         completions = [c for _, g in finished for c in g.completions]
         samples = [fields(g.row) for _, g in finished for _ in g.completions]
         scores, metrics = self.arm.rewards.score([(c.text, s) for c, s in zip(completions, samples)])
@@ -299,6 +312,8 @@ class StreamBatches:
             k += n
         with self._changed:
             self.scored.append((metrics, len(completions)))
+            self.counts["tokens"] += sum(len(c.tokens) for c in completions)
+            self.counts["score_s"] += time.perf_counter() - start
         return out
 
     def _lost(self, i: int, endpoint: str, error: BaseException):
@@ -326,4 +341,6 @@ class StreamBatches:
                 self._recovering.discard(i)
                 self._changed.notify_all()
 
-        threading.Thread(target=recover, name=f"recover-sampler-{i}", daemon=True).start()
+        thread = threading.Thread(target=recover, name=f"recover-sampler-{i}", daemon=True)
+        self._recoveries.append(thread)
+        thread.start()

@@ -131,6 +131,9 @@ class FakeStreamSampler:
     def groups_served(self):
         return self.served
 
+    def running_count(self):
+        return len(self.running)
+
 
 class FlatRewards:
     """Every completion of a row whose answer is "flat" scores 0 (a group with no signal);

@@ -125,15 +125,20 @@ def test_filter_fills_the_step_when_draws_run_out(local_ray):
 
 
 def test_killing_a_sampler_mid_stream_loses_and_duplicates_nothing(local_ray):
-    actors = fakes([0.0, 0.1], 1, max_restarts=1)
+    """The victim takes 1 s a group, so a group it runs is still running milliseconds after it
+    says so: it is killed at the first step from 3 on where it runs one."""
+    actors = fakes([0.0, 1.0], 1, max_restarts=1)
     learner = ray.remote(FakeLearner).remote(actors)
     samplers = Samplers(actors, learner)
+    killed = []
 
     def kill(step):
-        if step == 4:
+        if step >= 3 and not killed and ray.get(actors[1].running_count.remote()) > 0:
             ray.kill(actors[1], no_restart=False)  # Ray restarts it; its running groups are gone
+            killed.append(step)
 
     history, state, train = drive(samplers, 1, steps=12, on_step=kill, learner=learner)
+    assert killed
     assert samplers.faults.sampler_restarts == 1
     assert samplers.faults.resampled_groups > 0
     assert all(len(groups) == PER_STEP for groups, _ in history)
