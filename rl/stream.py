@@ -65,7 +65,7 @@ class StreamBatches:
         self.filtered: list[tuple[int, Group]] = []  # zero-signal groups since the last step
         self.scoring: set[int] = set()  # positions of the groups finished and being scored
         self.scored: list[tuple[dict, int]] = []  # reward metrics of the groups scored since the last step
-        self.counts = dict.fromkeys(("refused", "aborted", "lost", "filtered", "tokens", "score_s"), 0)  # since the last step
+        self.counts = dict.fromkeys(("refused", "aborted", "filtered", "tokens", "score_s"), 0)  # since the last step
         self.latency = [0.0] * len(samplers)  # per sampler: moving mean seconds from send to finish
         self.busy_s = [0.0] * len(samplers)  # per sampler: its engine's busy seconds, as it last said
         self._busy_at_step = [0.0] * len(samplers)
@@ -277,8 +277,8 @@ class StreamBatches:
                 if key not in self.flying:  # not ours any more (drawn again after a loss): never twice
                     continue
                 _, position, row, sent = self.flying.pop(key)
-                self.latency[i] = 0.8 * self.latency[i] + 0.2 * (time.perf_counter() - sent) if self.latency[i] \
-                    else time.perf_counter() - sent
+                took = time.perf_counter() - sent
+                self.latency[i] = 0.8 * self.latency[i] + 0.2 * took if self.latency[i] else took
                 finished.append((position, Group(row, rollout.completions_P_G[0], rollout.version, rollout.digest,
                                                  arm=rollout.arm)))
                 self.scoring.add(position)
@@ -324,7 +324,6 @@ class StreamBatches:
             for key in lost:
                 _, position, row, _ = self.flying.pop(key)
                 self.redraw.appendleft((position, row))
-            self.counts["lost"] += len(lost)
             self.samplers.faults.resampled_groups += len(lost)
             self._recovering.add(i)
         log.warning("sampler-%d died with %d groups running; they are drawn again", i, len(lost))

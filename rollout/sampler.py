@@ -308,13 +308,13 @@ class Sampler:
 
     def _generate(self, requests: list[tuple[list[list[int]], Sampling]]) -> tuple[list, list]:
         """Under the lock: vLLM's completions per prompt for the requests, and who served each
-        request (arm, version, digest, prompts, n)."""
+        request (arm, version, digest, prompts)."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         prompts, params, loras, served, per_prompt = [], [], [], [], []
         for prompt_ids_P, sampling in requests:
             request, version, digest = self._newest(sampling.arm)
-            served.append((sampling.arm, version, digest, len(prompt_ids_P), sampling.n))
+            served.append((sampling.arm, version, digest, len(prompt_ids_P)))
             for ids in prompt_ids_P:
                 ps = self._params(ids, sampling, split=False)
                 per_prompt.append(len(ps))
@@ -340,16 +340,22 @@ class Sampler:
 
         def add():
             for prompt_ids_P, sampling in requests:
-                request, version, digest = self._newest(sampling.arm)
-                served.append((sampling.arm, version, digest, len(prompt_ids_P), sampling.n))
-                for ids in prompt_ids_P:
-                    g = Running(f"call-{next(self._calls)}", sampling.n, request.lora_int_id,
-                                (sampling.arm, version, digest), done=Future())
-                    loop.add(g, ids, self._params(ids, sampling, split=True), request)
-                    groups.append(g)
+                _, version, digest = self._newest(sampling.arm)  # the one every group below runs on
+                served.append((sampling.arm, version, digest, len(prompt_ids_P)))
+                groups.extend(self._add_group(loop, f"call-{next(self._calls)}", ids, sampling, Future())
+                              for ids in prompt_ids_P)
 
         loop.call(add)
         return [g.done.result() for g in groups], served
+
+    def _add_group(self, loop: EngineLoop, key: str, prompt_ids: list[int], sampling: Sampling,
+                   done: Future | None = None) -> Running:
+        """In the engine loop: one prompt's sampling.n completions on its arm's newest adapter
+        (done: a blocking caller's, which the loop resolves; None: streamed back by `take`)."""
+        request, version, digest = self._newest(sampling.arm)
+        group = Running(key, sampling.n, request.lora_int_id, (sampling.arm, version, digest), done=done)
+        loop.add(group, prompt_ids, self._params(prompt_ids, sampling, split=True), request)
+        return group
 
     def _rollouts(self, completions_P: list[list], served: list) -> list[Rollout]:
         """vLLM's completions per prompt as Rollouts, one per request (served: who served it)."""
@@ -358,7 +364,7 @@ class Sampler:
         prompts = iter([[Completion(list(c.token_ids), [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)],
                                     next(texts), c.finish_reason == "stop") for c in cs] for cs in completions_P])
         return [Rollout(arm, version, digest, list(itertools.islice(prompts, count)))
-                for arm, version, digest, count, _ in served]
+                for arm, version, digest, count in served]
 
     def exchange(self, requests: list[tuple[str, list[int], Sampling]], wait_s: float) -> Streamed:
         """Streaming (run.mode=stream; rl/stream.py): add each (key, prompt ids, sampling) as one
@@ -372,17 +378,11 @@ class Sampler:
                 self.loop = EngineLoop(self.llm.llm_engine)
         loop = self.loop
 
-        def add():
-            for key, ids, sampling in requests:
-                request, version, digest = self._newest(sampling.arm)
-                loop.add(Running(key, sampling.n, request.lora_int_id, (sampling.arm, version, digest)), ids,
-                         self._params(ids, sampling, split=True), request)
-
         if requests:
-            loop.call(add)
+            loop.call(lambda: [self._add_group(loop, key, ids, sampling) for key, ids, sampling in requests])
         finished, aborted, busy_s = loop.take(wait_s)
         rollouts = self._rollouts([completions for _, completions in finished],
-                                  [(*g.served, 1, g.n) for g, _ in finished])
+                                  [(*g.served, 1) for g, _ in finished])
         return Streamed([(g.key, r) for (g, _), r in zip(finished, rollouts)], aborted, busy_s, loop.running())
 
     def stop_stream(self):
