@@ -2,14 +2,18 @@
 
 Every field carries a one-line doc (units, and what 0 or None means). YAML files in
 `configs/` set only what differs from these defaults; the command line adds dotted
-`key=value` overrides on top. Unknown keys and values of the wrong type raise a
-`ConfigError` that names the key. Light module: no torch, vLLM, DeepSpeed or Ray.
+`key=value` overrides on top. Unknown keys, values of the wrong type, numbers outside a
+field's bounds (`doc(..., ge=, gt=, le=)`, NaN and infinity included) and a key given twice
+in one YAML mapping raise a `ConfigError` that names the key (and the file). Light module: no torch, vLLM, DeepSpeed or Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,15 +27,19 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config tree."""
 
 
-def doc(default, text: str, free: bool = False, **kw):
+def doc(default, text: str, free: bool = False, ge=None, gt=None, le=None, **kw):
     """A dataclass field with its one-line doc kept in the field's metadata.
 
     free: the key may differ when a run resumes from a checkpoint (it changes where, how fast
     or what a run reports, not what it computes: rl/checkpoint.py); on a section, every key in it.
+    ge, gt, le: bounds of a number (of each value of a mapping; a None value is not checked),
+    checked with every float's finiteness by `Config.__post_init__`, so that a value that could
+    only fail inside an actor fails when the config loads, naming the key.
     """
     if isinstance(default, list):
         raise TypeError("use a tuple for sequence defaults")
-    metadata = {"doc": text, "free": free}
+    bounds = tuple((op, b) for op, b in ((">=", ge), (">", gt), ("<=", le)) if b is not None)
+    metadata = {"doc": text, "free": free, "bounds": bounds}
     if isinstance(default, dict):  # a fresh (empty) mapping per instance
         return field(default_factory=lambda: dict(default), metadata=metadata, **kw)
     return field(default=default, metadata=metadata, **kw)
@@ -41,14 +49,15 @@ def doc(default, text: str, free: bool = False, **kw):
 class ModelConfig:
     path: str = doc("tiny", 'HF model path or hub id; "tiny" builds (and caches) the local CPU model.')
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "Weights dtype for sampler and learner.")
-    max_model_len: int = doc(256, "Longest prompt + completion, in tokens.")
+    max_model_len: int = doc(256, "Longest prompt + completion, in tokens.", ge=1)
     cache_dir: str = doc("", 'Where the "tiny" model is cached; "" means ~/.cache/rl-lora.', free=True)
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = doc(1, "LoRA rank r; 0: full fine-tuning (every weight trained, full weights synced).")
-    alpha: float = doc(32.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    rank: int = doc(1, "LoRA rank r, at most 512 (vLLM's largest max_lora_rank); 0: full fine-tuning (every weight "
+                       "trained, full weights synced).", ge=0, le=512)
+    alpha: float = doc(32.0, "LoRA alpha; the update is scaled by alpha / rank.", gt=0)
     target_modules: tuple[str, ...] = doc(
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         "Linear layers that get an adapter (attention and MLP by default).",
@@ -64,28 +73,31 @@ class DataConfig:
     eval_split: str = doc("test", "The split read from a datasets folder for data.eval.", free=True)
     prompt_key: str = doc("prompt", "Field of a file row that holds the problem text.")
     answer_key: str = doc("answer", "Field of a file row that holds the gold answer.")
-    template: str = doc("Question: {prompt}\nAnswer:", "Prompt template; {prompt} is the problem text.")
+    template: str = doc("Question: {prompt}\nAnswer:", "Prompt template; {prompt} is the problem text (its only "
+                                                        "field; {{ and }} are literal braces).")
     chat_template: bool = doc(False, "Wrap the templated prompt as a user turn in the tokenizer's chat template.")
-    on_bad_row: Literal["error", "skip"] = doc("error", "A row with a missing or wrong-typed field: error (naming "
+    on_bad_row: Literal["error", "skip"] = doc("error", "A row with a missing, empty or wrong-typed field, a line "
+                                                         "that is not UTF-8 or JSON, or a prompt longer than "
+                                                         "model.max_model_len - rollout.max_tokens: error (naming "
                                                          "file, row, key) | skip (counted and logged).")
-    eval_size: int = doc(200, "Held-out prompts per evaluation; 0 means all of the eval split.", free=True)
+    eval_size: int = doc(200, "Held-out prompts per evaluation; 0 means all of the eval split.", free=True, ge=0)
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    num_samplers: int = doc(1, "Sampler actors, each owning one vLLM engine.", free=True)
-    prompts_per_step: int = doc(8, "Prompts (groups) per training step.")
-    group_size: int = doc(8, "Completions sampled per prompt (G).")
-    temperature: float = doc(1.0, "Sampling temperature; the learner divides its logits by the same value.")
-    top_p: float = doc(1.0, "Nucleus sampling; < 1 truncates the sampler distribution (the ratio corrects it).")
-    max_tokens: int = doc(48, "Longest completion, in tokens.")
-    kv_cache_gb: float = doc(0.25, "KV cache per sampler in GiB; 0 means vLLM sizes it from gpu_memory_utilization.", free=True)
-    gpu_memory_utilization: float = doc(0.9, "vLLM's share of GPU memory (used when kv_cache_gb is 0).", free=True)
+    num_samplers: int = doc(1, "Sampler actors, each owning one vLLM engine.", free=True, ge=1)
+    prompts_per_step: int = doc(8, "Prompts (groups) per training step.", ge=1)
+    group_size: int = doc(8, "Completions sampled per prompt (G).", ge=2)
+    temperature: float = doc(1.0, "Sampling temperature; the learner divides its logits by the same value.", gt=0)
+    top_p: float = doc(1.0, "Nucleus sampling; < 1 truncates the sampler distribution (the ratio corrects it).", gt=0, le=1)
+    max_tokens: int = doc(48, "Longest completion, in tokens.", ge=1)
+    kv_cache_gb: float = doc(0.25, "KV cache per sampler in GiB; 0 means vLLM sizes it from gpu_memory_utilization.", free=True, ge=0)
+    gpu_memory_utilization: float = doc(0.9, "vLLM's share of GPU memory (used when kv_cache_gb is 0).", free=True, gt=0, le=1)
     enforce_eager: bool = doc(True, "Run vLLM eagerly: no torch.compile or CUDA graphs (fast start, slower steps).", free=True)
-    num_cpus: float = doc(1.0, "CPUs reserved in Ray for each sampler actor.", free=True)
-    num_gpus: float = doc(0.0, "GPUs per sampler actor (0 on CPU); more than 1 means vLLM tensor parallelism.", free=True)
-    resources: dict[str, float] = doc({}, 'Custom Ray resources per sampler, e.g. {"sampler_node": 1}, to place them.', free=True)
-    max_staleness: int = doc(0, "Adapter versions a rollout may lag the learner; versions kept resident = this + 1.")
+    num_cpus: float = doc(1.0, "CPUs reserved in Ray for each sampler actor.", free=True, ge=0)
+    num_gpus: float = doc(0.0, "GPUs per sampler actor (0 on CPU); more than 1 means vLLM tensor parallelism.", free=True, ge=0)
+    resources: dict[str, float] = doc({}, 'Custom Ray resources per sampler, e.g. {"sampler_node": 1}, to place them.', free=True, ge=0)
+    max_staleness: int = doc(0, "Adapter versions a rollout may lag the learner; versions kept resident = this + 1.", ge=0)
     on_stale: Literal["drop", "regenerate"] = doc("drop", "A group from outside the window: drop | regenerate (sample "
                                                           "it again); counted.")
     cpu_cores: str = doc("", 'CPU ids for each sampler and its vLLM threads, e.g. "0" or "0-3"; "" = every core it '
@@ -94,15 +106,15 @@ class RolloutConfig:
                                              "default); null: on GPUs only (on CPUs the engine runs inside the sampler, "
                                              "with no inter-process hop per decoding step).", free=True)
     max_restarts: int = doc(3, "Times Ray restarts a sampler that died; its lost groups are sampled again. 0: a death "
-                               "ends the run.", free=True)
-    restart_timeout_s: float = doc(600.0, "How long to wait for a restarted sampler to come back (its engine starts).", free=True)
+                               "ends the run.", free=True, ge=0)
+    restart_timeout_s: float = doc(600.0, "How long to wait for a restarted sampler to come back (its engine starts).", free=True, gt=0)
     oversample: int = doc(-1, "run.mode=stream: groups kept in flight beyond what the window's steps take, so the "
-                              "learner never waits on the tail; -1: prompts_per_step / 2.", free=True)
+                              "learner never waits on the tail; -1: prompts_per_step / 2.", free=True, ge=-1)
     filter_zero_signal: bool = doc(False, "Dynamic sampling (DAPO): leave out groups whose rewards are all equal "
                                           "and sample more until a step has prompts_per_step groups with signal "
                                           "(run.mode sync or stream).")
     max_draws_per_step: int = doc(0, "With filter_zero_signal: the most finished groups a step looks at; when "
-                                     "reached, zero-signal groups fill the step (counted). 0: 4 x prompts_per_step.")
+                                     "reached, zero-signal groups fill the step (counted). 0: 4 x prompts_per_step.", ge=0)
     length_profile: Literal["", "longtail"] = doc("", "Benchmarks: force each completion's length (rollout/lengths.py; "
                                                       "longtail: log-normal, median max_tokens/8, 5% at max_tokens) "
                                                       "so that every mode does the same work; '': the model's own.")
@@ -110,8 +122,8 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    ratio_cap: float | None = doc(None, "Truncate the importance ratio at this value (TIS, e.g. 2.0); None: no cap.")
-    clip_eps: float | None = doc(None, "PPO-style clipping of the ratio to [1-eps, 1+eps]; None: no clipping.")
+    ratio_cap: float | None = doc(None, "Truncate the importance ratio at this value (TIS, e.g. 2.0); None: no cap.", ge=1)
+    clip_eps: float | None = doc(None, "PPO-style clipping of the ratio to [1-eps, 1+eps]; None: no clipping.", gt=0)
     std_normalize: bool = doc(False, "Divide group-centred advantages by the group's reward std.")
     normalizer: Literal["sequences", "tokens", "none"] = doc(
         "sequences",
@@ -121,56 +133,60 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    lr: float = doc(1e-3, "Adam learning rate (LoRA wants ~10x the full fine-tuning rate).")
-    weight_decay: float = doc(0.0, "AdamW weight decay.")
-    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 means no clipping.")
-    micro_batch_size: int = doc(16, "Most completions per forward/backward pass; the step accumulates over all.", free=True)
+    lr: float = doc(1e-3, "Adam learning rate (LoRA wants ~10x the full fine-tuning rate); 0: a frozen control arm.",
+                    ge=0)
+    weight_decay: float = doc(0.0, "AdamW weight decay.", ge=0)
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 means no clipping.", ge=0)
+    micro_batch_size: int = doc(16, "Most completions per forward/backward pass; the step accumulates over all.", free=True, ge=1)
     max_tokens_per_micro: int = doc(8192, "Most padded tokens (prompt + completion, x completions) per micro-batch; "
                                           "completions go longest first; a longer one goes alone. 0: "
-                                          "micro_batch_size completions in batch order.", free=True)
+                                          "micro_batch_size completions in batch order.", free=True, ge=0)
     logprob_chunk: int = doc(512, "Tokens per block of the LM head and logsumexp, applied only where completion "
-                                  "tokens are predicted; 0: full logits at every position (V floats per token).", free=True)
+                                  "tokens are predicted; 0: full logits at every position (V floats per token).", free=True, ge=0)
     gradient_checkpointing: bool = doc(True, "Recompute each layer's activations in backward instead of keeping "
                                              "them (~1/3 more compute, a fraction of the memory per token).", free=True)
     zero_stage: Literal[0, 1, 2] = doc(0, "DeepSpeed ZeRO stage.")
-    num_cpus: float = doc(1.0, "CPUs reserved in Ray for the learner actor.", free=True)
-    num_gpus: float = doc(0.0, "GPUs per learner rank (0 on CPU).", free=True)
-    world_size: int = doc(1, "Data-parallel learner ranks (one DeepSpeed group); the batch is split across them.")
-    resources: dict[str, float] = doc({}, "Custom Ray resources per learner rank, to place them.", free=True)
+    num_cpus: float = doc(1.0, "CPUs reserved in Ray for the learner actor.", free=True, ge=0)
+    num_gpus: float = doc(0.0, "GPUs per learner rank (0 on CPU).", free=True, ge=0)
+    world_size: int = doc(1, "Data-parallel learner ranks (one DeepSpeed group); the batch is split across them.", ge=1)
+    resources: dict[str, float] = doc({}, "Custom Ray resources per learner rank, to place them.", free=True, ge=0)
     cpu_cores: str = doc("", 'CPU ids the learner is pinned to, e.g. "1" or "4-7", one torch thread each; "" = every '
                              "core it may use (split with the samplers in async mode).", free=True)
     max_skipped_steps: int = doc(3, "A step with a non-finite loss or gradient is skipped (counted); this many in a "
-                                    "row end the run with an error, after a checkpoint of the last good state.", free=True)
+                                    "row end the run with an error, after a checkpoint of the last good state.", free=True, ge=1)
 
 
 @dataclass(frozen=True)
 class RewardConfig:
     fn: str = doc("rewards.math:reward", 'Reward fn(completion, sample) -> float | dict of components, as '
                                          '"module:function" or "path/to/file.py:function".')
-    num_workers: int = doc(2, "Grader processes.", free=True)
-    timeout_s: float = doc(5.0, "Hard deadline per completion; a late grade scores 0 and is counted.", free=True)
-    format_weight: float = doc(0.0, "Shaping: + this much for an answer in a balanced \\boxed{} (rewards/shaping.py).")
-    overlong_buffer: int = doc(0, "Shaping: penalise the last N tokens before rollout.max_tokens linearly; 0 = off.")
-    overlong_penalty: float = doc(1.0, "Shaping: the overlong penalty at max_tokens (and for a cut completion).")
+    num_workers: int = doc(2, "Grader processes.", free=True, ge=1)
+    timeout_s: float = doc(5.0, "Hard deadline per completion; a late grade scores 0 and is counted.", free=True, gt=0)
+    format_weight: float = doc(0.0, "Shaping: + this much for an answer in a balanced \\boxed{} (rewards/shaping.py).", ge=0)
+    overlong_buffer: int = doc(0, "Shaping: penalise the last N tokens before rollout.max_tokens linearly; 0 = off.", ge=0)
+    overlong_penalty: float = doc(1.0, "Shaping: the overlong penalty at max_tokens (and for a cut completion).", ge=0)
 
 
 @dataclass(frozen=True)
 class SyncConfig:
-    max_message_mb: float = doc(256.0, "Largest adapter message a sampler accepts, in MiB.", free=True)
+    max_message_mb: float = doc(256.0, "Largest adapter message a sampler accepts, in MiB.", free=True, gt=0)
     chunk_mb: float = doc(64.0, "Full fine-tuning: the full weights travel in messages of at most this many MiB "
-                                "(a tensor above it alone in one).", free=True)
-    ack_timeout_s: float = doc(60.0, "How long the learner waits for every sampler to acknowledge a version.", free=True)
+                                "(a tensor above it alone in one).", free=True, gt=0)
+    ack_timeout_s: float = doc(60.0, "How long the learner waits for every sampler to acknowledge a version.",
+                               free=True, gt=0)
     wire_dtype: Literal["float32", "bfloat16"] = doc("float32", "Adapter dtype on the wire: bfloat16 halves the bytes "
                                                                 "(~1e-3 log-prob drift).")
-    probe_every: int = doc(0, "Run the log-prob probe after the first sync and every N syncs; 0: first sync only; -1: never.", free=True)
-    probe_tolerance: float = doc(1e-3, "Largest mean |sampler - learner| log-prob gap the probe accepts, in nats.", free=True)
+    probe_every: int = doc(0, "Run the log-prob probe after the first sync and every N syncs; 0: first sync only; "
+                              "-1: never.", free=True, ge=-1)
+    probe_tolerance: float = doc(1e-3, "Largest mean |sampler - learner| log-prob gap the probe accepts, in nats.",
+                                 free=True, gt=0)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     extra: dict[str, str] = doc({}, "More held-out sets, name -> path (read like data.eval), logged as eval/<name>/*.")
-    samples: int = doc(4, "Completions per prompt at rollout.temperature for pass@k and mean@n; 0: greedy only.")
-    k: int = doc(4, "k of pass@k, estimated without bias from eval.samples completions (k <= samples).")
+    samples: int = doc(4, "Completions per prompt at rollout.temperature for pass@k and mean@n; 0: greedy only.", ge=0)
+    k: int = doc(4, "k of pass@k, estimated without bias from eval.samples completions (k <= samples).", ge=1)
     best_metric: str = doc("eval/accuracy", "The metric (higher is better) whose best value's adapter is kept "
                                             "in run_dir/best_adapter.")
 
@@ -182,28 +198,28 @@ class LogConfig:
     wandb_project: str = doc("rl-lora", "W&B project.")
     wandb_mode: Literal["online", "offline"] = doc("online", "W&B mode: offline needs no network (`wandb sync` later).")
     samples_every: int = doc(25, "Log a table of sample completions (prompt, completion, reward, advantage) every "
-                                 "N steps; 0: never.")
-    samples: int = doc(8, "Completions in each sample table.")
+                                 "N steps; 0: never.", ge=0)
+    samples: int = doc(8, "Completions in each sample table.", ge=1)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    steps: int = doc(60, "RL steps (one optimiser step each).", free=True)
+    steps: int = doc(60, "RL steps (one optimiser step each).", free=True, ge=0)
     placement: Literal["pack", "spread"] = doc("pack", "Ray placement of learner ranks and samplers: pack (fill nodes; colocate when "
                                  "they fit) | spread (one per node where possible).", free=True)
-    placement_timeout_s: float = doc(300.0, "How long to wait for the cluster to place every actor.", free=True)
+    placement_timeout_s: float = doc(300.0, "How long to wait for the cluster to place every actor.", free=True, gt=0)
     mode: Literal["sync", "async", "stream"] = doc(
         "sync", "sync: sample, train, publish in turn | async: samplers generate the next batches while the learner "
                 "trains, at most rollout.max_staleness versions behind | stream: groups flow one at a time to "
                 "whichever sampler has room and back as they finish; each step trains on the first "
                 "prompts_per_step finished inside the window (rl/stream.py).")
-    seed: int = doc(0, "Seed for data order, sampling and initialisation.")
-    eval_every: int = doc(0, "Evaluate every N steps; 0 means only before and after training.", free=True)
+    seed: int = doc(0, "Seed for data order, sampling and initialisation.", ge=0)
+    eval_every: int = doc(0, "Evaluate every N steps; 0 means only before and after training.", free=True, ge=0)
     output_dir: str = doc("runs", "Parent folder of run directories.", free=True)
     name: str = doc("", 'Run directory name under output_dir; "" means a timestamp.', free=True)
     progress: bool = doc(True, "Show a progress bar with the current reward.", free=True)
-    checkpoint_every: int = doc(50, "Checkpoint every N steps (also at the end and on SIGTERM/SIGINT); 0: only then.", free=True)
-    keep_checkpoints: int = doc(2, "Newest complete checkpoints kept in run_dir/checkpoints; older ones are deleted.", free=True)
+    checkpoint_every: int = doc(50, "Checkpoint every N steps (also at the end and on SIGTERM/SIGINT); 0: only then.", free=True, ge=0)
+    keep_checkpoints: int = doc(2, "Newest complete checkpoints kept in run_dir/checkpoints; older ones are deleted.", free=True, ge=1)
     resume: str = doc("auto", "auto: continue from the run directory's newest complete checkpoint, if any | never: "
                               "refuse a run directory that has checkpoints | a checkpoint folder to start from.", free=True)
     resume_allow: tuple[str, ...] = doc((), "Config keys that may differ from the checkpoint's (e.g. [learner.lr]); "
@@ -236,55 +252,82 @@ class Config:
                                           "(rl/arms.py); each arm checks its own config on resume.", free=True)
 
     def __post_init__(self):
-        check(self.lora.rank >= 0, "lora.rank must be >= 1, or 0 for full fine-tuning")
+        for key, value, metadata in _bounded_leaves(self):
+            check_bounds(key, value, metadata)
         check(self.lora.rank > 0 or 0 < self.sync.chunk_mb <= self.sync.max_message_mb,
               "full fine-tuning (lora.rank 0) sends the weights in chunks of sync.chunk_mb: it must be > 0 and <= "
               "sync.max_message_mb")
-        check(self.rollout.group_size >= 2, "rollout.group_size must be >= 2 (advantages are group-centred)")
-        check(self.rollout.temperature > 0, "rollout.temperature must be > 0")
-        check(0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]")
-        check(self.loss.ratio_cap is None or self.loss.ratio_cap >= 1, "loss.ratio_cap must be >= 1 or null")
-        check(self.loss.clip_eps is None or self.loss.clip_eps > 0, "loss.clip_eps must be > 0 or null")
         check(self.loss.clip_eps is None or self.loss.ratio_cap is None,
               "loss.clip_eps and loss.ratio_cap are two ways to bound the importance ratio (PPO clipping, truncated "
               "IS); set one of them")
-        check(self.learner.micro_batch_size >= 1, "learner.micro_batch_size must be >= 1")
-        check(self.learner.max_tokens_per_micro >= 0, "learner.max_tokens_per_micro must be >= 0 (0: off)")
-        check(self.learner.logprob_chunk >= 0, "learner.logprob_chunk must be >= 0 (0: full logits)")
-        check(self.rollout.num_samplers >= 1, "rollout.num_samplers must be >= 1")
-        check(self.run.steps >= 0, "run.steps must be >= 0")
-        check(self.learner.world_size >= 1, "learner.world_size must be >= 1")
+        check(self.rollout.max_tokens < self.model.max_model_len,
+              f"rollout.max_tokens ({self.rollout.max_tokens}) must be < model.max_model_len "
+              f"({self.model.max_model_len}): a prompt needs room too")
         for key, part in ("learner", self.learner), ("rollout", self.rollout):
             check(part.num_cpus > 0 or part.num_gpus > 0 or any(part.resources.values()),
                   f"{key}.num_cpus, num_gpus or resources must reserve something (Ray bundles cannot be empty)")
         check(self.rollout.num_gpus <= 1 or self.rollout.num_gpus == int(self.rollout.num_gpus),
               "rollout.num_gpus above 1 must be a whole number (vLLM's tensor parallel size)")
-        check(self.rollout.max_staleness >= 0, "rollout.max_staleness must be >= 0")
         check(self.rollout.separate_engine is not False or self.rollout.num_gpus <= 1,
               "rollout.separate_engine=false runs one engine process: rollout.num_gpus must be <= 1")
         for key, cores in ("rollout.cpu_cores", self.rollout.cpu_cores), ("learner.cpu_cores", self.learner.cpu_cores):
             check(not cores or re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", cores),
                   f'{key} must list CPU ids like "0", "0,2" or "0-3", got {cores!r}')
+        check_template(self.data.template)
         check(self.data.eval_size > 0 or self.data.eval != "arithmetic",
               "data.eval_size must be > 0 for the generated arithmetic eval split")
         check(":" in self.reward.fn, 'reward.fn must look like "module:function" or "path/to/file.py:function"')
-        check(self.eval.samples == 0 or 0 < self.eval.k <= self.eval.samples,
+        check(self.eval.samples == 0 or self.eval.k <= self.eval.samples,
               "eval.k must be between 1 and eval.samples")
-        check(self.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0")
-        check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
-        check(self.rollout.max_restarts >= 0, "rollout.max_restarts must be >= 0")
-        check(self.learner.max_skipped_steps >= 1, "learner.max_skipped_steps must be >= 1")
         check(self.run.mode != "stream" or self.lora.rank > 0,
               "run.mode=stream needs LoRA (lora.rank >= 1): full weights load in place, under running requests")
         check(self.run.mode != "stream" or not (self.arms.grid or self.arms.list),
               "run.mode=stream runs one experiment: an arms section needs run.mode sync or async")
         check(not self.rollout.filter_zero_signal or self.run.mode != "async",
               "rollout.filter_zero_signal needs run.mode sync or stream (async samples whole batches ahead)")
-        check(self.rollout.oversample >= -1, "rollout.oversample must be >= 0, or -1 for prompts_per_step / 2")
         check(self.rollout.max_draws_per_step == 0 or self.rollout.max_draws_per_step >= self.rollout.prompts_per_step,
               "rollout.max_draws_per_step must be 0 or >= rollout.prompts_per_step")
-        check(0 <= self.reward.overlong_buffer < self.rollout.max_tokens,
-              "reward.overlong_buffer must be >= 0 and < rollout.max_tokens")
+        check(self.reward.overlong_buffer < self.rollout.max_tokens,
+              "reward.overlong_buffer must be < rollout.max_tokens")
+
+
+def _bounded_leaves(cfg: Config):
+    """(dotted key, value, metadata) of every leaf field of the config's sections."""
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        for f in dataclasses.fields(part):
+            yield f"{section.name}.{f.name}", getattr(part, f.name), f.metadata
+
+
+BOUNDS = {">=": operator.ge, ">": operator.gt, "<=": operator.le}
+
+
+def check_bounds(key: str, value, metadata):
+    """A number within its field's declared bounds (each value of a mapping; None passes), and no
+    float NaN or infinite anywhere; the ConfigError names the key, the value and the field's doc."""
+    bounds = metadata.get("bounds", ())
+    items = [(f"{key}.{k}", v) for k, v in value.items()] if isinstance(value, dict) else [(key, value)]
+    for name, v in items:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{name} must be a finite number, got {v!r}")
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if number and not all(BOUNDS[op](v, b) for op, b in bounds):
+            raise ConfigError(f"{name} must be {' and '.join(f'{op} {b}' for op, b in bounds)}, got {v!r} "
+                              f"({metadata['doc']})")
+
+
+def check_template(template: str):
+    """data.template: text with {prompt} (once or more) and no other field; a literal brace is
+    written {{ or }} (str.format's rules, which render it)."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ConfigError(f"data.template {template!r}: {e} (write {{{{ and }}}} for a literal brace)") from None
+    others = sorted({"{" + name + "}" for name in fields if name != "prompt"})
+    check(not others, f"data.template {template!r} may use only {{prompt}}, the problem text (read from the "
+                      f"data.prompt_key field of a file row), not {', '.join(others)}; write {{{{ and }}}} for a "
+                      "literal brace")
+    check(fields, f"data.template {template!r} must contain {{prompt}}, the problem text")
 
 
 def check(ok: bool, message: str):
@@ -354,13 +397,53 @@ def _set_dotted(tree: dict, dotted: str, value):
     node[parts[-1]] = value
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, refusing a key given twice in one mapping (SafeLoader keeps the last
+    one silently: a second `learner:` section would replace the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):  # refused by SafeLoader below
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, name: str = "<string>"):
+    """One YAML document with UniqueKeyLoader; `name` is the file its error marks name."""
+    loader = UniqueKeyLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 file's text; a byte that is not UTF-8 raises a ConfigError naming the file and line."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") \
+            from None
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file, then `key=value` overrides (values parsed as YAML)."""
     tree: dict = {}
     if path is not None:
-        text = Path(path).read_text()
+        text = read_text(path)
         try:
-            tree = yaml.safe_load(text) or {}
+            tree = load_yaml(text, str(path)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(tree, dict):
@@ -369,10 +452,18 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = load_yaml(raw, f"override {key.strip()}") if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
+        _set_dotted(tree, key.strip(), value)
     where = f" (config {path}{' + command-line overrides' if overrides else ''})" if path else ""
     try:
-        return _build(Config, tree)
+        cfg = _build(Config, tree)
+        from rl.arms import expand  # light; imports this module
+
+        expand(cfg)  # each arm's config is checked too, now rather than after Ray starts
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{e}{where}") from None
 
@@ -432,7 +523,8 @@ def describe(cls=Config, prefix: str = "") -> list[str]:
                 type_name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             free = " Free on resume." if prefix + f.name in FREE_ON_RESUME else ""
-            lines.append(f"{prefix}{f.name} ({type_name}, default {default!r}): {f.metadata['doc']}{free}")
+            bounds = "".join(f", {op} {b}" for op, b in f.metadata.get("bounds", ()))
+            lines.append(f"{prefix}{f.name} ({type_name}, default {default!r}{bounds}): {f.metadata['doc']}{free}")
     return lines
 
 

@@ -11,7 +11,9 @@ reasons so that the caller counts and logs them.
 Folders: one written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (read with
 `datasets.load_from_disk`, the split chosen by `split` for a DatasetDict), or a downloaded
 dataset snapshot whose files for the split are named `<split>*.parquet` / `<split>*.jsonl`
-anywhere below it (`data/train-00000-of-00001.parquet`).
+anywhere below it (`data/train-00000-of-00001.parquet`). Hidden files and folders (`.cache/`,
+`.git/`) are not data; a split found in both formats is read from its parquet files alone
+(`_split_files` says why), with a warning naming the jsonl files left out.
 
 Row numbers in messages: jsonl rows are 1-based *line numbers* (what an editor shows, blank
 lines included); parquet and datasets rows are 0-based *row indices* (what pyarrow, pandas
@@ -23,11 +25,16 @@ Light module: stdlib only; pyarrow and datasets are imported only when they are 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 __all__ = ["DataError", "load_rows"]
+
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -35,13 +42,15 @@ class DataError(ValueError):
 
 
 def load_rows(path: str, prompt_key: str, answer_key: str, split: str = "train",
-              on_bad_row: str = "error") -> tuple[list[dict], list[str]]:
+              on_bad_row: str = "error", check: Callable[[dict], None] | None = None) -> tuple[list[dict], list[str]]:
     """Rows of a `.jsonl` / `.parquet` file or a datasets folder, and the reasons of skipped rows.
 
-    `prompt_key` / `answer_key` name the source fields. Prompts must be strings; answers may be
-    strings, ints or floats (numbers become their `str`, e.g. GSM8K-style integer answers).
-    Raises DataError for an unknown extension, a missing split, a malformed row (unless
-    on_bad_row is "skip"), a missing column, or no rows at all.
+    `prompt_key` / `answer_key` name the source fields. Prompts must be non-empty strings;
+    answers non-empty strings, ints or floats (numbers become their `str`, e.g. GSM8K-style
+    integer answers). `check(row)`, called on each row that passes these, may raise a DataError
+    of its own (a prompt too long for the model): the message gets the file and row, and the
+    row is skipped like any other bad row. Raises DataError for an unknown extension, a missing
+    split, a malformed row (unless on_bad_row is "skip"), a missing column, or no rows at all.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -57,7 +66,13 @@ def load_rows(path: str, prompt_key: str, answer_key: str, split: str = "train",
         try:
             if isinstance(record, DataError):
                 raise record
-            rows.append(_make_row(record, where, prompt_key, answer_key))
+            row = _make_row(record, where, prompt_key, answer_key)
+            if check is not None:
+                try:
+                    check(row)
+                except DataError as e:
+                    raise DataError(f"{where}: {e}") from None
+            rows.append(row)
         except DataError as e:
             if on_bad_row == "error":
                 raise
@@ -73,7 +88,24 @@ def _saved_by_datasets(path: str) -> bool:
 
 
 def _split_files(path: str, split: str) -> list[str]:
-    return sorted(str(p) for p in Path(path).rglob(f"{split}*") if p.suffix in (".parquet", ".jsonl"))
+    """The split's files below a snapshot folder, hidden files and folders left out (a
+    `.cache/` holds the hub client's partial downloads and metadata, not data).
+
+    One format per split, parquet first: a snapshot with both holds the same rows twice (a
+    dataset's own jsonl beside the hub's parquet conversion), and reading both would train on
+    every row twice. Parquet keeps the column types (integer answers stay integers) and is what
+    the hub serves. The jsonl files left out are named in a warning, so nothing goes unsaid; a
+    split whose jsonl really holds other rows needs its own folder.
+    """
+    root = Path(path)
+    found = [p for p in root.rglob(f"{split}*") if p.suffix in (".parquet", ".jsonl") and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    parquet = sorted(str(p) for p in found if p.suffix == ".parquet")
+    jsonl = sorted(str(p) for p in found if p.suffix == ".jsonl")
+    if parquet and jsonl:
+        log.warning("%s: split %r is there as parquet and as jsonl: reading the parquet (%s), leaving out %s",
+                    path, split, ", ".join(parquet), ", ".join(jsonl))
+    return parquet or jsonl
 
 
 def _read(path: str, prompt_key: str, answer_key: str) -> list[tuple[str, object]]:
@@ -86,12 +118,20 @@ def _read(path: str, prompt_key: str, answer_key: str) -> list[tuple[str, object
 
 
 def _read_jsonl(path: str, prompt_key: str, answer_key: str) -> list[tuple[str, object]]:
+    """Each line's record, or the DataError of a line that is not UTF-8 or not JSON (bytes are
+    decoded line by line, so that a bad byte is one bad row, named, rather than the whole file)."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}: line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                records.append((where, DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x}, byte "
+                                                 f"{e.start + 1} of the line)")))
+                continue
             if not line.strip():
                 continue
-            where = f"{path}: line {line_no}"
             try:
                 records.append((where, json.loads(line)))
             except json.JSONDecodeError as e:
@@ -148,12 +188,16 @@ def _make_row(record: object, where: str, prompt_key: str, answer_key: str) -> d
     prompt = record[prompt_key]
     if not isinstance(prompt, str):
         raise DataError(f"{where}: key {prompt_key!r} must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise DataError(f"{where}: key {prompt_key!r} is empty (no problem to solve)")
     return {**record, "prompt": prompt, "answer": _answer_str(record[answer_key], where, answer_key)}
 
 
 def _answer_str(value: object, where: str, key: str) -> str:
     # bool is an int subclass, but True/False as a math answer is a data bug, not a number.
     if isinstance(value, str):
+        if not value.strip():  # every grade of the row would fail (no completion can match nothing)
+            raise DataError(f"{where}: key {key!r} is empty (a gold answer is needed to grade the row)")
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)

@@ -72,16 +72,22 @@ class Split:
 ARITHMETIC_TRAIN_SIZE = 5000  # distinct generated training problems
 
 
-def _rows(source: str, role: str, count: int, cfg: Config) -> tuple[list[dict], int]:
+def _rows(source: str, role: str, key: str, count: int, cfg: Config, check) -> tuple[list[dict], int]:
     """The train or eval rows: generated, or of a file or datasets folder (count 0: all of
-    it), and how many bad rows were skipped."""
-    if source == "arithmetic":
-        problems = arithmetic.problems(role, count, cfg.run.seed)
-        return [{"prompt": p["prompt"], "answer": p["answer"]} for p in problems], 0
-    from rl.data import load_rows
+    it), each passed to check (which tokenizes it), and how many bad rows were skipped.
+    key: the config key that named the source, for messages."""
+    from rl.data import DataError, load_rows
 
+    if source == "arithmetic":
+        rows = [{"prompt": p["prompt"], "answer": p["answer"]} for p in arithmetic.problems(role, count, cfg.run.seed)]
+        for i, row in enumerate(rows):
+            try:
+                check(row)
+            except DataError as e:  # generated rows are the config's to fit, not the data's
+                raise ConfigError(f"{key}=arithmetic, problem {i}: {e}") from None
+        return rows, 0
     split = cfg.data.train_split if role == "train" else cfg.data.eval_split
-    rows, skipped = load_rows(source, cfg.data.prompt_key, cfg.data.answer_key, split, cfg.data.on_bad_row)
+    rows, skipped = load_rows(source, cfg.data.prompt_key, cfg.data.answer_key, split, cfg.data.on_bad_row, check)
     if skipped:
         log.warning("%s: skipped %d bad rows (data.on_bad_row=skip); first: %s", source, len(skipped), skipped[0])
     return (rows[:count] if count else rows), len(skipped)
@@ -100,20 +106,39 @@ def tokenize_prompt(tokenizer, cfg: Config, prompt: str) -> list[int]:
 
 def load_splits(cfg: Config, model_path: str) -> tuple[Split, dict[str, Split]]:
     """The train split and the held-out sets ("eval": data.eval, then eval.extra by name),
-    with prompts rendered by the template and tokenized once."""
+    with prompts rendered by the template and tokenized once.
+
+    A prompt too long for model.max_model_len - rollout.max_tokens is a bad row of its file
+    (named, or skipped and counted with data.on_bad_row=skip). A held-out set that shares
+    prompts with the training set is warned about, not refused: a small overlap is common in
+    public datasets, and training on the eval set on purpose (does it learn at all?) has its
+    uses; the warning says how many of its prompts are training prompts."""
     from transformers import AutoTokenizer
 
+    from rl.data import DataError
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_size = ARITHMETIC_TRAIN_SIZE if cfg.data.train == "arithmetic" else 0
-    train, train_skipped = _rows(cfg.data.train, "train", train_size, cfg)
-    held_out = {name: _rows(path, "eval", cfg.data.eval_size, cfg)
-                for name, path in {"eval": cfg.data.eval, **cfg.eval.extra}.items()}
-    every = train + [row for rows, _ in held_out.values() for row in rows]
-    for row in every:
+    room = cfg.model.max_model_len - cfg.rollout.max_tokens  # the most prompt tokens (config.py: >= 1)
+
+    def tokenized(row: dict):
         row["prompt_ids"] = tokenize_prompt(tokenizer, cfg, row["prompt"])
-    too_long = [r for r in every if len(r["prompt_ids"]) + cfg.rollout.max_tokens > cfg.model.max_model_len]
-    if too_long:
-        raise ValueError(f"{len(too_long)} prompts exceed model.max_model_len - rollout.max_tokens "
-                         f"({cfg.model.max_model_len} - {cfg.rollout.max_tokens}), e.g. {too_long[0]['prompt'][:80]!r}")
+        if len(row["prompt_ids"]) > room:
+            raise DataError(f"the prompt is {len(row['prompt_ids'])} tokens with data.template, more than "
+                            f"model.max_model_len - rollout.max_tokens ({cfg.model.max_model_len} - "
+                            f"{cfg.rollout.max_tokens}) leaves: {row['prompt'][:80]!r}")
+
+    train_size = ARITHMETIC_TRAIN_SIZE if cfg.data.train == "arithmetic" else 0
+    train, train_skipped = _rows(cfg.data.train, "train", "data.train", train_size, cfg, tokenized)
+    sources = {"eval": ("data.eval", cfg.data.eval), **{name: (f"eval.extra.{name}", path)
+                                                        for name, path in cfg.eval.extra.items()}}
+    held_out = {name: _rows(path, "eval", key, cfg.data.eval_size, cfg, tokenized)
+                for name, (key, path) in sources.items()}
+    trained = {row["prompt"] for row in train}
+    for name, (rows, _) in held_out.items():
+        shared = sum(row["prompt"] in trained for row in rows)
+        if shared:
+            key, path = sources[name]
+            log.warning("%s=%s: %d of its %d held-out prompts are training prompts too (data.train=%s): its "
+                        "accuracy is not held-out accuracy", key, path, shared, len(rows), cfg.data.train)
     return (Split(train, seed=cfg.run.seed, skipped=train_skipped),
             {name: Split(rows, skipped=skipped) for name, (rows, skipped) in held_out.items()})

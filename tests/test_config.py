@@ -47,18 +47,141 @@ def test_overrides_are_typed():
     (["loss.clip_eps=0.2", "loss.ratio_cap=2"], "loss.clip_eps and loss.ratio_cap are two ways"),
     (["rollout.group_size=1"], "rollout.group_size must be >= 2"),
     (["learner.lr"], "expected dotted.key=value"),
-    (["lora.rank=-1"], "lora.rank must be >= 1, or 0 for full fine-tuning"),
+    (["lora.rank=-1"], "lora.rank must be >= 0 and <= 512, got -1 (LoRA rank r"),
     (["lora.rank=0", "sync.max_message_mb=16"], "chunks of sync.chunk_mb: it must be > 0 and <= sync.max_message_mb"),
     (["run.mode=stream", "lora.rank=0"], "run.mode=stream needs LoRA (lora.rank >= 1)"),
     (["run.mode=stream", "arms.grid={learner.lr: [1e-3, 1e-4]}"], "run.mode=stream runs one experiment"),
     (["run.mode=async", "rollout.filter_zero_signal=true"], "rollout.filter_zero_signal needs run.mode sync or stream"),
     (["rollout.max_draws_per_step=4"], "rollout.max_draws_per_step must be 0 or >= rollout.prompts_per_step"),
-    (["rollout.oversample=-2"], "rollout.oversample must be >= 0, or -1"),
+    (["rollout.oversample=-2"], "rollout.oversample must be >= -1, got -2"),
     (["rollout.length_profile=short"], "rollout.length_profile must be one of  | longtail"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, override)
+
+
+@pytest.mark.parametrize("override, message", [
+    # Each of these was accepted, then failed only inside an actor, or without naming the key.
+    ("learner.lr=-1", "learner.lr must be >= 0, got -1.0"),
+    ("learner.lr=.nan", "learner.lr must be a finite number, got nan"),
+    ("learner.lr=.inf", "learner.lr must be a finite number, got inf"),
+    ("learner.lr=nan", "learner.lr must be a finite number, got nan"),  # YAML's string "nan", coerced
+    ("learner.weight_decay=-0.1", "learner.weight_decay must be >= 0, got -0.1"),
+    ("rollout.prompts_per_step=0", "rollout.prompts_per_step must be >= 1, got 0"),
+    ("learner.micro_batch_size=0", "learner.micro_batch_size must be >= 1, got 0"),
+    ("model.max_model_len=0", "model.max_model_len must be >= 1, got 0"),
+    ("reward.num_workers=0", "reward.num_workers must be >= 1, got 0"),
+    ("reward.timeout_s=0", "reward.timeout_s must be > 0, got 0.0"),
+    ("reward.timeout_s=-5", "reward.timeout_s must be > 0, got -5.0"),
+    ("sync.max_message_mb=0", "sync.max_message_mb must be > 0, got 0.0"),
+    ("sync.ack_timeout_s=0", "sync.ack_timeout_s must be > 0, got 0.0"),
+    ("lora.rank=513", "lora.rank must be >= 0 and <= 512, got 513"),
+    ("lora.alpha=0", "lora.alpha must be > 0, got 0.0"),
+    ("lora.alpha=-32", "lora.alpha must be > 0, got -32.0"),
+    ("rollout.kv_cache_gb=-1", "rollout.kv_cache_gb must be >= 0, got -1.0"),
+    ("run.eval_every=-1", "run.eval_every must be >= 0, got -1"),
+    ("logging.samples_every=-1", "logging.samples_every must be >= 0, got -1"),
+    ("data.eval_size=-1", "data.eval_size must be >= 0, got -1"),
+    ("rollout.max_tokens=0", "rollout.max_tokens must be >= 1, got 0"),
+    ("rollout.max_tokens=256", "rollout.max_tokens (256) must be < model.max_model_len (256)"),
+    ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization must be > 0 and <= 1, got 1.5"),
+    ("rollout.resources={sampler_node: -1}", "rollout.resources.sampler_node must be >= 0, got -1.0"),
+    ("loss.ratio_cap=.inf", "loss.ratio_cap must be a finite number, got inf"),
+    ("run.seed=-1", "run.seed must be >= 0, got -1"),
+    ("eval.k=0", "eval.k must be >= 1, got 0"),
+    ("data.template='Q: {question}'", "data.template 'Q: {question}' may use only {prompt}"),
+    ("data.template='Q: {prompt} {0}'", "may use only {prompt}, the problem text (read from the data.prompt_key "
+                                        "field of a file row), not {0}"),
+    ("data.template='Q: { {prompt}'", "data.template 'Q: { {prompt}': unexpected '{' in field name (write {{ and }}"),
+    ("data.template='Q: {prompt} }'", "data.template 'Q: {prompt} }': Single '}' encountered"),
+    ("data.template='Question:'", "data.template 'Question:' must contain {prompt}"),
+    ("arms.list=[{learner.lr: -1}]", "arms.list[0]: learner.lr must be >= 0, got -1.0"),
+])
+def test_bad_values_fail_when_the_config_loads_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override", [
+    # 0 (or -1) where the field's doc gives it a meaning, and the edges of each range.
+    "lora.rank=0", "lora.rank=512", "learner.lr=0", "learner.weight_decay=0", "learner.grad_clip=0",
+    "learner.max_tokens_per_micro=0", "learner.logprob_chunk=0", "rollout.kv_cache_gb=0", "rollout.top_p=1",
+    "rollout.gpu_memory_utilization=1", "rollout.max_staleness=0", "rollout.max_restarts=0",
+    "rollout.oversample=-1", "rollout.oversample=0", "rollout.max_draws_per_step=0", "rollout.num_cpus=0.1",
+    "rollout.max_tokens=255", "run.eval_every=0", "run.checkpoint_every=0", "run.steps=0", "run.seed=0",
+    "logging.samples_every=0", "eval.samples=0", "sync.probe_every=-1", "sync.probe_every=0",
+    "reward.format_weight=0", "reward.overlong_buffer=0", "reward.overlong_penalty=0", "model.max_model_len=2",
+    "data.template='{{x}} {prompt} {prompt}'", "data.template='{prompt}'",
+])
+def test_values_with_a_meaning_at_the_edges_still_load(override):
+    load_config(None, [override, "rollout.max_tokens=1"] if override == "model.max_model_len=2" else [override])
+
+
+def test_eval_size_zero_means_all_of_a_file():
+    assert load_config(None, ["data.eval_size=0", "data.eval=held_out.jsonl"]).data.eval_size == 0
+    with pytest.raises(ConfigError, match="data.eval_size must be > 0 for the generated arithmetic eval split"):
+        load_config(None, ["data.eval_size=0"])
+
+
+def test_every_number_declares_its_bounds():
+    """Each int or float key (a dict of floats too) says which values it takes, in its doc(...)
+    field: a new key without bounds fails here rather than in an actor."""
+    import dataclasses
+    import typing
+
+    unbounded, numbers = [], 0
+    sections = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        types = typing.get_type_hints(sections[section.name])
+        for f in dataclasses.fields(sections[section.name]):
+            tp = types[f.name]
+            args = typing.get_args(tp)
+            inner = args[1:] if typing.get_origin(tp) is dict else [a for a in args if a is not type(None)] or [tp]
+            if typing.get_origin(tp) is not typing.Literal and {int, float} & set(inner):
+                numbers += 1
+                unbounded += [] if f.metadata["bounds"] else [f"{section.name}.{f.name}"]
+    assert numbers >= 50  # the check sees the numbers (ints, floats, optional floats, resource maps)
+    assert not unbounded, unbounded
+
+
+def test_a_bad_value_in_a_file_names_the_file_and_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner:\n  lr: -0.001\n")
+    with pytest.raises(ConfigError, match=r"learner\.lr must be >= 0, got -0\.001 .*\(config .*bad\.yaml\)"):
+        load_config(bad)
+
+
+def test_with_values_checks_bounds_too():
+    from rl.config import with_values
+
+    with pytest.raises(ConfigError, match=re.escape("arm x: reward.timeout_s must be > 0, got 0.0")):
+        with_values(load_config(), {"reward.timeout_s": 0.0}, "arm x: ")
+
+
+def test_duplicate_yaml_keys_are_refused_naming_file_and_key(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("learner:\n  lr: 0.01\nrun:\n  steps: 3\nlearner:\n  weight_decay: 0.1\n")
+    with pytest.raises(ConfigError, match=r"(?s)twice\.yaml: not valid YAML: .*found duplicate key 'learner'.*line 5"):
+        load_config(twice)
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("run:\n  steps: 3\n  eval_every: 1\n  steps: 4\n")
+    with pytest.raises(ConfigError, match=r"(?s)inner\.yaml: .*found duplicate key 'steps'.*line 4"):
+        load_config(inner)
+    with pytest.raises(ConfigError, match=r"(?s)override 'arms.grid=.*found duplicate key 'learner.lr'"):
+        load_config(None, ["arms.grid={learner.lr: [1e-3], learner.lr: [1e-4]}"])
+    merged = tmp_path / "merged.yaml"  # a key over a YAML merge (<<) overrides it: not a duplicate
+    merged.write_text("run: {<<: {steps: 3, seed: 1}, steps: 4}\n")
+    assert (load_config(merged).run.steps, load_config(merged).run.seed) == (4, 1)
+
+
+def test_a_non_utf8_config_names_the_file_and_line(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"run:\n  steps: 3\n  name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin\.yaml: line 3: not UTF-8 text \(byte 0xe9"):
+        load_config(latin)
+    out = subprocess.run([sys.executable, str(ROOT / "rl/run.py"), str(latin)], capture_output=True, text=True)
+    assert out.returncode != 0 and "latin.yaml: line 3: not UTF-8 text" in out.stderr
 
 
 def test_resume_freedom_is_recorded_on_the_fields():

@@ -1,5 +1,6 @@
 """Dataset loading: round trips with custom keys for every format, errors that name file, row
-and key, skipping and counting bad rows, and the split's resumable position."""
+and key (a byte that is not UTF-8, an empty field, a prompt too long for the model), skipping
+and counting bad rows, snapshot folders read once, and the split's resumable position."""
 
 import json
 
@@ -179,3 +180,106 @@ def test_chat_template_wraps_the_templated_prompt():
     tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
     assert tokenizer.decode(tokenize_prompt(tokenizer, chat, "2+2?")) == "<user>Question: 2+2?\nAnswer:<assistant>"
+
+
+def test_a_non_utf8_byte_is_a_bad_row_named_by_file_and_line(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b"\n".join([json.dumps(ROWS[0]).encode(), '{"question": "caf\xe9?", "solution": "1"}'.encode("latin-1"),
+                                 json.dumps(ROWS[2]).encode()]) + b"\n")
+    with pytest.raises(DataError, match=r"latin\.jsonl: line 2: not UTF-8 text \(byte 0xe9, byte 18 of the line\)"):
+        load_rows(str(path), "question", "solution")
+    rows, skipped = load_rows(str(path), "question", "solution", on_bad_row="skip")
+    assert pairs(rows) == [EXPECTED[0], EXPECTED[2]]
+    assert len(skipped) == 1 and "latin.jsonl: line 2: not UTF-8" in skipped[0]
+
+
+@pytest.mark.parametrize("bad_line, key", [
+    ('{"question": "What is 1+1?", "solution": ""}', "solution"),
+    ('{"question": "What is 1+1?", "solution": "  "}', "solution"),
+    ('{"question": "", "solution": "2"}', "question"),
+])
+def test_an_empty_prompt_or_gold_answer_is_a_bad_row(tmp_path, bad_line, key):
+    path = _write_jsonl(tmp_path / "empty_field.jsonl", [json.dumps(ROWS[0]), bad_line])
+    with pytest.raises(DataError, match=rf"empty_field\.jsonl: line 2: key '{key}' is empty"):
+        load_rows(path, "question", "solution")
+    rows, skipped = load_rows(path, "question", "solution", on_bad_row="skip")
+    assert pairs(rows) == [EXPECTED[0]] and len(skipped) == 1
+
+
+def test_a_row_check_names_file_and_row_and_is_skipped_like_any_bad_row(tmp_path):
+    def short(row):
+        if len(row["prompt"]) > 15:
+            raise DataError(f"too long: {row['prompt']!r}")
+
+    path = _write_jsonl(tmp_path / "checked.jsonl", [json.dumps(r) for r in ROWS])
+    with pytest.raises(DataError, match=r"checked\.jsonl: line 3: too long: 'Natalia sold"):
+        load_rows(path, "question", "solution", check=short)
+    rows, skipped = load_rows(path, "question", "solution", on_bad_row="skip", check=short)
+    assert pairs(rows) == EXPECTED[:2] and skipped == [f"{path}: line 3: too long: 'Natalia sold 48 clips...'"]
+
+
+def test_a_snapshot_reads_each_split_once_and_no_hidden_files(tmp_path, caplog):
+    """A snapshot with a split as parquet and as jsonl, and the hub client's .cache/: the
+    parquet alone is read, the jsonl named in a warning; hidden folders are never data."""
+    table = {"question": [r["question"] for r in ROWS], "solution": ["5", "4.5", "72"]}
+    root = tmp_path / "snapshot"
+    (root / "data").mkdir(parents=True)
+    (root / ".cache" / "huggingface" / "download" / "data").mkdir(parents=True)
+    pq.write_table(pa.table(table), root / "data" / "train-00000-of-00001.parquet")
+    _write_jsonl(root / "train.jsonl", [json.dumps(r) for r in ROWS])
+    _write_jsonl(root / ".cache" / "huggingface" / "download" / "data" / "train.jsonl", [json.dumps(ROWS[0])])
+    pq.write_table(pa.table(table), root / ".cache" / "train-copy.parquet")
+    with caplog.at_level("WARNING", logger="rl.data"):
+        assert load(str(root), "question", "solution") == EXPECTED  # three rows, not nine
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "split 'train' is there as parquet and as jsonl" in warning
+    assert f"leaving out {root / 'train.jsonl'}" in warning and ".cache" not in warning
+    (root / "data" / "train-00000-of-00001.parquet").unlink()  # jsonl alone: read, without a warning
+    caplog.clear()
+    assert load(str(root), "question", "solution") == EXPECTED and not caplog.records
+    (root / "train.jsonl").unlink()  # only hidden copies left: none of them is the split
+    with pytest.raises(DataError, match=r"snapshot: no train\*\.parquet or train\*\.jsonl files"):
+        load_rows(str(root), "question", "solution")
+
+
+def _splits(tmp_path, rows, *overrides):
+    from demo.tiny_model import build_tiny_model
+    from rl.config import load_config
+    from rl.splits import load_splits
+
+    path = _write_jsonl(tmp_path / "problems.jsonl", [json.dumps(r) for r in rows])
+    cfg = load_config(None, [f"data.train={path}", f"data.eval={path}", "data.prompt_key=question",
+                             "data.answer_key=solution", "model.max_model_len=64", "rollout.max_tokens=16",
+                             *overrides])
+    return path, load_splits(cfg, build_tiny_model())
+
+
+def test_a_too_long_prompt_names_file_and_row_and_skip_skips_it(tmp_path):
+    """model.max_model_len 64 - rollout.max_tokens 16 leaves 48 prompt tokens: a 100-word
+    problem (at least one token a word) cannot fit, the short ones (~15 tokens) do."""
+    rows = [ROWS[0], {"question": "Why? " + "very " * 100, "solution": "1"}, ROWS[2]]
+    with pytest.raises(DataError, match=r"problems\.jsonl: line 2: the prompt is \d+ tokens with data\.template, "
+                                        r"more than model\.max_model_len - rollout\.max_tokens \(64 - 16\) leaves"):
+        _splits(tmp_path, rows)
+    _, (train, held_out) = _splits(tmp_path, rows, "data.on_bad_row=skip")
+    assert pairs(train.rows) == [EXPECTED[0], EXPECTED[2]] and train.skipped == 1
+    assert held_out["eval"].skipped == 1 and all(len(r["prompt_ids"]) <= 48 for r in train.rows)
+
+
+def test_an_eval_set_that_is_the_training_set_is_warned_about(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="rl.splits"):
+        path, _ = _splits(tmp_path, ROWS)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.eval={path}: 3 of its 3 held-out prompts are training prompts too (data.train={path}): its "
+        "accuracy is not held-out accuracy"]
+
+
+def test_generated_prompts_too_long_for_the_config_name_the_keys():
+    from demo.tiny_model import build_tiny_model
+    from rl.config import ConfigError, load_config
+    from rl.splits import load_splits
+
+    cfg = load_config(None, ["model.max_model_len=64", "rollout.max_tokens=60"])  # 4 prompt tokens: none fits
+    with pytest.raises(ConfigError, match=r"data\.train=arithmetic, problem 0: the prompt is \d+ tokens with "
+                                          r"data\.template, more than model\.max_model_len - rollout\.max_tokens"):
+        load_splits(cfg, build_tiny_model())
