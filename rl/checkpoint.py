@@ -2,16 +2,27 @@
 whole, and how a run picks up from the newest complete one.
 
     run_dir/checkpoints/step-000050/
-        adapter/       the adapter in PEFT layout (loadable by PeftModel and vLLM)
-        learner/       DeepSpeed's checkpoint: trainable weights, optimiser and scheduler state
-                       (no frozen base weights), and each learner rank's RNG states
+        adapter/       the adapter in PEFT layout (loadable by PeftModel and vLLM); with full
+                       fine-tuning the model folder
+        learner/       arm.safetensors: the trainable weights (float32 master copies where
+                       DeepSpeed keeps them) and AdamW's moments and step, gathered whatever the
+                       ZeRO stage and learner ranks; arm.json: the arm's and DeepSpeed's step
+                       counters; rng-rank<N>.json: each learner rank's RNG states
         state.json     step, adapter version and digest, train-data position, fault counters,
                        the resolved config and its hash
         manifest.json  size and SHA-256 of every other file; written last
 
+No file of a checkpoint is ever unpickled (unpickling runs code: a checkpoint from a shared
+folder or from elsewhere, run.resume=PATH, must not): tensors are safetensors, the rest JSON.
+A checkpoint of an earlier version in DeepSpeed's own format (learner/deepspeed/*.pt, pickle)
+is refused, never loaded.
+
 A checkpoint is written to checkpoints/.tmp-step-000050-<pid>, each file fsynced, the
-manifest last, then renamed to step-000050 (one atomic rename). A folder without a manifest,
-or whose files do not match it, is not a checkpoint: resuming skips it with a warning.
+manifest last, then renamed to step-000050 (one atomic rename). Only folders named exactly so
+are checkpoints (an operator's copy step-000050-before-fix is neither resumed from nor pruned).
+A folder without a valid manifest, with a file that does not match it or that it does not
+list, or without the files every checkpoint has, is not a checkpoint: resuming skips it with
+a warning (run.resume=PATH refuses it, naming the file), and pruning leaves it alone.
 
 Sampling needs no saved RNG: each step's sampling seed comes from run.seed and the step, the
 engines are seeded from run.seed, and the train split's order from the seed and the epoch,
@@ -25,9 +36,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from rl.config import FREE_ON_RESUME, Config, ConfigError, to_dict
 
@@ -58,6 +70,33 @@ def changed_keys(saved: dict, current: dict) -> list[str]:
     a, b = run_keys(saved), run_keys(current)
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+STEP_NAME = re.compile(r"step-(\d{6,})")
+LEARNER_FILE = re.compile(r"arm\.safetensors|arm\.json|rng-rank\d+\.json")  # what the learner's state_files writes
+REQUIRED = ("state.json", "learner/arm.safetensors", "learner/arm.json")
+# The adapter folder: PEFT's files, or with full fine-tuning a model folder (one or more shards).
+ADAPTER_FILES = ({"adapter/adapter_config.json", "adapter/adapter_model.safetensors"},
+                 {"adapter/config.json", "adapter/model.safetensors"},
+                 {"adapter/config.json", "adapter/model.safetensors.index.json"})
+LEGACY = "learner/deepspeed/"  # DeepSpeed's own checkpoint (torch.save pickles), written before
+
+
+class CheckpointError(ConfigError):
+    """A folder that is not a complete checkpoint, or whose files changed after it was checked."""
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint folder's name: only names `write` gives (step-000020), not an
+    operator's copy (step-000020-before-fix); None for any other name."""
+    m = STEP_NAME.fullmatch(path.name)
+    return int(m.group(1)) if m and path.name == f"step-{int(m.group(1)):06d}" else None
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The folders under `root` named as checkpoints, oldest first (complete or not)."""
+    found = [p for p in root.iterdir() if step_of(p) is not None and p.is_dir()] if root.is_dir() else []
+    return sorted(found, key=step_of)
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -95,31 +134,99 @@ def write(root: Path, step: int, files: dict[str, bytes], state: dict, keep: int
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
-    for old in complete(root)[:-keep]:
+    for old in complete(root)[:-keep]:  # complete ones only: a folder it cannot read is left alone
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 # -- reading ----------------------------------------------------------------------------
-def problem(path: Path) -> str | None:
-    """Why `path` is not a complete checkpoint, or None if it is."""
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(path: Path) -> dict[str, dict]:
+    """The checked manifest of `path` (name -> {"bytes", "sha256"}); raises CheckpointError
+    saying what is wrong with it."""
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError) as e:
-        return f"no readable manifest.json ({e.__class__.__name__}): written only in part"
+        raise CheckpointError(f"no readable manifest.json ({e.__class__.__name__}): written only in part")
+    if not isinstance(manifest, dict) or not manifest:
+        raise CheckpointError(f"manifest.json is {type(manifest).__name__} {json.dumps(manifest)[:40]}, "
+                              "not an object naming the checkpoint's files")
+    for name, entry in manifest.items():
+        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and entry["bytes"] >= 0
+                and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            raise CheckpointError(f"manifest.json: the entry for {name!r} is not {{\"bytes\": size, \"sha256\": hex}}")
+        parts = PurePosixPath(name).parts
+        if name.startswith("/") or ".." in parts or "\\" in name or name == "manifest.json":
+            raise CheckpointError(f"manifest.json lists {name!r}, not a file of the checkpoint")
+    if any(name.startswith(LEGACY) for name in manifest):
+        raise CheckpointError(f"written by an earlier version in DeepSpeed's own format ({LEGACY}*.pt, pickle "
+                              "files), which is never loaded: unpickling a file runs code. Resume with the version "
+                              "that wrote it, or start again (another run.name)")
+    for name in manifest:
+        folder, _, rest = name.partition("/")
+        if name != "state.json" and not (folder == "adapter" and rest) and not (
+                folder == "learner" and LEARNER_FILE.fullmatch(rest)):
+            raise CheckpointError(f"manifest.json lists {name}, not a file a checkpoint holds")
+    missing = [name for name in REQUIRED if name not in manifest]
+    if not any(files <= manifest.keys() for files in ADAPTER_FILES):
+        missing.append("adapter/ (adapter_config.json and adapter_model.safetensors, or a model folder)")
+    if missing:
+        raise CheckpointError("manifest.json does not list " + ", ".join(missing))
+    return manifest
+
+
+def _verified(path: Path, name: str, entry: dict) -> bytes:
+    """A listed file's bytes, checked against its manifest entry."""
+    data = (path / name).read_bytes()
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CheckpointError(f"{path / name} does not match the manifest (changed since the checkpoint was checked?)")
+    return data
+
+
+def _check(path: Path):
+    """Raise CheckpointError unless `path` is a complete checkpoint."""
+    manifest = _manifest(path)
     for name, entry in manifest.items():
         file = path / name
+        if file.is_symlink():
+            raise CheckpointError(f"{name} is a symbolic link")
         if not file.is_file() or file.stat().st_size != entry["bytes"]:
-            return f"{name} is missing or has the wrong size"
-        if hashlib.sha256(file.read_bytes()).hexdigest() != entry["sha256"]:
-            return f"{name} does not match its SHA-256 in the manifest"
+            raise CheckpointError(f"{name} is missing or has the wrong size")
+        if _sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"{name} does not match its SHA-256 in the manifest")
+    for file in sorted(path.rglob("*")):
+        name = file.relative_to(path).as_posix()
+        if not file.is_dir() and name != "manifest.json" and name not in manifest:
+            raise CheckpointError(f"{name} is not listed in manifest.json")
+    state = json.loads((path / "state.json").read_text())  # its hash matched: written by write()
+    if not (isinstance(state, dict) and type(state.get("step")) is int and isinstance(state.get("config"), dict)):
+        raise CheckpointError("state.json has no integer step and config")
+    if step_of(path) not in (None, state["step"]):
+        raise CheckpointError(f"state.json is of step {state['step']}, not of the folder's step {step_of(path)}")
+
+
+def problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint, or None if it is. Never raises."""
+    try:
+        _check(path)
+    except CheckpointError as e:
+        return str(e)
+    except (OSError, ValueError) as e:  # unreadable files, state.json not JSON
+        return f"{e.__class__.__name__}: {e}"
     return None
 
 
 def complete(root: Path) -> list[Path]:
     """The complete checkpoints under `root`, oldest first; others are skipped with a warning."""
     found = []
-    for path in sorted(root.glob("step-*")) if root.is_dir() else []:
+    for path in step_folders(root):
         why = problem(path)
         if why:
             log.warning("ignoring checkpoint %s: %s", path, why)
@@ -166,7 +273,7 @@ def arm_runs(cfg: Config, run_dir: Path, resume: Path | None) -> tuple[list, dic
             arm.error = json.loads(failed.read_text())["error"]
         else:
             resume_point(arm_cfg, arm.run_dir)  # checks the arm's config against its newest checkpoint
-            found[name] = {int(p.name.split("-")[1]): p for p in complete(arm.run_dir / "checkpoints")}
+            found[name] = {step_of(p): p for p in complete(arm.run_dir / "checkpoints")}
         (arm.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(arm_cfg), sort_keys=False))
         runs.append(arm)
     if not any(found.values()):
@@ -191,6 +298,10 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
             raise ConfigError(f"run.resume=never but {run_dir} already holds checkpoints ({found[-1].name}); "
                               "choose another run.name, or resume")
         path = found[-1] if found else None
+        newer = [p for p in step_folders(root) if path is None or step_of(p) > step_of(path)]
+        why = problem(newer[-1]) if newer else None
+        if why and why.startswith("written by an earlier version"):  # not skipped: its steps would be run again
+            raise ConfigError(f"{newer[-1]}: {why}")
     else:
         path = Path(cfg.run.resume).expanduser().resolve()
         why = problem(path)
@@ -209,19 +320,60 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
 
 
 def read(path: Path) -> tuple[dict[str, bytes], dict]:
-    """(files under learner/, by their name there; state.json)."""
-    files = {str(p.relative_to(path / "learner")): p.read_bytes() for p in (path / "learner").rglob("*")
-             if p.is_file()}
-    return files, json.loads((path / "state.json").read_text())
+    """(the learner's files, by their name under learner/; state.json): only the files the
+    manifest lists, with the learner's names, each checked against it as it is read."""
+    manifest = _manifest(path)
+    files = {name.removeprefix("learner/"): _verified(path, name, entry) for name, entry in manifest.items()
+             if name.startswith("learner/")}
+    return files, json.loads(_verified(path, "state.json", manifest["state.json"]))
 
 
 def truncate_metrics(metrics_path: Path, step: int):
     """Drop the lines of a step-keyed JSONL file (metrics, samples) after `step`: a resumed
-    run logs those steps again."""
+    run logs those steps again. The file is flushed but never fsynced, so a crash can leave a
+    torn or NUL-filled line: such a line is dropped with a warning."""
     if not metrics_path.exists():
         return
-    lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = []
+    for number, raw in enumerate(metrics_path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode())
+            if not (isinstance(row, dict) and type(row.get("step")) is int):
+                raise ValueError("no integer step")
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError too
+            log.warning("%s line %d: dropped, not a JSON object with a step (%s: %s), likely cut short by a crash",
+                        metrics_path, number, e.__class__.__name__, e)
+            continue
+        if row["step"] <= step:
+            kept.append(raw.decode())
     tmp = metrics_path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, metrics_path)
+
+
+# What a run writes in its run directory as it goes, besides checkpoints and config.yaml.
+ATTEMPT_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "best_adapter", "tensorboard", "wandb", "adapter", "report.md",
+                   "plots")
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move what an earlier attempt wrote in `run_dir` (ATTEMPT_OUTPUTS) into
+    run_dir/previous-attempt-<N>, and say so: a launch that starts at step 0 although the run
+    directory holds logs (an attempt that stopped before its first checkpoint) would log its
+    steps a second time after the old ones and keep the old best adapter as the bar to beat.
+    Returns the folder, or None when there was nothing to move."""
+    present = [run_dir / name for name in ATTEMPT_OUTPUTS if (run_dir / name).exists()]
+    if not present:
+        return None
+    n = 1
+    while (run_dir / f"previous-attempt-{n}").exists():
+        n += 1
+    aside = run_dir / f"previous-attempt-{n}"
+    aside.mkdir()
+    for path in present:
+        os.rename(path, aside / path.name)
+    print(f"{run_dir} holds the output of an earlier attempt with no checkpoint to resume from: moved "
+          f"{', '.join(p.name for p in present)} to {aside}; this attempt starts at step 0", flush=True)
+    return aside

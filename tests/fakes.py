@@ -4,6 +4,7 @@ Each plays its real part's interface with no model behind it; the real parts are
 real stack in test_integration.py and test_run.py.
 """
 
+import json
 import math
 import os
 import random
@@ -71,14 +72,16 @@ class FakeLearner:
         return out
 
     def state_files(self, arm=""):
-        return {"deepspeed/state.pt": self.version.to_bytes(4, "little")}
+        """The real learner's file names (a checkpoint must hold them); the version as the state."""
+        return {"arm.safetensors": self.version.to_bytes(4, "little"),
+                "arm.json": json.dumps({"step": self.version, "version": self.version}).encode()}
 
     def load_state_files(self, files, arm=""):
-        self.version = int.from_bytes(files["deepspeed/state.pt"], "little")
+        self.version = int.from_bytes(files["arm.safetensors"], "little")
         return {"step": self.version, "version": self.version}
 
     def adapter_files(self, arm=""):
-        return {"adapter_config.json": b"{}"}
+        return {"adapter_config.json": b"{}", "adapter_model.safetensors": self.version.to_bytes(4, "little")}
 
 
 class FakeStreamSampler:

@@ -1,20 +1,29 @@
-"""Checkpoint folders: atomic writes, what resume accepts and refuses (no Ray, no engines).
+"""Checkpoint folders: atomic writes, what resume accepts and refuses (no engines).
 
-The learner's side (DeepSpeed state in and out) is tested in test_integration.py, and a
-whole job killed and resumed in test_run.py.
+The learner's side (its state in and out, exact at every ZeRO stage) is tested in
+test_integration.py, and a whole job killed and resumed in test_run.py.
 """
 
+import hashlib
 import json
+import logging
 import os
+import pickle
+import shutil
+import signal
 
 import pytest
 
 from rl import checkpoint
 from rl.config import ConfigError, load_config, to_dict
 
+MODEL = "learner/arm.safetensors"
+
 
 def files(step: int) -> dict[str, bytes]:
-    return {"learner/deepspeed/model.pt": bytes([step]) * 1000, "adapter/adapter_config.json": b"{}"}
+    """What a checkpoint holds (the learner's and adapter's files are opaque bytes here)."""
+    return {MODEL: bytes([step]) * 1000, "learner/arm.json": b"{}", "learner/rng-rank0.json": b"{}",
+            "adapter/adapter_config.json": b"{}", "adapter/adapter_model.safetensors": bytes([step]) * 10}
 
 
 def state(cfg, step: int) -> dict:
@@ -28,7 +37,8 @@ def test_write_keeps_the_newest_k_and_reads_back(tmp_path):
         checkpoint.write(root, step, files(step), state(cfg, step), keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["step-000020", "step-000030"]
     learner_files, saved = checkpoint.read(root / "step-000030")
-    assert learner_files == {"deepspeed/model.pt": bytes([30]) * 1000} and saved["step"] == 30
+    assert learner_files == {"arm.safetensors": bytes([30]) * 1000, "arm.json": b"{}", "rng-rank0.json": b"{}"}
+    assert saved["step"] == 30
     assert checkpoint.resume_point(cfg, tmp_path / "run") == root / "step-000030"
 
 
@@ -57,13 +67,13 @@ def test_a_checkpoint_interrupted_mid_write_is_ignored(tmp_path, monkeypatch):
     checkpoint.write(root, 30, files(30), state(cfg, 30), keep=3)
     (root / "step-000030" / "manifest.json").unlink()
     checkpoint.write(root, 40, files(40), state(cfg, 40), keep=3)
-    model = root / "step-000040" / "learner" / "deepspeed" / "model.pt"
+    model = root / "step-000040" / MODEL
     model.write_bytes(model.read_bytes()[:500])
     assert "wrong size" in checkpoint.problem(root / "step-000040")
     checkpoint.write(root, 50, files(50), state(cfg, 50), keep=4)
-    flipped = bytearray(files(50)["learner/deepspeed/model.pt"])
+    flipped = bytearray(files(50)[MODEL])
     flipped[7] ^= 1
-    (root / "step-000050" / "learner" / "deepspeed" / "model.pt").write_bytes(bytes(flipped))
+    (root / "step-000050" / MODEL).write_bytes(bytes(flipped))
     assert "SHA-256" in checkpoint.problem(root / "step-000050")
 
     assert checkpoint.resume_point(cfg, tmp_path / "run") == root / "step-000010"
@@ -113,6 +123,226 @@ def test_metrics_after_the_checkpoint_are_dropped(tmp_path):
     checkpoint.truncate_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3, 4]
     assert not os.path.exists(tmp_path / "metrics.tmp")
+
+
+@pytest.mark.parametrize("tail", [b'{"step": 7, "reward/me', b"\0" * 300, b'{"step": 7, "x": "\xc3', b"[7]\n",
+                                  b"\0\0\0\n" + json.dumps({"step": 3}).encode() + b"\n"])
+def test_a_torn_or_nul_filled_line_is_dropped_with_a_warning(tmp_path, caplog, tail):
+    """metrics.jsonl is flushed, never fsynced: a crash can leave a line cut short (even inside
+    a UTF-8 character) or a block of NULs where the file system had not written the data."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b"".join(json.dumps({"step": s}).encode() + b"\n" for s in range(7)) + tail)
+    with caplog.at_level(logging.WARNING):
+        checkpoint.truncate_metrics(path, 5)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3, 4, 5] + (
+        [3] if tail.endswith(b'3}\n') else [])
+    assert f"{path} line 8: dropped" in caplog.text
+
+
+def rehash(path):
+    """Make manifest.json list every file under `path` with its true size and hash, as someone
+    with write access to the run directory could."""
+    listed = {f.relative_to(path).as_posix(): f.read_bytes() for f in path.rglob("*")
+              if f.is_file() and f.name != "manifest.json"}
+    (path / "manifest.json").write_text(json.dumps(
+        {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in listed.items()}))
+
+
+class RunsCode:
+    """Unpickling this makes a folder: the marker that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_a_pickle_in_a_checkpoint_is_never_loaded(tmp_path):
+    """A checkpoint in DeepSpeed's own format (learner/deepspeed/*.pt, which DeepSpeed loads with
+    torch.load(weights_only=False)), or a pickle put in place of the learner's safetensors, with
+    the manifest made to match: refused or rejected as data, and the pickle's code never runs."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    cfg = load_config()
+    root = tmp_path / "run" / "checkpoints"
+    marker = tmp_path / "code-ran"
+    forged = pickle.dumps(RunsCode(marker))
+    checkpoint.write(root, 10, files(10), state(cfg, 10), keep=3)
+
+    # The old format, newest: refused with the reason, on auto-resume as with run.resume=PATH.
+    old = checkpoint.write(root, 20, files(20), state(cfg, 20), keep=3)
+    for name in (MODEL, "learner/arm.json"):
+        (old / name).unlink()
+    (old / "learner" / "deepspeed").mkdir()
+    (old / "learner" / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(forged)
+    rehash(old)
+    assert "DeepSpeed's own format" in checkpoint.problem(old) and "never loaded" in checkpoint.problem(old)
+    with pytest.raises(ConfigError, match="step-000020: written by an earlier version"):
+        checkpoint.resume_point(cfg, tmp_path / "run")
+    with pytest.raises(ConfigError, match="not a complete checkpoint: written by an earlier version"):
+        checkpoint.resume_point(load_config(None, [f"run.resume={old}"]), tmp_path / "elsewhere")
+    with pytest.raises(checkpoint.CheckpointError, match="DeepSpeed's own format"):
+        checkpoint.read(old)
+
+    # A pickle as the learner's safetensors: a complete checkpoint by its manifest, but its
+    # bytes are only ever parsed as safetensors (the learner's load), which rejects them.
+    shutil.rmtree(old)
+    (root / "step-000010" / MODEL).write_bytes(forged)
+    rehash(root / "step-000010")
+    learner_files, _ = checkpoint.read(checkpoint.resume_point(cfg, tmp_path / "run"))
+    with pytest.raises(SafetensorError):
+        load(learner_files["arm.safetensors"])
+    assert not marker.exists()
+
+
+def test_a_file_the_manifest_does_not_list_makes_a_checkpoint_incomplete(tmp_path, caplog):
+    cfg = load_config()
+    root = tmp_path / "run" / "checkpoints"
+    checkpoint.write(root, 10, files(10), state(cfg, 10), keep=3)
+    newer = checkpoint.write(root, 20, files(20), state(cfg, 20), keep=3)
+    (newer / "learner" / "rng-rank1.json").write_text("{}")
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.resume_point(cfg, tmp_path / "run") == root / "step-000010"
+    assert "learner/rng-rank1.json is not listed in manifest.json" in caplog.text
+    with pytest.raises(ConfigError, match="learner/rng-rank1.json is not listed in manifest.json"):
+        checkpoint.resume_point(load_config(None, [f"run.resume={newer}"]), tmp_path / "elsewhere")
+    # Listed, but no file of a checkpoint; and a name outside the folder.
+    (newer / "learner" / "rng-rank1.json").unlink()
+    (newer / "learner" / "extra.bin").write_bytes(b"x")
+    rehash(newer)
+    assert checkpoint.problem(newer) == "manifest.json lists learner/extra.bin, not a file a checkpoint holds"
+    manifest = json.loads((newer / "manifest.json").read_text())
+    manifest.pop("learner/extra.bin")
+    manifest["../../../etc/hostname"] = manifest["state.json"]
+    (newer / "manifest.json").write_text(json.dumps(manifest))
+    assert "not a file of the checkpoint" in checkpoint.problem(newer)
+    assert checkpoint.resume_point(cfg, tmp_path / "run") == root / "step-000010"
+
+
+@pytest.mark.parametrize("manifest, why", [
+    ({}, "manifest.json is dict {}, not an object naming the checkpoint's files"),
+    (["state.json"], "manifest.json is list"),
+    ({"state.json": "abc"}, "the entry for 'state.json' is not"),
+    ({"state.json": {"bytes": "12", "sha256": "0" * 64}}, "the entry for 'state.json' is not"),
+    ("drop learner/arm.json", "manifest.json does not list learner/arm.json"),
+    ("drop adapter/adapter_model.safetensors", "does not list adapter/"),
+    ("drop state.json", "does not list state.json"),
+])
+def test_a_malformed_manifest_is_skipped_with_a_warning_and_never_raises(tmp_path, caplog, manifest, why):
+    """In a newer folder, it stops neither a resume (the good older checkpoint is used) nor
+    the pruning of a running job's checkpoints; pruning leaves that folder alone."""
+    cfg = load_config()
+    root = tmp_path / "run" / "checkpoints"
+    checkpoint.write(root, 10, files(10), state(cfg, 10), keep=2)
+    bad = checkpoint.write(root, 20, files(20), state(cfg, 20), keep=2)
+    if isinstance(manifest, str):  # a manifest (with its file removed) that misses a file every checkpoint has
+        name = manifest.split()[1]
+        (bad / name).unlink()
+        rehash(bad)
+    else:
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        assert why in checkpoint.problem(bad)
+        assert checkpoint.complete(root) == [root / "step-000010"]
+        assert checkpoint.resume_point(cfg, tmp_path / "run") == root / "step-000010"
+        for step in (30, 40):  # pruning at the next checkpoints, keep=2
+            checkpoint.write(root, step, files(step), state(cfg, step), keep=2)
+    assert f"ignoring checkpoint {bad}: " in caplog.text and why in caplog.text
+    assert sorted(p.name for p in root.iterdir()) == ["step-000020", "step-000030", "step-000040"]
+
+
+def test_only_exactly_named_folders_are_checkpoints(tmp_path):
+    """An operator's copy step-000020-before-fix is neither resumed from (it was taken as the
+    newest) nor deleted by pruning (which then deleted the real step-000020)."""
+    cfg = load_config()
+    root = tmp_path / "run" / "checkpoints"
+    checkpoint.write(root, 10, files(10), state(cfg, 10), keep=2)
+    real = checkpoint.write(root, 20, files(20), state(cfg, 20), keep=2)
+    shutil.copytree(real, root / "step-000020-before-fix")
+    shutil.copytree(real, root / "step-0000020")
+    assert checkpoint.resume_point(cfg, tmp_path / "run") == real
+    checkpoint.write(root, 30, files(30), state(cfg, 30), keep=2)
+    assert {p.name for p in root.iterdir()} == {"step-000020", "step-0000020", "step-000020-before-fix", "step-000030"}
+    assert checkpoint.step_of(root / "step-1000000") == 1000000  # past six digits, still in step order
+    checkpoint.write(root, 1000000, files(40), state(cfg, 1000000), keep=2)
+    assert checkpoint.complete(root) == [root / "step-000030", root / "step-1000000"]
+    # A state.json of another step than the folder's name (a renamed copy) is not a checkpoint.
+    os.rename(root / "step-000030", root / "step-000035")
+    assert checkpoint.problem(root / "step-000035") == "state.json is of step 30, not of the folder's step 35"
+
+
+@pytest.mark.integration
+def test_a_relaunch_without_a_checkpoint_logs_each_step_once(tmp_path):
+    """An attempt that dies before its first checkpoint leaves metrics, samples and a best
+    adapter: the relaunch, which starts at step 0, moves them to previous-attempt-1 (saying
+    so), logs steps 0..N once, and keeps its own best adapter, not the dead attempt's."""
+    import ray
+
+    from rl.arms import ArmRun
+    from rl.faults import Faults
+    from rl.fleet import Samplers
+    from rl.run import rl_loop
+    from rl.splits import Split
+    from tests.fakes import FakeLearner, FakeRewards, FakeSampler
+
+    class DiesAfter:
+        """The process dies once `step` is logged, before any checkpoint (run.checkpoint_every=0)."""
+
+        def __init__(self, step):
+            self.step = step
+
+        @property
+        def signal(self):
+            if len((tmp_path / "metrics.jsonl").read_text().splitlines()) > self.step:
+                raise SystemExit("killed")
+
+    class NoSignal:
+        signal = None
+
+    def loop(stop):
+        cfg = load_config(None, ["run.steps=4", "rollout.prompts_per_step=4", "rollout.group_size=2",
+                                 "sync.probe_every=-1", "run.checkpoint_every=0", "logging.samples_every=1"])
+        fakes = [ray.remote(FakeSampler).remote(0)]
+        learner = ray.remote(FakeLearner).remote(fakes)
+        train = Split([{"prompt_ids": [i], "answer": "1", "prompt": str(i)} for i in range(50)])
+        evals = {"eval": Split([{"prompt_ids": [i], "answer": "1", "prompt": str(i)} for i in range(4)])}
+        samplers = Samplers(fakes, faults=Faults(cfg.learner.max_skipped_steps))
+        arm = ArmRun("", cfg, tmp_path, train, FakeRewards(), samplers.faults)
+        return rl_loop(cfg, learner, samplers, FakeRewards(), [arm], evals, {}, samplers.faults, stop)
+
+    def steps(name):
+        return [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()]
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        with pytest.raises(SystemExit, match="killed"):
+            loop(DiesAfter(2))
+        assert steps("metrics.jsonl") == [0, 1, 2] and steps("samples.jsonl") == [1, 2]
+        best = tmp_path / "best_adapter" / "best.json"
+        best.write_text(json.dumps({**json.loads(best.read_text()), "value": 2.0}))  # a bar no attempt can pass
+        assert not (tmp_path / "checkpoints").exists()
+        assert loop(NoSignal()) == 4
+    finally:
+        ray.shutdown()
+    assert steps("metrics.jsonl") == [0, 1, 2, 3, 4] and steps("samples.jsonl") == [1, 2, 3, 4]
+    assert json.loads(best.read_text())["value"] == 0.5  # this attempt's (FakeRewards: every other one right)
+    aside = tmp_path / "previous-attempt-1"
+    assert sorted(p.name for p in aside.iterdir()) == ["best_adapter", "metrics.jsonl", "samples.jsonl"]
+    assert [json.loads(line)["step"] for line in (aside / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_no_code_of_the_project_unpickles():
+    """torch.load (pickle underneath) and pickle.load appear nowhere in the project's code."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    folders = ("rl", "learner", "rollout", "rewards", "common", "benchmarks", "demo")
+    found = [f"{path.relative_to(root)}:{n}" for folder in folders for path in (root / folder).rglob("*.py")
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if any(call in line for call in ("torch.load(", "pickle.load", "weights_only=False"))]
+    assert found == []
 
 
 def test_rng_states_round_trip_through_json():

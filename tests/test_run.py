@@ -303,14 +303,14 @@ def test_a_killed_job_resumes_and_matches_an_uninterrupted_run(tmp_path):
     # What a kill during a later checkpoint leaves: a temporary folder, and a folder whose file was cut short.
     shutil.copytree(cut / "checkpoints" / "step-000008", cut / "checkpoints" / ".tmp-step-000012-999")
     shutil.copytree(cut / "checkpoints" / "step-000008", cut / "checkpoints" / "step-000012")
-    state = cut / "checkpoints" / "step-000012" / "learner" / "deepspeed" / "mp_rank_00_model_states.pt"
+    state = cut / "checkpoints" / "step-000012" / "learner" / "arm.safetensors"
     state.write_bytes(state.read_bytes()[:1000])
 
     resumed = subprocess.run(args + ["run.name=cut"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {cut / 'checkpoints' / 'step-000008'} (step 8)" in resumed.stdout
     assert ".tmp-step-000012-999: a checkpoint whose writing was interrupted" in resumed.stderr
-    assert "mp_rank_00_model_states.pt is missing or has the wrong size" in resumed.stderr
+    assert "learner/arm.safetensors is missing or has the wrong size" in resumed.stderr
 
     a = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
