@@ -6,9 +6,9 @@ A model with the shapes of Qwen2.5-0.5B (random weights, float32, built here) is
 1 and then 2 Sampler actors. For each of `--versions` new versions it times "the learner has
 new weights" -> "every sampler serves them":
 
-(a) the rank-1 all-linear adapter through our channel (tensors -> one authenticated message
-    -> every sampler validates it and hands the payload to vLLM's worker, which loads it from
-    memory as a new LoRA -> acknowledgement);
+(a) the rank-1 all-linear adapter through our channel (tensors -> one authenticated message,
+    CurveZMQ-encrypted on the wire -> every sampler validates it and hands the payload to
+    vLLM's worker, which loads it from memory as a new LoRA -> acknowledgement);
 (b) full-weight sync of the same model into the same engines: the full state dict as one
     message on the same channel (same validation and digest), written to /dev/shm and loaded
     into the running engine with vLLM's reload_weights, prefix cache reset, acknowledgement.
@@ -141,7 +141,7 @@ def main():
     actor = ray.remote(num_cpus=0)(BenchSampler)
     samplers = [actor.remote(sampler_spec(cfg, model_path, i), secret, {"": manifest}, "127.0.0.1")
                 for i in range(max(counts))]
-    tx, full_tx = AdapterSender(), AdapterSender()
+    tx, full_tx = AdapterSender(secret), AdapterSender(secret)
     endpoints = ray.get([s.endpoint.remote() for s in samplers])
     full_endpoints = ray.get([s.start_full_receiver.remote(secret, full_manifest, full_bytes + (1 << 20))
                               for s in samplers])

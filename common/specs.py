@@ -74,3 +74,6 @@ class SamplerSpec:
     separate_engine: bool  # vLLM's engine core and worker in processes of their own
     cpu_cores: str  # "" = every core this process may use
     max_message_bytes: int
+    # Where the adapter channel binds: "127.0.0.1" when the Ray cluster is one node, "" for the
+    # sampler's node's own address (never every interface).
+    channel_host: str = ""
