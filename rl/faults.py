@@ -1,9 +1,10 @@
 """The run's fault counters: one owner for what went wrong, what it cost, and its checkpoint state.
 
 Skipped learner steps (a non-finite loss or gradient) and the streak of them, resumes, samplers
-that died and were brought back, and groups sampled again because of it. `Samplers` counts its
-restarts here; the loop counts skipped steps and stops once learner.max_skipped_steps come in
-a row. Checkpoints keep the counters (not the streak: a resumed run starts a new one).
+that died and were brought back, samplers lost with their node (dropped from the fleet), and
+groups sampled again because of either. `Samplers` counts its restarts and losses here; the
+loop counts skipped steps and stops once learner.max_skipped_steps come in a row. Checkpoints
+keep the counters (not the streak: a resumed run starts a new one).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Faults:
     skipped_in_row: int = 0
     resumes: int = 0
     sampler_restarts: int = 0
+    samplers_lost: int = 0  # dropped with their node (rl/fleet.py Samplers); a resume places them again
     resampled_groups: int = 0
 
     def learner_step(self, skipped: bool):
@@ -40,7 +42,8 @@ class Faults:
 
     def metrics(self) -> dict:
         return {"fault/skipped_steps": self.skipped_steps, "fault/resumes": self.resumes,
-                "fault/sampler_restarts": self.sampler_restarts, "fault/resampled_groups": self.resampled_groups}
+                "fault/sampler_restarts": self.sampler_restarts, "fault/samplers_lost": self.samplers_lost,
+                "fault/resampled_groups": self.resampled_groups}
 
     def state(self) -> dict:
         return self.metrics()
@@ -49,4 +52,5 @@ class Faults:
         """The counters of a checkpoint, this resume counted."""
         self.skipped_steps, self.resumes = state["fault/skipped_steps"], state["fault/resumes"] + 1
         self.sampler_restarts, self.resampled_groups = state["fault/sampler_restarts"], state["fault/resampled_groups"]
+        self.samplers_lost = state.get("fault/samplers_lost", 0)  # absent in checkpoints from before it was counted
         self.skipped_in_row = 0

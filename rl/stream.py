@@ -137,7 +137,7 @@ class StreamBatches:
         for thread in self._recoveries:  # a sampler coming back (its engine starting) finishes coming back
             thread.join(timeout=self.samplers.restart_timeout_s)
         try:
-            ray.get([a.stop_stream.remote() for a in self.samplers.actors], timeout=60)
+            ray.get([a.stop_stream.remote() for a in self.samplers], timeout=60)  # those lost with a node: gone
         except Exception:  # a sampler gone meanwhile: nothing of it is left to stop
             log.warning("a sampler did not stop its stream", exc_info=True)
 
@@ -178,7 +178,7 @@ class StreamBatches:
         for key in dict.fromkeys(k for m, _ in self.scored for k in m):
             metrics[key] = sum(m.get(key, 0.0) * n for m, n in self.scored) / total
         # As the samplers last said (their busy seconds lag the driver's clock by up to WAIT_S).
-        busy = [min(1.0, (b - b0) / wall) for b, b0 in zip(self.busy_s, self._busy_at_step)]
+        busy = [min(1.0, (self.busy_s[i] - self._busy_at_step[i]) / wall) for i in self.samplers.live()]
         metrics.update({
             "data/position": self.arm.train.position,
             "time/learner_idle": idle,
@@ -193,7 +193,7 @@ class StreamBatches:
             "rollout/regenerated_groups": 0,
             "rollout/tokens_per_s": self.counts["tokens"] / wall,  # of every group that finished since the last step
             "time/score": self.counts["score_s"],  # overlaps sampling and learning
-            **{f"rollout/busy_frac/sampler-{i}": f for i, f in enumerate(busy)},
+            **{f"rollout/busy_frac/sampler-{i}": f for i, f in zip(self.samplers.live(), busy)},
         })
         metrics["rollout/busy_frac"] = sum(busy) / len(busy)
         self.scored, self.filtered = [], []
@@ -209,7 +209,7 @@ class StreamBatches:
         calls: dict[int, tuple] = {}  # sampler -> (its exchange's ref, the endpoint it was sent to)
         try:
             while not self._stopping:
-                for i in range(len(self.samplers)):
+                for i in self.samplers.live():  # not those dropped with their node
                     if i not in calls and i not in self._recovering:
                         endpoint = self.samplers.endpoints[i] if self.samplers.endpoints else ""  # stand-ins: none
                         calls[i] = (self.samplers.actors[i].exchange.remote(self._assign(i), WAIT_S), endpoint)
@@ -235,10 +235,10 @@ class StreamBatches:
     def _assign(self, i: int) -> list[tuple]:
         """New groups for sampler i: its share of the free room, by its speed (a sampler
         whose groups take twice as long gets half the share)."""
-        alive = [j for j in range(len(self.samplers)) if j not in self._recovering]
+        alive = [j for j in self.samplers.live() if j not in self._recovering]
         with self._changed:
             free = self._room() - len(self.flying) - len(self.ready)
-            if free <= 0 or self._stopping:
+            if free <= 0 or self._stopping or i not in alive:  # dropped meanwhile (a publish it missed)
                 return []
             speed = [1.0 / self.latency[j] if self.latency[j] else 0.0 for j in alive]
             known = [s for s in speed if s]
@@ -318,7 +318,8 @@ class StreamBatches:
 
     def _lost(self, i: int, endpoint: str, error: BaseException):
         """Sampler i died: its running groups are drawn again, and it is brought back (Ray
-        restarts it; the learner catches it up) while the others go on."""
+        restarts it; the learner catches it up) while the others go on; or, its node gone,
+        it is dropped (Samplers.recover) and the others take its share from then on."""
         with self._changed:
             lost = [k for k, (j, *_) in self.flying.items() if j == i]
             for key in lost:
