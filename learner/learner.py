@@ -243,7 +243,9 @@ class Learner:
         os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK="0",
                           WORLD_SIZE=str(self.world_size))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        if self.world_size == 1:  # no rendezvous: torch's TCPStore would listen on every interface (tests/test_hosts.py)
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # joins the group made above
         self.peers: list = []  # ranks 1.. (rank 0 only)
         groups = [{"params": arm.params, "lr": arm.spec.lr, "weight_decay": arm.spec.weight_decay}
                   for arm in self.arms.values()]
@@ -265,7 +267,7 @@ class Learner:
             "steps_per_print": 10**9,
         }
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=ds_config)
-        self.sender = AdapterSender()
+        self.sender = AdapterSender(secret)  # CURVE-authenticated; its key is derived from the secret
         self.serving: dict[str, set[str]] = {}  # endpoint -> the arms its sampler serves
 
     def _mode(self, train: bool):
@@ -339,7 +341,9 @@ class Learner:
 
         Latency runs from "the learner has new weights" (serialisation included) to "every
         sampler serves them". The adapters' frames are kept for samplers that join later.
-        Samplers that did not acknowledge within sync.ack_timeout_s are listed in `missing`.
+        Samplers that did not acknowledge within sync.ack_timeout_s, or failed to load a valid
+        version, are listed in `missing` (the driver restarts them and catches them up); the
+        metrics include what the samplers refused (sync/refused_messages, sync/refused_connections).
         """
         start = time.perf_counter()
         chosen = [self.arms[a] for a in (self.arms if arms is None else arms)]
@@ -356,6 +360,7 @@ class Learner:
             except Unacknowledged as e:  # a sampler died (or hangs): the driver restarts it or stops the run
                 missing, metrics = tuple(e.missing), {"sync/bytes": sum(len(f) for a in adapters for f in a.frames)}
             metrics["sync/latency_ms"] = 1e3 * (time.perf_counter() - start)
+            metrics.update(self.sender.refusals())  # what the samplers refused so far, in every step's metrics
             for arm in adapters:
                 arm.published = arm.version
                 out[arm.spec.arm] = Published(arm.spec.arm, arm.version, json.loads(arm.frames[0])["payload_sha256"],
@@ -377,6 +382,7 @@ class Learner:
                 pass
             missing, metrics = tuple(e.missing), {"sync/bytes": sum(p.numel() * p.element_size() for p in arm.params)}
         metrics["sync/latency_ms"] = 1e3 * (time.perf_counter() - start)
+        metrics.update(self.sender.refusals())
         arm.published = arm.version
         return Published(arm.spec.arm, arm.version, version_digest(digests), missing,
                          {**metrics, "sync/version": arm.version, "sync/chunks": len(digests)})
@@ -551,75 +557,154 @@ class Learner:
 
     # -- checkpoints ------------------------------------------------------------------
     def state_files(self, arm: str = "") -> dict[str, bytes]:
-        """An arm's training state as files (name -> bytes); the driver writes them.
+        """An arm's training state as files (name -> bytes); the driver writes them. No pickle:
+        arm.safetensors and arm.json (`_arm_state_files`).
 
-        One arm: rank 0's gathered with its peers': DeepSpeed's checkpoint of the trainable
-        weights and optimiser state, without the frozen base model, and each rank's RNG states.
-        Several arms (one rank, ZeRO 0): each arm's own, so that each resumes alone
-        (`_arm_state_files`)."""
+        One arm: gathered by every rank at once (under ZeRO the gather is collective), with
+        each rank's RNG states as rng-rank<N>.json. Several arms (one rank, ZeRO 0): each
+        arm's own, so that each resumes alone."""
         import ray
 
         if len(self.arms) > 1:
             return self._arm_state_files(self.arms[arm])
-        pending = [peer.state_files.remote() for peer in self.peers]  # saving is collective: all ranks at once
+        pending = [peer.state_files.remote() for peer in self.peers]
         (one,) = self.arms.values()
-        with tempfile.TemporaryDirectory() as tmp:
-            self.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False, exclude_frozen_parameters=True,
-                                        client_state={"step": one.step, "version": one.version})
-            (Path(tmp) / f"rng-rank{self.rank}.json").write_text(json.dumps(rng_states()))
-            files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
+        rng = {f"rng-rank{self.rank}.json": json.dumps(rng_states()).encode()}
+        if self.rank > 0:
+            self._state_tensors(one)  # takes part in the gather; rank 0 saves what it gathered
+            return rng
+        files = {**self._arm_state_files(one), **rng}
         for peer_files in ray.get(pending):
             files.update(peer_files)
         return files
 
     def load_state_files(self, files: dict[str, bytes], arm: str = "") -> dict:
-        """Resume an arm from `state_files` (every rank reads what it wrote); returns {"step", "version"}."""
+        """Resume an arm from `state_files` (every rank loads the same tensors and its own
+        RNG states); returns {"step", "version"}."""
         import ray
 
+        if "arm.safetensors" not in files or any(name.endswith(".pt") for name in files):
+            raise ValueError(f"not the learner's state files: {sorted(files)}; a checkpoint in DeepSpeed's own "
+                             "format (pickle files) is never loaded")
         if len(self.arms) > 1:
             return self._load_arm_state(self.arms[arm], files)
         pending = [peer.load_state_files.remote(files) for peer in self.peers]
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, data in files.items():
-                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
-                (Path(tmp) / name).write_bytes(data)
-            # load_module_strict=False: the frozen base weights are not in the checkpoint.
-            _, client = self.engine.load_checkpoint(tmp, tag="deepspeed", load_module_strict=False)
-            set_rng_states(json.loads((Path(tmp) / f"rng-rank{self.rank}.json").read_text()))
-        ray.get(pending)
         (one,) = self.arms.values()
-        one.step, one.version = client["step"], client["version"]
-        return {"step": one.step, "version": one.version}
+        out = self._load_arm_state(one, files)
+        rng = files.get(f"rng-rank{self.rank}.json")
+        if rng is None:  # saved by fewer ranks (run.resume_allow): training draws no random numbers anyway
+            print(f"learner rank {self.rank}: no RNG states in the checkpoint; keeping this process's", flush=True)
+        else:
+            set_rng_states(json.loads(rng))
+        ray.get(pending)
+        return out
+
+    def _flat(self, arm: Arm) -> torch.Tensor | None:
+        """The float32 tensor the optimiser steps for this arm's parameters where DeepSpeed
+        keeps one (ZeRO 1/2 and its bf16 optimizer flatten a parameter group into a master
+        copy, a partition of it on each rank), with its AdamW state linked to the parameters
+        (`safe_get_full_optimizer_state` reads it through that link, which DeepSpeed makes at
+        its first step, and once only: made again here). None where AdamW steps the
+        parameters themselves (ZeRO 0 without bf16)."""
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        if not hasattr(arm.params[0], "_hp_mapping"):
+            return None
+        (flat,) = self.optimizer.param_groups[list(self.arms).index(arm.spec.arm)]["params"]
+        if "exp_avg" in self.optimizer.state.get(flat, {}):
+            lazy_init_hp_params_optimizer_state(arm.params, flat, self.optimizer.state)
+        return flat
+
+    def _stepped(self, arm: Arm) -> list[torch.Tensor]:
+        """Outside ZeRO 1/2 (`_flat` is None), for each of the arm's parameters the tensor AdamW
+        steps and keys its state by: the parameter itself, or under DeepSpeed's bf16 optimizer at
+        ZeRO 0 (FP16_UnfusedOptimizer: bf16 weights and gradients) the float32 master copy it
+        keeps in the parameter's place in fp32_groups (safe_get_full_fp32_param knows only
+        ZeRO's and BF16_Optimizer's copies: it returns None there)."""
+        wrapper = self.engine.optimizer
+        if wrapper is self.optimizer or not hasattr(wrapper, "fp32_groups"):
+            return list(arm.params)
+        group = list(self.arms).index(arm.spec.arm)
+        masters = {id(lp): hp for lp, hp in zip(wrapper.fp16_groups[group], wrapper.fp32_groups[group])}
+        return [masters.get(id(p), p) for p in arm.params]
+
+    def _state_tensors(self, arm: Arm) -> dict[str, torch.Tensor]:
+        """weight/<name>: the trainable weights (DeepSpeed's float32 master copy where it keeps
+        one); exp_avg/, exp_avg_sq/ and step/<name>: AdamW's state, absent before a first step.
+        Names are as PEFT saves them (the model's with full fine-tuning); every rank calls this."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        flat, tensors = self._flat(arm), {}
+        for name, p, stepped in zip(arm.names, arm.params, self._stepped(arm)):
+            if flat is None:
+                tensors[f"weight/{name}"] = stepped.detach()
+                for key, value in self.optimizer.state.get(stepped, {}).items():  # step, exp_avg, exp_avg_sq
+                    tensors[f"{key}/{name}"] = value
+                continue
+            tensors[f"weight/{name}"] = safe_get_full_fp32_param(p)
+            if "exp_avg" in self.optimizer.state.get(flat, {}):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    tensors[f"{key}/{name}"] = safe_get_full_optimizer_state(p, key)
+                tensors[f"step/{name}"] = self.optimizer.state[flat]["step"]  # one per group
+        return {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
 
     def _arm_state_files(self, arm: Arm) -> dict[str, bytes]:
-        """arm.safetensors (the adapter's float32 weights and AdamW's per-parameter state,
-        keyed by PEFT's adapter names) and arm.json (its step and version). No RNG: training
-        draws no random numbers (no dropout; the initialisation is done)."""
+        """arm.safetensors (`_state_tensors`) and arm.json: the arm's step and version, and
+        DeepSpeed's step counters (its own checkpoint restored them too)."""
         from safetensors.torch import save
 
-        tensors = {}
-        for name, p in zip(arm.names, arm.params):
-            tensors[f"weight/{name}"] = p.detach().clone()
-            for key, value in self.optimizer.state.get(p, {}).items():  # step, exp_avg, exp_avg_sq
-                tensors[f"{key}/{name}"] = value.detach().clone()
-        meta = {"arm": arm.spec.arm, "step": arm.step, "version": arm.version}
-        return {"arm.safetensors": save(tensors), "arm.json": json.dumps(meta).encode()}
+        engine = {k: getattr(self.engine, k) for k in ("global_steps", "global_samples", "skipped_steps")}
+        meta = {"arm": arm.spec.arm, "step": arm.step, "version": arm.version, "engine": engine}
+        return {"arm.safetensors": save(self._state_tensors(arm)), "arm.json": json.dumps(meta).encode()}
 
     def _load_arm_state(self, arm: Arm, files: dict[str, bytes]) -> dict:
+        """Put back what `_arm_state_files` saved: weights (the model's and DeepSpeed's master
+        copy), AdamW's state (AdamW's own start, zero moments at step 0, where none was saved:
+        a step from it is the step from no state) and the counters."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
         from safetensors.torch import load
 
         tensors, meta = load(files["arm.safetensors"]), json.loads(files["arm.json"])
         if sorted(k for k in tensors if k.startswith("weight/")) != sorted(f"weight/{n}" for n in arm.names):
             raise ValueError(f"arm {arm.spec.arm!r}: the checkpoint holds other adapter tensors than this arm's "
                              "(another lora.rank or lora.target_modules?)")
+        for key, t in tensors.items():
+            kind, _, name = key.partition("/")
+            p = arm.params[arm.names.index(name)] if name in arm.names else None
+            if p is None or kind not in ("weight", "exp_avg", "exp_avg_sq", "step") or (
+                    t.shape != (() if kind == "step" else p.shape)):
+                raise ValueError(f"arm {arm.spec.arm!r}: unexpected tensor {key} {list(t.shape)} in arm.safetensors")
+        flat = self._flat(arm)
         with torch.no_grad():
-            for name, p in zip(arm.names, arm.params):
-                p.copy_(tensors[f"weight/{name}"])
-                state = {key: tensors[f"{key}/{name}"] for key in ("step", "exp_avg", "exp_avg_sq")
-                         if f"{key}/{name}" in tensors}
-                self.optimizer.state.pop(p, None)
-                if state:
-                    self.optimizer.state[p] = state
+            for name, p, stepped in zip(arm.names, arm.params, self._stepped(arm)):
+                weight = tensors[f"weight/{name}"]
+                p.copy_(weight)  # bf16 under DeepSpeed's bf16 optimizers: rounded as their own steps round it
+                if flat is None:
+                    stepped.copy_(weight)
+                    self.optimizer.state.pop(stepped, None)
+                    state = {key: tensors[f"{key}/{name}"] for key in ("step", "exp_avg", "exp_avg_sq")
+                             if f"{key}/{name}" in tensors}
+                    if state:
+                        self.optimizer.state[stepped] = {k: v if k == "step" else v.to(stepped.device, stepped.dtype)
+                                                         for k, v in state.items()}
+                else:
+                    safe_set_full_fp32_param(p, weight.to(flat.device))
+            if flat is not None:
+                state = self.optimizer.state[flat]
+                if "exp_avg" not in state:  # a fresh engine: AdamW makes its state at its first step
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat),
+                                 exp_avg_sq=torch.zeros_like(flat))
+                flat = self._flat(arm)  # links the parameters to that state
+                steps = {tensors[f"step/{n}"].item() for n in arm.names if f"step/{n}" in tensors} or {0.0}
+                if len(steps) > 1:
+                    raise ValueError(f"arm {arm.spec.arm!r}: AdamW steps differ between parameters: {sorted(steps)}")
+                state["step"] = torch.tensor(steps.pop(), dtype=state["step"].dtype, device=state["step"].device)
+                for name, p in zip(arm.names, arm.params):
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        value = tensors.get(f"{key}/{name}", torch.zeros(p.shape))
+                        safe_set_full_optimizer_state(p, value.to(flat.device, torch.float32), key)
+        for k, v in meta.get("engine", {}).items():
+            setattr(self.engine, k, v)
         arm.step, arm.version = meta["step"], meta["version"]
         return {"step": arm.step, "version": arm.version}
 

@@ -150,9 +150,10 @@ def learner_spec(cfg: Config, model_path: str, cpu_cores: str | None = None) -> 
 
 
 def sampler_spec(cfg: Config, model_path: str, index: int, cpu_cores: str | None = None,
-                 full: bool | None = None) -> SamplerSpec:
+                 full: bool | None = None, channel_host: str = "") -> SamplerSpec:
     """Sampler `index`'s spec; full: whether it serves the full fine-tuning arms (full
-    weights) or the adapters (sampler_kinds says which)."""
+    weights) or the adapters (sampler_kinds says which); channel_host: where its adapter
+    channel binds (`channel_bind_host`)."""
     kinds = sampler_kinds(cfg)
     full = (kinds[index] if index < len(kinds) else kinds[0]) if full is None else full  # a joining sampler: kinds[0]
     ro, arms = cfg.rollout, [(name, arm) for name, arm in expand(cfg) if (arm.lora.rank == 0) == full]
@@ -168,7 +169,16 @@ def sampler_spec(cfg: Config, model_path: str, index: int, cpu_cores: str | None
         enforce_eager=ro.enforce_eager, tensor_parallel_size=max(1, int(ro.num_gpus)), on_gpu=bool(ro.num_gpus),
         separate_engine=bool(ro.num_gpus) if ro.separate_engine is None else ro.separate_engine,
         cpu_cores=ro.cpu_cores if cpu_cores is None else cpu_cores,
-        max_message_bytes=int(cfg.sync.max_message_mb * 2**20))
+        max_message_bytes=int(cfg.sync.max_message_mb * 2**20), channel_host=channel_host)
+
+
+def channel_bind_host() -> str:
+    """Where samplers bind the adapter channel: 127.0.0.1 when the Ray cluster has a single
+    alive node (the learner is on it too: nothing off this machine needs the port), else ""
+    for each sampler's own node's address (ray.util.get_node_ip_address). Never every interface."""
+    import ray
+
+    return "127.0.0.1" if sum(1 for node in ray.nodes() if node["Alive"]) == 1 else ""
 
 
 def vllm_lora_rank(rank: int) -> int:
@@ -206,7 +216,9 @@ def build_actors(cfg: Config, model_path: str, secret: bytes) -> tuple[list, lis
     group = place(cfg)
     cores, world = actor_cores(cfg, group), cfg.learner.world_size
     spec = learner_spec(cfg, model_path, cores[0])
-    specs = [sampler_spec(cfg, model_path, i, cores[world + i]) for i in range(len(sampler_kinds(cfg)))]
+    host = channel_bind_host()
+    specs = [sampler_spec(cfg, model_path, i, cores[world + i], channel_host=host)
+             for i in range(len(sampler_kinds(cfg)))]
     print(describe_specs(spec, specs[0]), flush=True)
     if specs[-1].full_weights and not specs[0].full_weights:
         print(f"sampler-{len(specs) - 1}: the {len(specs[-1].arms)} full fine-tuning arm(s), whose weights it "
@@ -258,7 +270,7 @@ def add_sampler(cfg: Config, model_path: str, secret: bytes, learner, index: int
     """A sampler that joins a running job: it serves the learner's latest adapter before it gets prompts."""
     import ray
 
-    spec = sampler_spec(cfg, model_path, index)
+    spec = sampler_spec(cfg, model_path, index, channel_host=channel_bind_host())
     manifests = ray.get(learner.manifests.remote())
     sampler = start_sampler(cfg, spec, secret, {arm: manifests[arm] for arm in spec.arms}, index)
     ray.get(learner.catch_up.remote(ray.get(sampler.endpoint.remote()), list(spec.arms)))
@@ -348,7 +360,16 @@ class Samplers:
     notices waits for it (its engine starts again), has the learner bring it to the newest
     adapter, and samples its share again with the same seed. Both are counted. Without a
     learner (tests with stand-in samplers) a death is raised.
+
+    A sampler whose node is gone (Ray declared the node dead: its link went down, the machine
+    stopped) is dropped when the others serve every arm it served: the learner stops
+    publishing to it, Ray stops restarting it, its share of the request is split across the
+    others and sampled again, and the run goes on with fewer samplers (counted in
+    fault/samplers_lost). When it was the last to serve an arm, the call waits for Ray to
+    restart it elsewhere (rollout.restart_timeout_s), as for any other death.
     """
+
+    POLL_S = 1.0  # how often a wait for a restarting sampler checks whether its node is gone
 
     def __init__(self, actors: list, learner=None, restart_timeout_s: float = 600.0, faults: Faults | None = None):
         import ray
@@ -357,18 +378,25 @@ class Samplers:
         self.endpoints = ray.get([a.endpoint.remote() for a in self.actors]) if learner else []
         # The arms each serves (asked once; None: stand-in samplers, which serve every arm).
         self.serves = [set(arms) for arms in ray.get([a.arms.remote() for a in self.actors])] if learner else None
-        self.faults = faults or Faults()  # counts restarts and groups sampled again
+        self.nodes = ray.get([a.__ray_call__.remote(_node_id) for a in self.actors])  # where each runs now
+        self.dropped: set[int] = set()  # lost with their node: no prompts, no adapters
+        self.faults = faults or Faults()  # counts restarts, losses and groups sampled again
         self._lock = threading.Lock()  # the async producer and the main thread (eval, probe) both sample
 
     def __iter__(self):
-        return iter(self.actors)
+        """The samplers in the fleet (not those dropped)."""
+        return iter([a for i, a in enumerate(self.actors) if i not in self.dropped])
+
+    def live(self) -> list[int]:
+        """The indices of the samplers in the fleet (not those dropped)."""
+        return [i for i in range(len(self.actors)) if i not in self.dropped]
 
     def serving(self, arm: str) -> list[int]:
         """The indices of the samplers that serve `arm`."""
-        return [i for i in range(len(self.actors)) if self.serves is None or arm in self.serves[i]]
+        return [i for i in self.live() if self.serves is None or arm in self.serves[i]]
 
     def __len__(self):
-        return len(self.actors)
+        return len(self.actors)  # every index ever used, dropped ones included (indices stay put)
 
     def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> list[Group]:
         """One Group per prompt, in prompt order, not yet scored (its `row` is empty: the
@@ -378,76 +406,143 @@ class Samplers:
 
     def generate_many(self, requests: list[tuple[list[list[int]], Sampling]]) -> list[list[Group]]:
         """generate for several requests (the arms of a sweep) at once: each sampler gets its
-        share of every request in one call, which its engine batches together."""
-        import dataclasses
-
+        share of every request in one call, which its engine batches together. A share lost
+        with a dropped sampler is split across the others and sampled again."""
         import ray
 
-        args: dict[int, list] = {}  # sampler -> (request index, its share of the prompts, sampling), non-empty only
-        where: dict[tuple[int, int], range] = {}  # (sampler, request) -> the prompt positions it gets
-        for r, (prompts, sampling) in enumerate(requests):
+        out = [[None] * len(prompts) for prompts, _ in requests]
+        work = [(r, list(range(len(prompts))), sampling) for r, (prompts, sampling) in enumerate(requests)]
+        while work:  # the first round: every prompt; later: the shares of samplers dropped meanwhile
+            args = self._split(work)  # sampler -> [(request, prompt positions, sampling)]
+            sent_to = list(self.endpoints)  # which incarnation of each sampler got the request
+
+            def call(i):
+                return self.actors[i].generate_many.remote([([requests[r][0][k] for k in positions], s)
+                                                            for r, positions, s in args[i]])
+
+            refs, work = {i: call(i) for i in args}, []
+            for i, ref in refs.items():
+                while True:
+                    try:
+                        rollouts = ray.get(ref)
+                        break
+                    except ray.exceptions.RayActorError as e:
+                        self.faults.resampled_groups += sum(len(positions) for _, positions, _ in args[i])
+                        if not self.recover(i, sent_to[i] if self.learner else "", e):
+                            rollouts = None  # dropped with its node: its share goes to the others
+                            work += args[i]
+                            break
+                        sent_to[i] = self.endpoints[i]
+                        ref = call(i)  # the same prompts and seeds
+                for (r, positions, _), res in zip(args[i], rollouts or []):
+                    for k, completions in zip(positions, res.completions_P_G):
+                        out[r][k] = Group({}, completions, res.version, res.digest, arm=res.arm)
+        return out
+
+    def _split(self, work: list[tuple[int, list[int], Sampling]]) -> dict[int, list]:
+        """Each request's prompts (positions) across the samplers that serve its arm: the j-th
+        of k gets positions j, j+k, ... with seed sampling.seed + j; non-empty shares only."""
+        import dataclasses
+
+        args: dict[int, list] = {}
+        for r, positions, sampling in work:
             pool = self.serving(sampling.arm)
-            if prompts and not pool:
+            if positions and not pool:
                 raise RuntimeError(f"no sampler serves arm {sampling.arm!r}")
             for j, i in enumerate(pool):
-                share = prompts[j::len(pool)]
+                share = positions[j::len(pool)]
                 if share:
                     seeded = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + j)
                     args.setdefault(i, []).append((r, share, seeded))
-                    where[i, r] = range(j, len(prompts), len(pool))
-        sent_to = list(self.endpoints)  # which incarnation of each sampler got the request
-        refs = {i: self.actors[i].generate_many.remote([(p, s) for _, p, s in a]) for i, a in args.items()}
-        out = [[None] * len(prompts) for prompts, _ in requests]
-        for i, ref in refs.items():
-            while True:
-                try:
-                    rollouts = ray.get(ref)
-                    break
-                except ray.exceptions.RayActorError as e:
-                    self.recover(i, sent_to[i] if self.learner else "", e)
-                    sent_to[i] = self.endpoints[i]
-                    ref = self.actors[i].generate_many.remote([(p, s) for _, p, s in args[i]])  # the same prompts and seeds
-                    self.faults.resampled_groups += sum(len(p) for _, p, _ in args[i])
-            for (r, _, _), res in zip(args[i], rollouts):
-                for j, completions in zip(where[i, r], res.completions_P_G):
-                    out[r][j] = Group({}, completions, res.version, res.digest, arm=res.arm)
-        return out
+        return args
 
-    def recover(self, i: int, lost_endpoint: str, error: BaseException | None = None):
+    def recover(self, i: int, lost_endpoint: str, error: BaseException | None = None) -> bool:
         """Wait for Ray to restart sampler i (which served at `lost_endpoint`), then bring it
-        to the learner's newest adapter."""
+        to the learner's newest adapter: True. False when it was dropped instead (its node is
+        gone and the others serve its arms): the caller hands its work to the others."""
         import ray
 
         if self.learner is None:
             raise error or RuntimeError(f"sampler-{i} died")
         with self._lock:
+            if i in self.dropped:
+                return False
             if self.endpoints[i] != lost_endpoint:
-                return  # another caller (the async producer, an evaluation, a publish) brought it back
+                return True  # another caller (the async producer, an evaluation, a publish) brought it back
             deadline = time.monotonic() + self.restart_timeout_s
+            ping = self.actors[i].endpoint.remote()
             while True:  # until the restarted actor's constructor (the engine start) has run
-                try:
-                    endpoint = ray.get(self.actors[i].endpoint.remote(), timeout=self.restart_timeout_s)
-                    break
-                except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):  # restarting
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"sampler-{i} did not come back within rollout.restart_timeout_s="
-                                           f"{self.restart_timeout_s:g}") from error
-                    time.sleep(1.0)
-                except ray.exceptions.RayActorError as e:
-                    raise RuntimeError(f"sampler-{i} died and Ray will not restart it (rollout.max_restarts "
-                                       "used up, or its node is gone)") from e
+                ready, _ = ray.wait([ping], timeout=self.POLL_S)
+                if ready:
+                    try:
+                        endpoint = ray.get(ping)
+                        break
+                    except ray.exceptions.ActorUnavailableError:  # restarting: ask again
+                        time.sleep(self.POLL_S)
+                        ping = self.actors[i].endpoint.remote()
+                    except ray.exceptions.RayActorError as e:
+                        if self._may_drop(i):
+                            self._drop(i, lost_endpoint)
+                            return False
+                        raise RuntimeError(f"sampler-{i} died and Ray will not restart it (rollout.max_restarts "
+                                           "used up, or its node is gone and no other sampler serves its arms)") from e
+                elif self._may_drop(i):
+                    self._drop(i, lost_endpoint)
+                    return False
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"sampler-{i} did not come back within rollout.restart_timeout_s="
+                                       f"{self.restart_timeout_s:g}") from error
             if endpoint == lost_endpoint:
                 raise RuntimeError(f"sampler-{i} is alive but failed to sample or to acknowledge the adapter within "
                                    "sync.ack_timeout_s") from error
             ray.get(self.learner.disconnect.remote(lost_endpoint))
             ray.get(self.learner.catch_up.remote(endpoint, sorted(self.serves[i]) if self.serves else None))
             self.endpoints[i] = endpoint
+            self.nodes[i] = ray.get(self.actors[i].__ray_call__.remote(_node_id))  # Ray may restart it elsewhere
             self.faults.sampler_restarts += 1
             log.warning("sampler-%d died; Ray restarted it and it serves the learner's newest adapter again "
                         "(%d restarts in this run so far)", i, self.faults.sampler_restarts)
+            return True
+
+    def node_gone(self, i: int) -> bool:
+        """Whether Ray has declared sampler i's node dead (or no longer knows it)."""
+        import ray
+
+        alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
+        return not alive.get(self.nodes[i], False)
+
+    def _may_drop(self, i: int) -> bool:
+        """Sampler i's node is gone and the other samplers serve every arm it served."""
+        others = [j for j in self.live() if j != i]
+        covered = all(any(arm in self.serves[j] for j in others) for arm in self.serves[i]) if self.serves else others
+        return bool(others) and bool(covered) and self.node_gone(i)
+
+    def _drop(self, i: int, endpoint: str):
+        """Take sampler i out of the fleet: the learner stops publishing to it, Ray stops
+        restarting it (its node is gone; a restart would wait for resources that left with it)."""
+        import ray
+
+        self.dropped.add(i)
+        ray.get(self.learner.disconnect.remote(endpoint))
+        try:
+            ray.kill(self.actors[i], no_restart=True)
+        except Exception:  # already gone from Ray's tables
+            pass
+        self.faults.samplers_lost += 1
+        log.warning("sampler-%d was lost with its node %s (Ray declared the node dead); the run goes on with %d "
+                    "sampler(s), which sample its prompts again (%d sampler(s) lost in this run so far)",
+                    i, self.nodes[i], len(self.live()), self.faults.samplers_lost)
 
     def recover_missing(self, missing: tuple[str, ...]):
-        """After a publish: restart-and-catch-up each sampler that did not acknowledge it."""
+        """After a publish: restart-and-catch-up each sampler that did not acknowledge it (or
+        drop it, with its node gone)."""
         for endpoint in missing:
             if endpoint in self.endpoints:
                 self.recover(self.endpoints.index(endpoint), endpoint)
+
+
+def _node_id(actor) -> str:
+    """The id of the node an actor runs on (called inside it through __ray_call__)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()

@@ -58,7 +58,6 @@ def main(argv: list[str]) -> Path:
     from rl.fleet import Samplers, build_actors, dead_actors, placement, resolve_model, shutdown, write_adapter
     from rl.splits import load_splits
 
-    ray.init()  # joins RAY_ADDRESS's cluster, or the job's; else starts a local instance
     try:
         run_dir, resume = make_run_dir(cfg)  # resume: the newest complete checkpoint there (run.resume), or None
         arms, resumes = arm_runs(cfg, run_dir, resume)  # one arm, "", in run_dir without an arms section
@@ -78,6 +77,8 @@ def main(argv: list[str]) -> Path:
     evals = splits_of(cfg)[1]  # name -> held-out split, the run's, shared by the arms
     for arm in arms:
         arm.train = dataclasses.replace(splits_of(arm.cfg)[0])
+    # Ray starts only now: a bad config, checkpoint or data row has stopped the run before any actor.
+    ray.init()  # joins RAY_ADDRESS's cluster, or the job's; else starts a local instance
     secret = secrets.token_bytes(32)  # the adapter channel's key, handed out through Ray only
     learners, actors = build_actors(cfg, model_path, secret)  # learners[0]: rank 0, the learner we talk to
     stop = StopSignal()
@@ -132,6 +133,7 @@ def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: 
     import ray
     from tqdm import tqdm
 
+    from rl import checkpoint
     from rl.evaluate import evaluate_arms
     from rl.loggers import Loggers
     from rl.probe import run_probe
@@ -141,6 +143,10 @@ def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: 
     sweep = len(arms) > 1
     starts = {restore(arm, resumes[arm.name], learner, fleet) for arm in arms if resumes.get(arm.name)}
     start = starts.pop() if starts else 0
+    if start == 0:  # an earlier attempt's logs and best adapter go aside: this one logs its steps once, its own
+        for arm in arms:
+            if not arm.error:
+                checkpoint.set_aside(arm.run_dir)
     for out in ray.get(learner.publish.remote()):  # version `start` (0: the zero adapter): samplers serve it first
         next(arm for arm in arms if arm.name == out.arm).published = {start: out.digest}  # rollouts must match
     probe_prompts = [row["prompt_ids"] for row in evals["eval"].rows[:4]]
@@ -262,9 +268,9 @@ def phase_shares(metrics: dict) -> dict:
 
 
 def fault_metrics(arm: ArmRun, fleet: Faults) -> dict:
-    """The arm's fault counters, with the fleet's sampler restarts (shared by a sweep's arms)."""
+    """The arm's fault counters, with the fleet's sampler restarts and losses (shared by a sweep's arms)."""
     return {**arm.faults.metrics(), "fault/sampler_restarts": fleet.sampler_restarts,
-            "fault/resampled_groups": fleet.resampled_groups}
+            "fault/samplers_lost": fleet.samplers_lost, "fault/resampled_groups": fleet.resampled_groups}
 
 
 def stop_if_failed(arm: ArmRun, step: int, learn_metrics: dict, sweep: bool):
@@ -315,6 +321,7 @@ def restore(arm: ArmRun, path: Path, learner, fleet: Faults) -> int:
     arm.faults.restore(state["faults"])
     fleet.sampler_restarts = state["faults"]["fault/sampler_restarts"]
     fleet.resampled_groups = state["faults"]["fault/resampled_groups"]
+    fleet.samplers_lost = state["faults"].get("fault/samplers_lost", 0)
     for logged in (arm.run_dir / "metrics.jsonl", arm.run_dir / "samples.jsonl"):
         checkpoint.truncate_metrics(logged, state["step"])
     print(f"resumed from {path} (step {state['step']})", flush=True)

@@ -23,6 +23,7 @@ incomplete, and each version drops vLLM's prefix cache (computed with the old we
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -38,13 +39,37 @@ from pathlib import Path
 from common.cpus import pin_cpus
 from common.records import Completion, Rollout, Sampling, Streamed
 from common.specs import SamplerSpec
-from rollout.channel import Adapter, AdapterReceiver
+from rollout.channel import Adapter, AdapterReceiver, raise_fd_limit
 from rollout.lengths import forced_length
 from rollout.stream import EngineLoop, Running
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_WAIT_S = 600.0  # how long a request waits for a version of full weights to complete
+TRIM_EVERY_S = 10.0  # how often a sampler hands freed heap memory back to the OS (FreedMemory)
+
+
+class FreedMemory:
+    """glibc keeps the heap at its peak: memory that generation frees (batches of different
+    sizes, evaluations) stays in the process and its RSS only climbs (a soak measured the
+    sampler at +823 MB per 1,000 steps, of which malloc_trim(0) gave back 335 MB at once;
+    benchmarks/soak.py). `trim` returns it to the OS, at most once per TRIM_EVERY_S; a no-op
+    where the C library is not glibc."""
+
+    def __init__(self):
+        import ctypes
+        import ctypes.util
+
+        try:
+            self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+        self._last = time.monotonic()
+
+    def trim(self):
+        if self._trim is not None and time.monotonic() - self._last >= TRIM_EVERY_S:
+            self._last = time.monotonic()
+            self._trim(0)
 
 
 def node_ip() -> str:
@@ -58,21 +83,87 @@ def adapter_dir() -> Path:
     """A fresh folder for this process's adapter files, in RAM where there is /dev/shm.
 
     The name carries the pid: folders left by samplers that died without `close` (a killed
-    actor, an OOM kill) are removed here, since /dev/shm holds RAM until the files go.
+    actor, an OOM kill) are removed here, since /dev/shm holds RAM until the files go, and
+    with them the shared memory their engine held (`release_engine_shm`).
     """
     root = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
     for old in root.glob("rl-lora-adapters-*-*"):
         pid = old.name.split("-")[3]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            release_engine_shm(old)
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"rl-lora-adapters-{os.getpid()}-", dir=root))
+
+
+# vLLM's engine in processes of its own (rollout.separate_engine) shares its message queues
+# through Python's shared memory (/dev/shm/psm_*) and makes a multiprocessing lock (sem.mp-*).
+# A sampler killed (an OOM kill, Ray killing the actor and its children) leaves them in RAM for
+# good, and the lock was seen left even after a clean close under Ray. The sampler lists them in
+# its adapter folder, where `close` and, if it died, the next sampler on the node (adapter_dir)
+# find them.
+ENGINE_SHM = ".engine-shm.json"
+ENGINE_SHM_PREFIXES = ("psm_", "sem.mp-")
+
+
+def shm_files() -> set[str]:
+    """The names in /dev/shm that vLLM's engine processes may leave there (ENGINE_SHM_PREFIXES)."""
+    with contextlib.suppress(OSError):
+        return {n for n in os.listdir("/dev/shm") if n.startswith(ENGINE_SHM_PREFIXES)}
+    return set()
+
+
+def held_shm(pids) -> set[str]:
+    """The ENGINE_SHM_PREFIXES names in /dev/shm that these processes have mapped or open."""
+    paths = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+            paths.update(line.split(None, 5)[5] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                         if line.count(" ") >= 5 and "/dev/shm/" in line)
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    paths.add(os.readlink(fd))
+    names = {path.strip().removesuffix(" (deleted)").removeprefix("/dev/shm/") for path in paths
+             if path.startswith("/dev/shm/")}
+    return {n for n in names if n.startswith(ENGINE_SHM_PREFIXES) and "/" not in n}
+
+
+def engine_shm_files(pid: int, before: set[str]) -> list[str]:
+    """The engine's /dev/shm files, once it has started: those process pid and the processes
+    below it have mapped or open, and those that appeared since `before` (shm_files() taken
+    before the engine started) that no other process holds. The latter catch what nobody maps
+    any more but nobody unlinked either (vLLM's executor's multiprocessing lock, sem.mp-*)."""
+    import psutil
+
+    try:
+        tree = {pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return []
+    others = {int(p) for p in os.listdir("/proc") if p.isdigit()} - tree
+    return sorted(held_shm(tree) | (shm_files() - before - held_shm(others)))
+
+
+def release_engine_shm(folder: Path) -> list[str]:
+    """Unlink the /dev/shm files a sampler's engine held, as listed in its adapter folder;
+    returns those that were still there."""
+    try:
+        names = json.loads((folder / ENGINE_SHM).read_text())
+    except (OSError, ValueError):
+        return []
+    removed = []
+    for name in names if isinstance(names, list) else []:
+        # Only names this module lists: a file in the folder cannot point anywhere else.
+        if isinstance(name, str) and name.startswith(ENGINE_SHM_PREFIXES) and "/" not in name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(Path("/dev/shm") / name)
+                removed.append(name)
+    return removed
 
 
 class Sampler:
     def __init__(self, spec: SamplerSpec, secret: bytes, manifests: dict[str, dict], host: str = ""):
         """spec: what this sampler is built from (common/specs.py, made by rl/fleet.py);
         secret and manifests: the adapter channel's key and, per arm, the tensors its messages
-        must hold."""
+        must hold; host: where the channel binds, instead of the spec's (benchmarks)."""
         from vllm import LLM
 
         self.spec = spec
@@ -100,6 +191,7 @@ class Sampler:
             # a seeded request: it rewinds the request's RNG with a CUDA-only call. A token budget
             # that holds every running sequence's whole context means no prefill is ever split.
             options.update(max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_seqs * spec.max_model_len)
+        shm_before = shm_files()
         self.llm = LLM(
             model=spec.model_path,
             dtype=spec.dtype,
@@ -116,6 +208,7 @@ class Sampler:
             worker_extension_cls="rollout.vllm_ext.InMemoryAdapters",
             **options,
         )
+        self._engine_shm = engine_shm_files(os.getpid(), shm_before)  # released by close, or by a successor
         self.tokenizer = self.llm.get_tokenizer()
         self._closing = threading.Event()
         threading.Thread(target=self._watch_engine, name="engine-watchdog", daemon=True).start()
@@ -133,7 +226,11 @@ class Sampler:
         self._calls = itertools.count()  # keys of blocking calls' groups in the engine loop
         self.loop: EngineLoop | None = None  # streaming: the thread that drives the engine (rollout/stream.py)
         self.adapter_dir = adapter_dir()
-        self.receiver = AdapterReceiver(host or node_ip(), secret, manifests, spec.max_message_bytes, self._load)
+        self._list_engine_shm()
+        raise_fd_limit()  # vLLM, Ray and the channel's connections share this process's descriptors
+        # The channel binds 127.0.0.1 in a single-node job (spec.channel_host), else this node's address.
+        self.receiver = AdapterReceiver(host or spec.channel_host or node_ip(), secret, manifests,
+                                        spec.max_message_bytes, self._load, on_load_error=self._load_failed)
 
     def _watch_engine(self):
         """vLLM's client waits forever for the outputs of an engine process that was killed
@@ -150,13 +247,23 @@ class Sampler:
                 os._exit(1)
 
     def endpoint(self) -> str:
+        """The channel's address, this process's incarnation and CURVE key (rollout/channel.py):
+        a restarted sampler's differs."""
         return self.receiver.endpoint
 
     def version(self, arm: str = "") -> int:
         return self.receiver.versions[arm]
 
-    def refused(self) -> list[str]:
-        return list(self.receiver.refused)
+    def refused(self) -> dict:
+        """The channel's refusals: counts of messages and connections, by kind, and the last reasons."""
+        return self.receiver.refusals()
+
+    def _load_failed(self, error: Exception):
+        """A valid version failed to load (vLLM refused it, or this process ran out of file
+        descriptors or memory): what this sampler serves is in doubt. Exit, so that Ray restarts
+        it; the learner, missing its ack, counts it missing and the driver catches it up."""
+        log.error("loading an adapter failed (%r); exiting so that Ray restarts this sampler", error)
+        os._exit(1)
 
     def _load(self, adapter: Adapter):
         """Called by the receiver thread for each valid message; returns once vLLM serves it.
@@ -275,6 +382,7 @@ class Sampler:
         for mine, outputs, served in batches:  # decoded outside the lock: adapters may load meanwhile
             for i, out in zip(mine, self._rollouts(outputs, served)):
                 done[i] = out
+        self.freed.trim()
         return done
 
     def _newest(self, arm: str) -> tuple:
@@ -383,6 +491,7 @@ class Sampler:
         finished, aborted, busy_s = loop.take(wait_s)
         rollouts = self._rollouts([completions for _, completions in finished],
                                   [(*g.served, 1) for g, _ in finished])
+        self.freed.trim()
         return Streamed([(g.key, r) for (g, _), r in zip(finished, rollouts)], aborted, busy_s, loop.running())
 
     def stop_stream(self):
@@ -400,5 +509,21 @@ class Sampler:
         self.receiver.close()
         if self.loop is not None:
             self.loop.close()
+        self._list_engine_shm()
         self.llm.llm_engine.engine_core.shutdown()
+        left = release_engine_shm(self.adapter_dir)  # what the engine's processes did not unlink
+        if left:
+            log.info("removed %d shared-memory file(s) vLLM's engine left in /dev/shm", len(left))
         shutil.rmtree(self.adapter_dir, ignore_errors=True)
+
+    def _list_engine_shm(self):
+        """The engine's shared-memory files, into the adapter folder (ENGINE_SHM), where the
+        next sampler on this node finds them if this one dies."""
+        self._engine_shm = sorted(set(self._engine_shm) | held_shm([os.getpid(), *self._engine_pids()]))
+        (self.adapter_dir / ENGINE_SHM).write_text(json.dumps(self._engine_shm))
+
+    @staticmethod
+    def _engine_pids() -> list[int]:
+        import psutil
+
+        return [p.pid for p in psutil.Process().children(recursive=True)]

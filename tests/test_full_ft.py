@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 from common.records import Datum, Sampling  # noqa: E402
 from demo.tiny_model import TEMPLATE, build_tiny_model  # noqa: E402
 from rl.config import load_config  # noqa: E402
-from rollout.channel import encode  # noqa: E402
+from rollout.channel import encode, parse_endpoint  # noqa: E402
 from tests.agreement import LOGPROB_TOL, logit_scale, logprob_gap  # noqa: E402
 from tests.test_integration import PROMPTS, send  # noqa: E402
 
@@ -99,7 +99,8 @@ def test_a_bad_weights_chunk_is_refused_and_the_engine_keeps_its_weights(stack):
     endpoint = ray.get(sampler.endpoint.remote())
     manifest = ray.get(learner.manifest.remote())
     before = generate(stack, n=1, temperature=0.0)
-    version, refused_before = before.version, len(ray.get(sampler.refused.remote()))
+    version, refused_before = before.version, ray.get(sampler.refused.remote())["messages"]
+    to = parse_endpoint(endpoint)[1]  # messages name the sampler's incarnation
     first = next(iter(manifest))
 
     def chunk(shape_of=None, chunk=0, chunks=2, secret=stack["secret"], at=version + 1):
@@ -108,7 +109,7 @@ def test_a_bad_weights_chunk_is_refused_and_the_engine_keeps_its_weights(stack):
         count = 1
         for d in shape:
             count *= d
-        return encode(at, 99, [(first, dtype, shape, bytes(4 * count))], {}, secret, "", chunk, chunks)
+        return encode(at, 99, [(first, dtype, shape, bytes(4 * count))], {}, secret, "", chunk, chunks, to)
 
     good = chunk()
     cases = {
@@ -119,10 +120,10 @@ def test_a_bad_weights_chunk_is_refused_and_the_engine_keeps_its_weights(stack):
         "replayed": chunk(at=version),
     }
     for reason, frames in cases.items():
-        reply = send(endpoint, frames)
+        reply = send(endpoint, frames, stack["secret"])
         assert reply["ok"] is False and reason in reply["reason"], (reason, reply)
         assert reply["version"] == version
-    assert len(ray.get(sampler.refused.remote())) == refused_before + len(cases)
+    assert ray.get(sampler.refused.remote())["messages"] == refused_before + len(cases)
     after = generate(stack, n=1, temperature=0.0)
     assert after.version == version and after.digest == before.digest
     assert [c.tokens for g in after.completions_P_G for c in g] == [c.tokens for g in before.completions_P_G for c in g]
@@ -130,12 +131,40 @@ def test_a_bad_weights_chunk_is_refused_and_the_engine_keeps_its_weights(stack):
 
 
 def test_the_learner_checkpoint_holds_every_weight(stack):
-    """state_files is DeepSpeed's checkpoint of the whole model and its AdamW state (ZeRO 0
-    keeps both in one file: the weights and Adam's two moments are 3 x 4.47 MB at least);
-    the saved "adapter" is a model folder transformers loads as it is."""
+    """state_files holds every weight of the model with AdamW's two moments and step for each
+    (3 x 4.47 MB at least), as safetensors; loaded into a fresh learner it is bit for bit the
+    saved state, and the next step is the same step. The saved "adapter" is a model folder
+    transformers loads as it is, with the checkpoint's weights."""
+    import torch
+    from safetensors.torch import load
+
+    from learner.learner import Learner
+
     train(stack, 5)  # Adam's moments exist once a step ran
     files = ray.get(stack["learner"].state_files.remote())
-    assert len(files["deepspeed/mp_rank_00_model_states.pt"]) > 3 * 4.47e6
+    assert sorted(files) == ["arm.json", "arm.safetensors", "rng-rank0.json"]
+    assert len(files["arm.safetensors"]) > 3 * 4.47e6
+    tensors = load(files["arm.safetensors"])
+    names = {k.split("/", 1)[1] for k in tensors}
+    assert set(tensors) == {f"{kind}/{n}" for kind in ("weight", "exp_avg", "exp_avg_sq", "step") for n in names}
     model_files = ray.get(stack["learner"].adapter_files.remote())
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(model_files)
     assert json.loads(model_files["config.json"])["model_type"] == "qwen2"
+    model = load(model_files["model.safetensors"])
+    assert set(model) <= names and all(torch.equal(model[k], tensors[f"weight/{k}"]) for k in model)
+
+    spec = ray.get(stack["learner"].__ray_call__.remote(lambda learner: learner.spec))
+    fresh = ray.remote(num_cpus=0)(Learner).remote(spec, b"k" * 32)
+    try:
+        assert ray.get(fresh.load_state_files.remote(files))["step"] == json.loads(files["arm.json"])["step"]
+        again = load(ray.get(fresh.state_files.remote())["arm.safetensors"])
+        assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+        out = generate(stack, seed=6)
+        batch = [Datum(p, c.tokens, c.logprobs, 1.0 if "boxed" in c.text else -1.0)
+                 for p, g in zip(stack["prompt_ids"], out.completions_P_G) for c in g]
+        ray.get([x.train_step.remote(batch) for x in (stack["learner"], fresh)])
+        one, two = (ray.get(x.adapter_files.remote())["model.safetensors"] for x in (stack["learner"], fresh))
+        assert one == two
+        ray.get(stack["learner"].publish.remote())  # the module's sampler serves the learner's weights again
+    finally:
+        ray.kill(fresh)

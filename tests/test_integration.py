@@ -10,14 +10,13 @@ import secrets
 from pathlib import Path
 
 import pytest
-import zmq
 
 ray = pytest.importorskip("ray")
 
 from common.records import Datum, Sampling  # noqa: E402
 from demo.tiny_model import TEMPLATE, build_tiny_model  # noqa: E402
 from rl.config import load_config  # noqa: E402
-from rollout.channel import encode  # noqa: E402
+from rollout.channel import AdapterSender, encode, parse_endpoint  # noqa: E402
 from tests.agreement import LOGPROB_TOL, logit_scale, logprob_gap  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -148,18 +147,15 @@ def test_vllm_reloads_an_evicted_adapter_from_memory(stack):
     assert gap < LOGPROB_TOL
 
 
-def send(endpoint: str, frames: list[bytes]) -> dict:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+def send(endpoint: str, frames: list[bytes], secret: bytes) -> dict:
+    """One message, exactly as given, to a sampler's channel as the holder of the learner's
+    key (the CURVE handshake refuses any other peer before a message is read): its reply."""
+    tx = AdapterSender(secret)
     try:
-        sock.send_multipart(frames)
-        assert sock.poll(30_000), "no reply from the sampler"
-        return json.loads(sock.recv())
+        tx.connect([endpoint])
+        return tx.request(endpoint, frames, timeout_s=30)
     finally:
-        sock.close(0)
-        ctx.term()
+        tx.close()
 
 
 def test_sampler_refuses_bad_messages_and_keeps_serving(stack):
@@ -180,22 +176,25 @@ def test_sampler_refuses_bad_messages_and_keeps_serving(stack):
             out.append((name, dtype, shape, bytes(n)))
         return out
 
-    good = encode(version + 1, 99, tensors(), config, stack["secret"])
+    to, secret = parse_endpoint(endpoint)[1], stack["secret"]  # messages name the sampler's incarnation
+    good = encode(version + 1, 99, tensors(), config, secret, incarnation=to)
     name = sorted(manifest)[0]
     cases = {
         "truncated payload": [good[0], good[1][:-8], good[2]],
         "digest mismatch": [good[0], b"\x01" + good[1][1:], good[2]],
-        "bad MAC": encode(version + 1, 99, tensors(), config, b"forged" * 6),
-        "does not match the manifest": encode(version + 1, 99, tensors(shape_of=name), config, stack["secret"]),
-        "too large": encode(version + 1, 99, tensors(size=400_000), config, stack["secret"]),
-        "replayed": encode(version, 99, tensors(), config, stack["secret"]),
+        "bad MAC": encode(version + 1, 99, tensors(), config, b"forged" * 6, incarnation=to),
+        "does not match the manifest": encode(version + 1, 99, tensors(shape_of=name), config, secret, incarnation=to),
+        "too large": encode(version + 1, 99, tensors(size=400_000), config, secret, incarnation=to),
+        "replayed version": encode(version, 99, tensors(), config, secret, incarnation=to),
+        "replayed from an earlier sampler process": encode(version + 1, 99, tensors(), config, secret,
+                                                           incarnation="0" * 16),
     }
+    refused_before = ray.get(sampler.refused.remote())["messages"]
     for reason, frames in cases.items():
-        reply = send(endpoint, frames)
+        reply = send(endpoint, frames, secret)
         assert reply["ok"] is False and reason in reply["reason"], (reason, reply)
         assert reply["version"] == version
-    refused = ray.get(sampler.refused.remote())
-    assert len(refused) >= len(cases)
+    assert ray.get(sampler.refused.remote())["messages"] == refused_before + len(cases)
     after = generate(stack, n=1, temperature=0.0)
     assert after.version == version
     assert [c.tokens for g in after.completions_P_G for c in g] == [c.tokens for g in before.completions_P_G for c in g]
@@ -324,6 +323,70 @@ def test_a_non_finite_step_is_skipped_and_the_state_restores_exactly(stack, zero
     ray.kill(learner)
 
 
+@pytest.mark.parametrize("zero_stage, dtype", [(0, "float32"), (1, "float32"), (2, "float32"), (0, "bfloat16")])
+def test_state_files_restore_the_learner_exactly_and_hold_no_pickle(stack, zero_stage, dtype, tmp_path):
+    """state_files is safetensors and JSON only (a checkpoint's files never run code when
+    loaded), gathered through DeepSpeed's API at every ZeRO stage, from the float32 master
+    copies of its bf16 optimizer too. Loaded into a fresh learner of another seed, every
+    weight, Adam moment and step, and DeepSpeed's counters, are bit for bit the saved ones, and
+    so is the next step. The state before any step (no Adam state yet), loaded over a learner
+    that has Adam state, makes the next step the first step again, bit for bit."""
+    import os
+    import pickle
+
+    import torch
+    from safetensors.torch import load
+
+    from learner.learner import Learner
+
+    out = generate(stack, seed=8)
+    batch = [Datum(p, c.tokens, c.logprobs, 1.0 if i % 3 == 0 else -0.5)
+             for p, g in zip(stack["prompt_ids"], out.completions_P_G) for i, c in enumerate(g)]
+    actor = ray.remote(num_cpus=0)(Learner)
+    a, b = [actor.remote(dataclasses.replace(learner_spec(stack, seed, zero_stage=zero_stage), dtype=dtype), b"k" * 32)
+            for seed in (5, 6)]
+
+    def adapter(learner):
+        return ray.get(learner.adapter_files.remote())["adapter_model.safetensors"]
+
+    empty = ray.get(a.state_files.remote())
+    ray.get(a.train_step.remote(batch))
+    after_one = adapter(a)
+    saved = ray.get(a.state_files.remote())
+    for files in (empty, saved):
+        assert sorted(files) == ["arm.json", "arm.safetensors", "rng-rank0.json"]
+        for name, data in files.items():
+            assert data[:1] != b"\x80" and data[:2] != b"PK"  # neither a pickle nor torch.save's zip of pickles
+            assert json.loads(data) if name.endswith(".json") else load(data)
+    if (zero_stage, dtype) != (0, "bfloat16"):  # there DeepSpeed takes a zero-gradient step at start: Adam has state
+        assert not [k for k in load(empty["arm.safetensors"]) if not k.startswith("weight/")]
+    tensors = load(saved["arm.safetensors"])
+    assert {k.split("/")[0] for k in tensors} == {"weight", "exp_avg", "exp_avg_sq", "step"}
+    assert all(v.dtype == torch.float32 for v in tensors.values())  # bf16: the optimizer's master copies
+    assert json.loads(saved["arm.json"])["engine"]["global_steps"] == 1
+
+    class RunsCode:  # a pickle put in place of the safetensors: rejected as data, its code never runs
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "code-ran"),)
+
+    with pytest.raises(ray.exceptions.RayTaskError, match="SafetensorError|header"):
+        ray.get(b.load_state_files.remote({**saved, "arm.safetensors": pickle.dumps(RunsCode())}))
+    assert not (tmp_path / "code-ran").exists()
+
+    assert ray.get(b.load_state_files.remote(saved)) == {"step": 1, "version": 1}
+    again = ray.get(b.state_files.remote())
+    assert json.loads(again["arm.json"]) == json.loads(saved["arm.json"])
+    restored = load(again["arm.safetensors"])
+    assert restored.keys() == tensors.keys() and all(torch.equal(restored[k], tensors[k]) for k in tensors)
+    ray.get([x.train_step.remote(batch) for x in (a, b)])
+    assert adapter(a) == adapter(b) != after_one
+    assert ray.get(a.load_state_files.remote(empty)) == {"step": 0, "version": 0}
+    ray.get(a.train_step.remote(batch))
+    assert adapter(a) == after_one
+    for learner in (a, b):
+        ray.kill(learner)
+
+
 def test_two_rank_learner_takes_the_one_rank_step(stack):
     """learner.world_size=2: two DeepSpeed ranks (gloo), each on half the completions, take
     the step one rank takes on all of them: the adapters agree within 0.5% of the step's move
@@ -370,6 +433,50 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
         assert a["learner/loss"] == pytest.approx(b["learner/loss"], rel=1e-5)
         assert a["learner/ratio_mean"] == pytest.approx(b["learner/ratio_mean"], abs=1e-6)
         assert a["learner/grad_norm"] == pytest.approx(b["learner/grad_norm"], rel=1e-4)
+
+
+def test_a_two_rank_learner_restores_its_state_exactly(stack):
+    """learner.world_size=2 at ZeRO 2: each rank holds half of the master weights and Adam
+    moments. state_files gathers them (every rank takes part) with each rank's RNG states; a
+    fresh two-rank learner loaded with them holds the same state bit for bit and takes the
+    same next step."""
+    import torch
+    from ray.util.placement_group import remove_placement_group
+    from safetensors.torch import load
+
+    from rl.fleet import learner_spec as spec
+    from rl.fleet import place, start_learners
+
+    out = generate(stack, seed=6)
+    batch = [Datum(p, c.tokens, c.logprobs, 1.0 if i % 3 == 0 else -0.5)
+             for p, g in zip(stack["prompt_ids"], out.completions_P_G) for i, c in enumerate(g)]
+    cfg = load_config(None, ["learner.lr=0.02", "rollout.prompts_per_step=2", "rollout.group_size=8",
+                             "learner.micro_batch_size=8", "learner.num_cpus=0.2", "rollout.num_cpus=0.1",
+                             "learner.world_size=2", "learner.zero_stage=2"])
+    saved, runs = None, []
+    for run in range(2):  # one learner trains a step and saves; a fresh one loads
+        group = place(cfg)
+        ranks = start_learners(cfg, spec(cfg, stack["model_path"]), b"k" * 32, group, name=f"restored{run}")
+        try:
+            if saved is None:
+                ray.get(ranks[0].train_step.remote(batch))
+                saved = ray.get(ranks[0].state_files.remote())
+            else:
+                assert ray.get(ranks[0].load_state_files.remote(saved)) == {"step": 1, "version": 1}
+            state = ray.get(ranks[0].state_files.remote())
+            ray.get(ranks[0].train_step.remote(batch))
+            runs.append((state, ray.get(ranks[0].adapter_files.remote())["adapter_model.safetensors"]))
+        finally:
+            for rank in ranks:
+                ray.kill(rank)
+            remove_placement_group(group)
+    (first, adapter_one), (second, adapter_two) = runs
+    assert sorted(saved) == ["arm.json", "arm.safetensors", "rng-rank0.json", "rng-rank1.json"]
+    x, y = load(first["arm.safetensors"]), load(second["arm.safetensors"])
+    assert {k.split("/")[0] for k in x} == {"weight", "exp_avg", "exp_avg_sq", "step"}
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert json.loads(first["arm.json"]) == json.loads(second["arm.json"])
+    assert adapter_one == adapter_two
 
 
 def test_late_sampler_catches_up_before_prompts(stack):
