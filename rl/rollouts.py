@@ -172,7 +172,11 @@ class Window:
         self.arm = arm  # arm.published: version -> payload digest, as the learner published them
 
     def publish(self, version: int, digest: str):
+        """Record a version; forget those no group can be admitted from any more (more than
+        max_staleness behind it, one kept spare), so a long run's record stays a few entries."""
         self.arm.published[version] = digest
+        for old in [v for v in self.arm.published if v < version - self.arm.cfg.rollout.max_staleness - 1]:
+            del self.arm.published[old]
 
     def admit(self, step: int, groups: list[Group], metrics: dict, source: Source) -> tuple[list[Group], dict]:
         """The groups the learner may train on at `step`, and the batch's rollout metrics."""

@@ -16,7 +16,7 @@ from common.records import Group
 from rl.arms import ArmRun
 from rl.config import load_config
 from rl.fleet import Samplers
-from rl.rollouts import AsyncBatches, Batches, keep_in_window
+from rl.rollouts import AsyncBatches, Batches, Window, keep_in_window
 from rl.splits import Split
 from tests.fakes import FakeRewards, FakeSampler
 
@@ -42,6 +42,18 @@ def test_another_arms_groups_are_refused():
     crossed = [Group({"i": 0}, [], 5, "d5", arm="a"), Group({"i": 1}, [], 5, "d5", arm="b")]
     kept, refused = keep_in_window(crossed, PUBLISHED, newest=5, max_staleness=0, arm="a")
     assert [g.row["i"] for g in kept] == [0] and [g.row["i"] for g in refused] == [1]
+
+
+def test_the_record_of_published_versions_stays_small():
+    """A 1,000-step run keeps a few digests, not one per version (the soak saw the driver grow):
+    every version a group may still come from (max_staleness behind the newest) is kept."""
+    arm = ArmRun("", load_config(None, ["rollout.max_staleness=2"]), Path("."), published={0: "d0"})
+    window = Window(arm)
+    for version in range(1, 1001):
+        window.publish(version, f"d{version}")
+    assert sorted(arm.published) == [997, 998, 999, 1000]  # 998-1000 admissible, one spare
+    kept, _ = keep_in_window(groups([998, 997], ["d998", "d997"]), arm.published, newest=1000, max_staleness=2)
+    assert [g.version for g in kept] == [998]
 
 
 def test_sync_window_keeps_only_the_newest():
