@@ -25,6 +25,7 @@ import pytest
 
 from scripts.hosts import PYTHON, RAY, RAY_WORKER_PORTS, Hosts, permitted
 from tests.fakes import FakeLearner, FakeRewards, FakeSampler, FakeStreamSampler
+from tests.test_run import with_descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, PER_STEP, LOSE_AFTER = 6, 8, 2  # the default job's prompts_per_step; the link goes down once step 2 is logged
@@ -55,23 +56,6 @@ def hosts():
     finally:
         h.remove()
         assert not h.left_behind(), h.left_behind()
-
-
-def with_descendants(pids: set[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = set(), list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            out.add(pid)
-            todo += children.get(pid, [])
-    return out
 
 
 def wait_for_file(path: Path, job: subprocess.Popen, lines: int = 0, timeout_s: float = 600):
