@@ -226,6 +226,7 @@ class Sampler:
         self._calls = itertools.count()  # keys of blocking calls' groups in the engine loop
         self.loop: EngineLoop | None = None  # streaming: the thread that drives the engine (rollout/stream.py)
         self.adapter_dir = adapter_dir()
+        self.freed = FreedMemory()  # freed heap back to the OS now and then
         self._list_engine_shm()
         raise_fd_limit()  # vLLM, Ray and the channel's connections share this process's descriptors
         # The channel binds 127.0.0.1 in a single-node job (spec.channel_host), else this node's address.
