@@ -291,8 +291,16 @@ def run_mode(mode: str, args, extra: list[str], out: Path) -> dict:
             "shm_left_after_exit": left}
 
 
+def whole(row: dict) -> bool:
+    """Whether a sample saw the whole job: one taken while it shuts down (its last step logged,
+    the actors gone) or while a sampler restarts would read as a fall of every group's memory
+    and descriptors, and is left out."""
+    return bool(row.get("processes", {}).get("learner")) and bool(row.get("processes", {}).get("sampler"))
+
+
 def summarize(samples: list[dict], warmup: int) -> dict:
     """The fits over the samples from step `warmup` on (see the module's docstring)."""
+    samples = [s for s in samples if whole(s)]
     kept = [s for s in samples if s["step"] >= warmup]
     xs = [s["step"] for s in kept]
 

@@ -31,3 +31,16 @@ def test_the_jobs_step_is_the_last_whole_line_of_metrics_jsonl(tmp_path):
     assert soak.last_step(metrics) is None
     metrics.write_text("".join(json.dumps({"step": s, "x": 1}) + "\n" for s in range(3)) + '{"step": 3, "x"')
     assert soak.last_step(metrics) == 2  # a line being written is not read
+
+
+def test_a_sample_taken_while_the_job_shuts_down_is_left_out_of_the_fits():
+    """The last sample of a 1,000-step soak was once taken as the job exited (no learner, no
+    sampler, the driver at 0 MB): it turned the driver's fit into -208 MB per 1,000 steps."""
+    rows = [{"step": s, "rss_mb": {g: 100.0 for g in soak.GROUPS}, "fds_total": 50, "shm_job_mb": 0.0,
+             "shm_total_mb": 1.0, "shm_job_files": [], "adapters": {}, "processes": {"learner": 1, "sampler": 1}}
+            for s in range(200, 1001, 50)]
+    rows[-1] = {**rows[-1], "rss_mb": {g: 0.0 for g in soak.GROUPS}, "fds_total": 0,
+                "processes": {"learner": 0, "sampler": 0}}
+    out = soak.summarize(rows, warmup=200)
+    assert out["rss_mb_per_1k_steps"]["driver"] == 0.0 and out["fds_per_1k_steps"] == 0.0
+    assert out["fitted_samples"] == len(rows) - 1 and out["steps"] == 950
