@@ -1,7 +1,8 @@
 """The fleet: the learner's ranks and the samplers as Ray actors, from placement to shutdown.
 
-`build_actors` places every actor in one placement group (`place`), derives each actor's
-spec from the config (common/specs.py; printed once) and starts them; `Samplers` is the
+`build_actors` places the actors (`place_actors`: the learner's ranks in one placement group,
+each sampler in one of its own), derives each actor's spec from the config (common/specs.py;
+printed once) and starts them; `Samplers` is the
 samplers as one (prompts split across them) and brings a sampler that died back: Ray
 restarts it, the learner catches it up to the newest adapter, its share is sampled again.
 `add_sampler` and `remove_sampler` change the fleet of a running job; `dead_actors` names
@@ -10,10 +11,12 @@ what went away; `shutdown` stops the engines and the actors.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from common.records import Group, Sampling
 from common.specs import AdapterSpec, LearnerSpec, LoraSpec, SamplerSpec
@@ -83,6 +86,54 @@ def place(cfg: Config):
     return group
 
 
+NODE_LABEL = "ray.io/node-id"  # the label Ray gives every node: its id
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where the actors run: `learners`, a placement group whose bundle r holds learner rank r
+    on its node; `samplers`, one placement group of one bundle per sampler; `nodes`, the node
+    of each (learner ranks, then samplers)."""
+
+    learners: Any
+    samplers: list
+    nodes: list[str]
+
+
+def place_actors(cfg: Config) -> Placement:
+    """Place every actor at once (`place`: the resource check and run.placement's pack or
+    spread decide the nodes), then hold each sampler's bundle in a placement group of its own.
+
+    Why: a sampler lost with its node is dropped (Samplers), and its group removed with it.
+    In one group for all, Ray keeps trying to re-place the lost bundle, which it cannot do
+    on a cluster without spare capacity, and Ray 2.60's GCS does that in a busy loop
+    (ray-project/ray#65007: a quarter of a core here, and a learner step ten times slower).
+    A sampler's group asks for its node softly: where that node is gone and another has room,
+    Ray restarts the sampler there. The learner's ranks are held on their nodes (a learner
+    lost with its node stops the run)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group, world = place(cfg), cfg.learner.world_size
+    table = ray.util.placement_group_table(group)["bundles_to_node_id"]
+    wanted = bundles(cfg)
+    nodes = [table[i] for i in range(len(wanted))]
+    remove_placement_group(group)
+    learners = placement_group(wanted[:world], strategy="PACK",
+                               bundle_label_selector=[{NODE_LABEL: node} for node in nodes[:world]])
+    samplers = [placement_group([bundle], strategy="STRICT_PACK", _soft_target_node_id=node)
+                for bundle, node in zip(wanted[world:], nodes[world:])]
+    try:
+        ray.get([g.ready() for g in [learners, *samplers]], timeout=cfg.run.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        for g in [learners, *samplers]:
+            remove_placement_group(g)
+        raise RuntimeError(f"Ray could not hold the placed actors {wanted} on their nodes within "
+                           f"run.placement_timeout_s={cfg.run.placement_timeout_s:g} (another job took the "
+                           f"resources meanwhile?); free now: {ray.available_resources()}") from None
+    return Placement(learners, samplers, nodes)
+
+
 def _in_bundle(group, index: int) -> dict:
     """Actor options that put it in bundle `index` of the placement group."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -109,8 +160,8 @@ def split_cores(node_of_bundle: list[str], cpus: list[float], node_cpus: dict[st
     return cores
 
 
-def actor_cores(cfg: Config, group) -> list[str]:
-    """The CPU ids of each bundle's actor (learner ranks, then samplers): the config's, except
+def actor_cores(cfg: Config, nodes: list[str]) -> list[str]:
+    """The CPU ids of each actor (learner ranks, then samplers, on `nodes`): the config's, except
     in run.mode async or stream on CPUs with neither cpu_cores set, where the learner and the samplers run
     at once: those that share a node get disjoint cores (split_cores) rather than contend."""
     import ray
@@ -120,9 +171,8 @@ def actor_cores(cfg: Config, group) -> list[str]:
     if (cfg.run.mode == "sync" or not on_cpu or cfg.learner.cpu_cores or cfg.rollout.cpu_cores
             or cfg.learner.world_size > 1):
         return cores
-    table = ray.util.placement_group_table(group)["bundles_to_node_id"]
     node_cpus = {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]}
-    cores = split_cores([table[i] for i in range(len(cores))], [b.get("CPU", 0.0) for b in bundles(cfg)], node_cpus)
+    cores = split_cores(nodes, [b.get("CPU", 0.0) for b in bundles(cfg)], node_cpus)
     print(f"run.mode={cfg.run.mode}: learner on CPUs {cores[0] or 'all'}, samplers on {[c or 'all' for c in cores[1:]]}",
           flush=True)
     return cores
@@ -213,8 +263,8 @@ def build_actors(cfg: Config, model_path: str, secret: bytes) -> tuple[list, lis
     """The learner's ranks, then the samplers (which need the learner's manifest), placed and connected."""
     import ray
 
-    group = place(cfg)
-    cores, world = actor_cores(cfg, group), cfg.learner.world_size
+    placed = place_actors(cfg)
+    cores, world = actor_cores(cfg, placed.nodes), cfg.learner.world_size
     spec = learner_spec(cfg, model_path, cores[0])
     host = channel_bind_host()
     specs = [sampler_spec(cfg, model_path, i, cores[world + i], channel_host=host)
@@ -223,10 +273,10 @@ def build_actors(cfg: Config, model_path: str, secret: bytes) -> tuple[list, lis
     if specs[-1].full_weights and not specs[0].full_weights:
         print(f"sampler-{len(specs) - 1}: the {len(specs[-1].arms)} full fine-tuning arm(s), whose weights it "
               "swaps in turn", flush=True)
-    learners = start_learners(cfg, spec, secret, group)
+    learners = start_learners(cfg, spec, secret, placed.learners)
     manifests = ray.get(learners[0].manifests.remote())
-    samplers = [start_sampler(cfg, s, secret, {arm: manifests[arm] for arm in s.arms}, i, _in_bundle(group, world + i))
-                for i, s in enumerate(specs)]
+    samplers = [start_sampler(cfg, s, secret, {arm: manifests[arm] for arm in s.arms}, i, _in_bundle(group, 0))
+                for i, (s, group) in enumerate(zip(specs, placed.samplers))]
     ray.get(learners[0].connect.remote(ray.get([s.endpoint.remote() for s in samplers]), [s.arms for s in specs]))
     return learners, samplers
 
@@ -322,18 +372,24 @@ def placement(learners, samplers) -> dict[str, dict]:
     return dict(zip(actors, ray.get([a.__ray_call__.remote(where) for a in actors.values()])))
 
 
-def dead_actors(learners, samplers) -> list[str]:
-    """Names of the actors that are gone (killed, crashed, or lost with their node)."""
+def dead_actors(learners, samplers, where: dict[str, dict] | None = None, dropped: set[int] = frozenset()) -> list[str]:
+    """The actors that are gone (killed, crashed, or lost with their node), each named with
+    its node's address when Ray declared that node dead (`where`: placement's answer at the
+    start); samplers `dropped` from the fleet (lost with their node, the run went on) are left out."""
     import ray
 
-    actors = actor_names(learners, samplers)
+    actors = {name: a for name, a in actor_names(learners, samplers).items()
+              if name not in {f"sampler-{i}" for i in dropped}}
     pings = {name: actor.__ray_call__.remote(lambda self: None) for name, actor in actors.items()}
+    alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
     dead = []
     for name, ping in pings.items():
         try:
             ray.get(ping, timeout=30)
         except ray.exceptions.RayActorError:
-            dead.append(name)
+            node = (where or {}).get(name, {})
+            gone = node and not alive.get(node["node_id"], False)
+            dead.append(f"{name} (with its node {node['ip']}, which Ray declared dead)" if gone else name)
         except ray.exceptions.GetTimeoutError:  # busy, not dead
             pass
     return dead
@@ -365,8 +421,9 @@ class Samplers:
     stopped) is dropped when the others serve every arm it served: the learner stops
     publishing to it, Ray stops restarting it, its share of the request is split across the
     others and sampled again, and the run goes on with fewer samplers (counted in
-    fault/samplers_lost). When it was the last to serve an arm, the call waits for Ray to
-    restart it elsewhere (rollout.restart_timeout_s), as for any other death.
+    fault/samplers_lost), and its placement group (one of its own: place_actors) is removed,
+    so that Ray stops trying to re-place it. When it was the last to serve an arm, the call
+    waits for Ray to restart it elsewhere (rollout.restart_timeout_s), as for any other death.
     """
 
     POLL_S = 1.0  # how often a wait for a restarting sampler checks whether its node is gone
@@ -379,6 +436,7 @@ class Samplers:
         # The arms each serves (asked once; None: stand-in samplers, which serve every arm).
         self.serves = [set(arms) for arms in ray.get([a.arms.remote() for a in self.actors])] if learner else None
         self.nodes = ray.get([a.__ray_call__.remote(_node_id) for a in self.actors])  # where each runs now
+        self.groups = ray.get([a.__ray_call__.remote(_own_group) for a in self.actors])  # None: shares one
         self.dropped: set[int] = set()  # lost with their node: no prompts, no adapters
         self.faults = faults or Faults()  # counts restarts, losses and groups sampled again
         self._lock = threading.Lock()  # the async producer and the main thread (eval, probe) both sample
@@ -442,8 +500,6 @@ class Samplers:
     def _split(self, work: list[tuple[int, list[int], Sampling]]) -> dict[int, list]:
         """Each request's prompts (positions) across the samplers that serve its arm: the j-th
         of k gets positions j, j+k, ... with seed sampling.seed + j; non-empty shares only."""
-        import dataclasses
-
         args: dict[int, list] = {}
         for r, positions, sampling in work:
             pool = self.serving(sampling.arm)
@@ -528,6 +584,10 @@ class Samplers:
             ray.kill(self.actors[i], no_restart=True)
         except Exception:  # already gone from Ray's tables
             pass
+        if self.groups[i]:
+            from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(self.groups[i])))
         self.faults.samplers_lost += 1
         log.warning("sampler-%d was lost with its node %s (Ray declared the node dead); the run goes on with %d "
                     "sampler(s), which sample its prompts again (%d sampler(s) lost in this run so far)",
@@ -546,3 +606,12 @@ def _node_id(actor) -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id()
+
+
+def _own_group(actor) -> str | None:
+    """The id of the placement group an actor runs in when it holds that group alone (one
+    bundle: a sampler's, place_actors), else None (called inside it through __ray_call__)."""
+    import ray
+
+    group = ray.util.get_current_placement_group()
+    return group.id.hex() if group is not None and len(group.bundle_specs) == 1 else None

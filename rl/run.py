@@ -54,6 +54,7 @@ def main(argv: list[str]) -> Path:
 
     from rewards.pool import RewardPool
     from rl import report
+    from rl import checkpoint
     from rl.checkpoint import arm_runs, make_run_dir
     from rl.fleet import Samplers, build_actors, dead_actors, placement, resolve_model, shutdown, write_adapter
     from rl.splits import load_splits
@@ -81,9 +82,10 @@ def main(argv: list[str]) -> Path:
     ray.init()  # joins RAY_ADDRESS's cluster, or the job's; else starts a local instance
     secret = secrets.token_bytes(32)  # the adapter channel's key, handed out through Ray only
     learners, actors = build_actors(cfg, model_path, secret)  # learners[0]: rank 0, the learner we talk to
-    stop = StopSignal()
+    stop, where, samplers = StopSignal(), {}, None
     try:
-        (run_dir / "placement.json").write_text(json.dumps(placement(learners, actors), indent=1))
+        where = placement(learners, actors)  # {actor: node, address, pid}
+        (run_dir / "placement.json").write_text(json.dumps(where, indent=1))
         fleet = arms[0].faults if not sweep else Faults()  # sampler restarts count for every arm
         for arm in arms:
             arm.faults.max_skipped_steps = arm.cfg.learner.max_skipped_steps
@@ -105,9 +107,13 @@ def main(argv: list[str]) -> Path:
             if not arm.error:  # a failed arm's last good adapter is in its checkpoint
                 write_adapter(learners[0], arm.run_dir, arm=arm.name)
     except Exception as e:
-        dead = dead_actors(learners, actors)  # the root cause when an actor, or its node, went away
+        # The root cause when an actor, or its node, went away.
+        dead = dead_actors(learners, actors, where, samplers.dropped if samplers else set())
         if dead:
-            raise RuntimeError(f"run stopped: {' and '.join(dead)} died (see the error above)") from e
+            saved = [c for arm in arms for c in checkpoint.complete(arm.run_dir / "checkpoints")[-1:]]
+            raise RuntimeError(f"run stopped: {' and '.join(dead)} died (see the error above); the same command "
+                               + (f"resumes from {saved[0].name}" if saved else "starts again from step 0 (no "
+                                  "checkpoint yet)")) from e
         raise
     finally:
         stop.restore()
@@ -292,8 +298,12 @@ class BestAdapter:
 
     def __init__(self, metric: str, run_dir: Path, arm: str = ""):
         self.metric, self.run_dir, self.arm, self.last = metric, run_dir, arm, float("nan")
-        saved = run_dir / "best_adapter" / "best.json"
-        self.value = json.loads(saved.read_text())["value"] if saved.exists() else float("-inf")
+        saved, self.value = run_dir / "best_adapter" / "best.json", float("-inf")
+        try:
+            self.value = float(json.loads(saved.read_text())["value"]) if saved.exists() else self.value
+        except (OSError, ValueError, TypeError, KeyError) as e:  # torn or edited: the next evaluation sets the bar
+            logging.getLogger(__name__).warning("ignoring %s (%s: %s): the next evaluation's adapter becomes "
+                                                "the best", saved, e.__class__.__name__, e)
 
     def update(self, step: int, metrics: dict, learner):
         from rl.fleet import write_adapter

@@ -333,6 +333,22 @@ def test_a_relaunch_without_a_checkpoint_logs_each_step_once(tmp_path):
     assert [json.loads(line)["step"] for line in (aside / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("text", ["", '{"step": 4, "metric": "eval/accuracy", "va', "[]", '{"value": "high"}'])
+def test_a_malformed_best_json_is_ignored_with_a_warning(tmp_path, caplog, text):
+    """A torn or edited best_adapter/best.json does not stop a resume: it is named in a
+    warning and the next evaluation's adapter becomes the best."""
+    from rl.run import BestAdapter
+
+    (tmp_path / "best_adapter").mkdir()
+    (tmp_path / "best_adapter" / "best.json").write_text(text)
+    with caplog.at_level(logging.WARNING):
+        best = BestAdapter("eval/accuracy", tmp_path)
+    assert best.value == float("-inf")
+    assert "best.json" in caplog.text and "the next evaluation's adapter becomes the best" in caplog.text
+    (tmp_path / "best_adapter" / "best.json").write_text('{"step": 4, "metric": "eval/accuracy", "value": 0.25}')
+    assert BestAdapter("eval/accuracy", tmp_path).value == 0.25
+
+
 def test_no_code_of_the_project_unpickles():
     """torch.load (pickle underneath) and pickle.load appear nowhere in the project's code."""
     from pathlib import Path

@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from rl.config import ConfigError, load_config
-from rl.fleet import actor_cores, bundles, place, split_cores
+from rl.fleet import _own_group, actor_cores, bundles, place, place_actors, split_cores
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,38 @@ def test_async_mode_pins_the_learner_and_the_sampler_apart():
                                        ("async", ["rollout.cpu_cores=1"], ("", "1"))):
             cfg = load_config(None, base + [f"run.mode={mode}", *pinned])
             group = place(cfg)
-            assert tuple(actor_cores(cfg, group)) == expected, mode
+            nodes = ray.util.placement_group_table(group)["bundles_to_node_id"]
+            assert tuple(actor_cores(cfg, [nodes[0], nodes[1]])) == expected, mode
             ray.util.remove_placement_group(group)
+    finally:
+        ray.shutdown()
+
+
+def test_each_sampler_holds_a_placement_group_of_its_own():
+    """place_actors: the learner's ranks in one group, pinned to the nodes `place` chose; each
+    sampler in a group of one bundle (so that dropping it removes its group alone), which an
+    actor inside it reports as its own; the resources of the first reservation are given back."""
+    ray.init(num_cpus=3, include_dashboard=False)
+    try:
+        cfg = load_config(None, ["learner.world_size=2", "learner.num_cpus=0.5", "rollout.num_samplers=2",
+                                 "rollout.num_cpus=1"])
+        placed = place_actors(cfg)
+        node = ray.get_runtime_context().get_node_id()
+        assert placed.nodes == [node] * 4
+        assert placed.learners.bundle_specs == [{"CPU": 0.5}] * 2
+        assert [g.bundle_specs for g in placed.samplers] == [[{"CPU": 1.0}]] * 2
+        assert ray.available_resources().get("CPU", 0) == 0  # 3 CPUs held by the groups, none twice
+        in_group = {"scheduling_strategy": ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(
+            placed.samplers[1], placement_group_bundle_index=0)}
+
+        @ray.remote(num_cpus=1)
+        class Inside:
+            def group(self):
+                return _own_group(self)
+
+        assert ray.get(Inside.options(**in_group).remote().group.remote()) == placed.samplers[1].id.hex()
+        learner_in = {"scheduling_strategy": ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(
+            placed.learners, placement_group_bundle_index=0)}
+        assert ray.get(Inside.options(num_cpus=0.5, **learner_in).remote().group.remote()) is None  # shared
     finally:
         ray.shutdown()
