@@ -40,6 +40,17 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def rank_store(address: str, port: int, rank: int, world_size: int) -> torch.distributed.Store:
+    """The ranks' rendezvous store: torch's TCPStore, whose server (in rank 0) listens on
+    `address` alone. Given only a port, torch's server binds every interface; given a socket
+    bound here, it listens on that one (tests/test_integration.py checks rank 0's listeners)."""
+    if rank:
+        return torch.distributed.TCPStore(address, port, world_size, is_master=False)
+    listener = socket.create_server((address, port), family=socket.AF_INET6 if ":" in address else socket.AF_INET)
+    return torch.distributed.TCPStore(address, port, world_size, is_master=True, wait_for_workers=False,
+                                      master_listen_fd=listener.detach())  # torch owns the socket from here
+
+
 def rendezvous() -> tuple[str, int]:
     """This node's address and a free port on it: run as a Ray task where rank 0 will live."""
     import ray
@@ -243,8 +254,9 @@ class Learner:
         os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK="0",
                           WORLD_SIZE=str(self.world_size))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if self.world_size == 1:  # no rendezvous: torch's TCPStore would listen on every interface (tests/test_hosts.py)
-            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        # One rank needs no rendezvous: an in-memory store, nothing listens (tests/test_hosts.py).
+        store = rank_store(address, port, rank, self.world_size) if master else torch.distributed.HashStore()
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=self.world_size)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # joins the group made above
         self.peers: list = []  # ranks 1.. (rank 0 only)
         groups = [{"params": arm.params, "lr": arm.spec.lr, "weight_decay": arm.spec.weight_decay}

@@ -15,7 +15,11 @@ run and names the likely cause. Causes it tells apart:
 
 from __future__ import annotations
 
+import logging
+
 from common.records import Datum, Sampling
+
+log = logging.getLogger(__name__)
 
 CANDIDATE_TEMPERATURES = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.1, 1.2, 1.5, 2.0)
 
@@ -42,9 +46,15 @@ def run_probe(learner, samplers, prompt_ids_P: list[list[int]], cfg, temperature
 
     r = cfg.rollout
     temperature = r.temperature if temperature is None else temperature
-    worst = (0.0, 0.0)
+    worst, compared = (0.0, 0.0), 0
     for i, sampler in enumerate(samplers):
-        out = ray.get(sampler.generate.remote(prompt_ids_P, Sampling(2, temperature, r.max_tokens, r.top_p, 12345, arm)))
+        try:
+            out = ray.get(sampler.generate.remote(prompt_ids_P, Sampling(2, temperature, r.max_tokens, r.top_p, 12345,
+                                                                         arm)))
+        except ray.exceptions.RayActorError as e:  # the next rollout restarts it, or drops it with its node
+            log.warning("probe: sampler %d died before it answered (%s); it is not compared this time", i,
+                        e.__class__.__name__)
+            continue
         seqs = [Datum(p, c.tokens, arm=arm) for p, g in zip(prompt_ids_P, out.completions_P_G) for c in g]
         sampler_lp = [c.logprobs for g in out.completions_P_G for c in g]
         learner_lp = ray.get(learner.logprobs.remote(seqs))
@@ -53,8 +63,8 @@ def run_probe(learner, samplers, prompt_ids_P: list[list[int]], cfg, temperature
             raise ProbeError(f"sampler {i} ({'arm ' + arm + ', ' if arm else ''}adapter version {out.version}): mean |log-prob gap| {gap[0]:.2e} "
                              f"(max {gap[1]:.2e}) exceeds sync.probe_tolerance={cfg.sync.probe_tolerance:g}; "
                              + diagnose(learner, seqs, sampler_lp, gap[0], cfg))
-        worst = max(worst, gap)
-    return {"sync/probe_gap_mean": worst[0], "sync/probe_gap_max": worst[1]}
+        worst, compared = max(worst, gap), compared + 1
+    return {"sync/probe_gap_mean": worst[0], "sync/probe_gap_max": worst[1]} if compared else {}
 
 
 def diagnose(learner, seqs: list[Datum], sampler_lp: list[list[float]], gap: float, cfg) -> str:

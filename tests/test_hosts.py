@@ -367,3 +367,30 @@ def test_async_and_stream_rollouts_go_on_without_a_lost_sampler(local_ray, monke
         assert len(trained) + len(pending) == state["position"]
     assert samplers.dropped == {1} and samplers.faults.samplers_lost == 1
     assert samplers.faults.sampler_restarts == 0
+
+
+@pytest.mark.integration
+def test_a_sampler_lost_during_the_probe_is_skipped_not_fatal(local_ray, caplog):
+    """The probe (step 1, then every sync.probe_every) asks each sampler directly: one that died
+    meanwhile is left out with a warning (the next rollout restarts or drops it), the others
+    are compared; with none left the probe reports nothing rather than a gap of 0."""
+    import logging
+
+    import ray
+
+    from rl.config import load_config
+    from rl.probe import run_probe
+
+    class ProbeLearner(FakeLearner):
+        def logprobs(self, seqs, temperature=None):
+            return [[-0.1, -0.2] for _ in seqs]  # FakeSampler's log-probs: a gap of 0
+
+    actors = [ray.remote(HostSampler).remote(i) for i in range(2)]
+    learner = ray.remote(ProbeLearner).remote(actors)
+    ray.kill(actors[1], no_restart=True)
+    cfg = load_config(None, [])
+    with caplog.at_level(logging.WARNING):
+        assert run_probe(learner, actors, [[1], [2]], cfg) == {"sync/probe_gap_mean": 0.0, "sync/probe_gap_max": 0.0}
+    assert "probe: sampler 1 died before it answered" in caplog.text
+    ray.kill(actors[0], no_restart=True)
+    assert run_probe(learner, actors, [[1], [2]], cfg) == {}

@@ -387,6 +387,17 @@ def test_state_files_restore_the_learner_exactly_and_hold_no_pickle(stack, zero_
         ray.kill(learner)
 
 
+def listeners_but_ray(actor) -> list[tuple[str, int]]:
+    """(address, port) of the TCP sockets this process listens on, but Ray's worker gRPC server
+    (the port that owns this process's objects; called inside an actor through __ray_call__)."""
+    import psutil
+    from ray.core.generated.common_pb2 import Address
+
+    ray_server = Address.FromString(ray._private.worker.global_worker.core_worker.get_owner_address(ray.put(0)))
+    return [(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port != ray_server.port]
+
+
 def test_two_rank_learner_takes_the_one_rank_step(stack):
     """learner.world_size=2: two DeepSpeed ranks (gloo), each on half the completions, take
     the step one rank takes on all of them: the adapters agree within 0.5% of the step's move
@@ -408,6 +419,11 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
         group = place(cfg)
         ranks = start_learners(cfg, spec(cfg, stack["model_path"]), b"k" * 32, group, name=f"dp{world}")
         try:
+            # Nothing of the ranks listens on every interface (rank 0's rendezvous store, gloo's pairs)
+            # but Ray's own gRPC server in each worker process, whose port the worker names.
+            listening = [s for found in ray.get([r.__ray_call__.remote(listeners_but_ray) for r in ranks]) for s in found]
+            assert world == 1 or listening, "a two-rank learner listens for its peers"
+            assert all(ip not in ("0.0.0.0", "::") for ip, _ in listening), listening
             steps = [ray.get(ranks[0].train_step.remote(batch))[""] for _ in range(2)]
             logprobs = ray.get(ranks[0].logprobs.remote([Datum(b.prompt_ids, b.tokens)
                                                           for b in batch]))
