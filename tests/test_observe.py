@@ -140,6 +140,23 @@ def test_tensorboard_and_wandb_offline_hold_the_logged_scalars(tmp_path):
     assert json.loads((tmp_path / "samples.jsonl").read_text())["rows"] == rows
 
 
+def test_an_attempt_after_a_set_aside_one_is_a_new_wandb_run(tmp_path):
+    """W&B drops steps a run already has: an attempt that starts again at step 0 (the earlier
+    one moved to previous-attempt-1) logs to a run of its own; resuming it keeps that run."""
+    from rl.checkpoint import set_aside
+    from rl.loggers import wandb_run_id
+
+    run_dir = tmp_path / "my run"
+    run_dir.mkdir()
+    assert wandb_run_id(run_dir) == "my-run"
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    set_aside(run_dir)
+    assert wandb_run_id(run_dir) == "my-run-attempt2" == wandb_run_id(run_dir)  # the same on resume
+    arm = tmp_path / "sweep" / "arms" / "lr=0.1"
+    arm.mkdir(parents=True)
+    assert wandb_run_id(arm) == "sweep-lr-0-1"
+
+
 def test_the_report_builds_from_metrics_jsonl_alone(tmp_path):
     steps = 30
     rows = [{"step": 0, "eval/accuracy": 0.5, "eval/pass@4": 0.7, "eval/mean@4": 0.45}]
