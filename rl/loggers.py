@@ -75,15 +75,18 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-def wandb_run_id(run_dir: Path) -> str:
-    """One W&B run per attempt at a run directory: a resumed run continues it (W&B ignores the
+def wandb_run(run_dir: Path) -> tuple[str, str | None, str]:
+    """The W&B run of a run directory: (name, group, id).
+
+    One W&B run per attempt at a run directory: a resumed run continues it (W&B ignores the
     steps it already has, which the resumed run logs again); an attempt that starts again at
     step 0 after an earlier one was set aside (previous-attempt-<N>, rl/checkpoint.py) is a new
-    run, <name>-attempt<N+1>, since W&B would drop the steps it logs again."""
+    run, <name>-attempt<N+1>, since W&B would drop the steps it logs again. A sweep's arms
+    (RUN/arms/<name>) are runs of their own in one group named for the sweep."""
     sweep = run_dir.parent.parent.name if run_dir.parent.name == "arms" else None
     name = f"{sweep}/{run_dir.name}" if sweep else run_dir.name
     earlier = len(list(run_dir.glob("previous-attempt-*")))
-    return re.sub(r"[^A-Za-z0-9_-]", "-", name + (f"-attempt{earlier + 1}" if earlier else ""))[-64:]
+    return name, sweep, re.sub(r"[^A-Za-z0-9_-]", "-", name + (f"-attempt{earlier + 1}" if earlier else ""))[-64:]
 
 
 class WandbLogger:
@@ -91,13 +94,9 @@ class WandbLogger:
         import wandb
 
         self.wandb = wandb
-        # A sweep's arms (RUN/arms/<name>) are runs of their own in one group named for the
-        # sweep, all open at once in this process.
-        sweep = run_dir.parent.parent.name if run_dir.parent.name == "arms" else None
-        name = f"{sweep}/{run_dir.name}" if sweep else run_dir.name
-        self.run = wandb.init(project=cfg.logging.wandb_project, name=name, id=wandb_run_id(run_dir), resume="allow",
-                              group=sweep, dir=str(run_dir), mode=cfg.logging.wandb_mode, config=config,
-                              reinit="create_new")
+        name, group, run_id = wandb_run(run_dir)  # a sweep's arms: all open at once in this process
+        self.run = wandb.init(project=cfg.logging.wandb_project, name=name, id=run_id, resume="allow", group=group,
+                              dir=str(run_dir), mode=cfg.logging.wandb_mode, config=config, reinit="create_new")
 
     def config(self, config: dict):
         pass  # given to wandb.init

@@ -144,17 +144,17 @@ def test_an_attempt_after_a_set_aside_one_is_a_new_wandb_run(tmp_path):
     """W&B drops steps a run already has: an attempt that starts again at step 0 (the earlier
     one moved to previous-attempt-1) logs to a run of its own; resuming it keeps that run."""
     from rl.checkpoint import set_aside
-    from rl.loggers import wandb_run_id
+    from rl.loggers import wandb_run
 
     run_dir = tmp_path / "my run"
     run_dir.mkdir()
-    assert wandb_run_id(run_dir) == "my-run"
+    assert wandb_run(run_dir) == ("my run", None, "my-run")
     (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
     set_aside(run_dir)
-    assert wandb_run_id(run_dir) == "my-run-attempt2" == wandb_run_id(run_dir)  # the same on resume
+    assert wandb_run(run_dir) == ("my run", None, "my-run-attempt2") == wandb_run(run_dir)  # the same on resume
     arm = tmp_path / "sweep" / "arms" / "lr=0.1"
     arm.mkdir(parents=True)
-    assert wandb_run_id(arm) == "sweep-lr-0-1"
+    assert wandb_run(arm) == ("sweep/lr=0.1", "sweep", "sweep-lr-0-1")
 
 
 def test_the_report_builds_from_metrics_jsonl_alone(tmp_path):

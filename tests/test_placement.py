@@ -60,7 +60,8 @@ def test_async_mode_pins_the_learner_and_the_sampler_apart():
 def test_each_sampler_holds_a_placement_group_of_its_own():
     """place_actors: the learner's ranks in one group, pinned to the nodes `place` chose; each
     sampler in a group of one bundle (so that dropping it removes its group alone), which an
-    actor inside it reports as its own; the resources of the first reservation are given back."""
+    actor inside it reports as its own. The groups need all 3 CPUs of the cluster: they are
+    placed only because the first reservation (`place`) was given back."""
     ray.init(num_cpus=3, include_dashboard=False)
     try:
         cfg = load_config(None, ["learner.world_size=2", "learner.num_cpus=0.5", "rollout.num_samplers=2",
@@ -70,7 +71,6 @@ def test_each_sampler_holds_a_placement_group_of_its_own():
         assert placed.nodes == [node] * 4
         assert placed.learners.bundle_specs == [{"CPU": 0.5}] * 2
         assert [g.bundle_specs for g in placed.samplers] == [[{"CPU": 1.0}]] * 2
-        assert ray.available_resources().get("CPU", 0) == 0  # 3 CPUs held by the groups, none twice
         in_group = {"scheduling_strategy": ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(
             placed.samplers[1], placement_group_bundle_index=0)}
 
