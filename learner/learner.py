@@ -40,6 +40,37 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def release_stale_build_locks(root: Path | None = None, min_age_s: float = 60.0) -> list[Path]:
+    """Remove torch's extension build locks that no process on this machine holds.
+
+    DeepSpeed builds its ops with torch's cpp_extension, which takes <build dir>/lock by
+    creating it and holding it open for the build; every other process waits, for ever, while
+    the file exists. A builder killed mid-build (an OOM kill) leaves the file, and every later
+    learner on the machine hangs at start. A lock that is min_age_s old and that no process
+    here has open is such a leftover: removed, and named. (A build directory shared with other
+    machines would hide their holders: set TORCH_EXTENSIONS_DIR to a local path there.)"""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = (root or Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())).resolve()
+    locks = [p for p in root.glob("**/lock") if time.time() - p.stat().st_mtime >= min_age_s] if root.is_dir() else []
+    if not locks:
+        return []
+    held = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            held.add(os.readlink(fd))
+        except OSError:  # the process or descriptor went away, or is not ours to read
+            pass
+    removed = []
+    for lock in locks:
+        if str(lock) not in held:
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+            print(f"removed {lock}: a build lock that no process holds (its builder was killed); "
+                  "it would make this learner wait for ever", flush=True)
+    return removed
+
+
 def rank_store(address: str, port: int, rank: int, world_size: int) -> torch.distributed.Store:
     """The ranks' rendezvous store: torch's TCPStore, whose server (in rank 0) listens on
     `address` alone. Given only a port, torch's server binds every interface; given a socket
@@ -208,6 +239,7 @@ class Learner:
         secret: the run's adapter-channel key, handed out by the driver through Ray;
         master: rank 0's (node address, port) for the process group, found through Ray
         (`rl/fleet.py`); None for a single rank on this node."""
+        release_stale_build_locks()  # before DeepSpeed builds or loads its ops
         import deepspeed
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
