@@ -53,8 +53,7 @@ def main(argv: list[str]) -> Path:
     import ray
 
     from rewards.pool import RewardPool
-    from rl import report
-    from rl import checkpoint
+    from rl import checkpoint, report
     from rl.checkpoint import arm_runs, make_run_dir
     from rl.fleet import Samplers, build_actors, dead_actors, placement, resolve_model, shutdown, write_adapter
     from rl.splits import load_splits
