@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Sampling:
-    """n completions per prompt; temperature 0 is greedy; seed None: unseeded."""
+    """n completions per prompt; temperature 0 is greedy.
+
+    Seeds: completion i of a prompt whose seed is s draws from its own random stream, seeded
+    s + i (as vLLM seeds the children of a request of n). `seeds` gives each prompt's s; without
+    it, prompt p's s is seed + p * n, so that no two completions of a request share a stream;
+    seed None (and no seeds): unseeded."""
 
     n: int
     temperature: float
@@ -25,6 +30,15 @@ class Sampling:
     seed: int | None = None
     arm: str = ""  # whose adapter samples (rl/arms.py; "" in a run without arms)
     length_profile: str = ""  # benchmarks: each completion's length forced (rollout/lengths.py); "": the model's
+    seeds: tuple[int, ...] = ()  # one per prompt of the request, when given
+
+    def prompt_seeds(self, count: int) -> list[int | None]:
+        """The seed s of each of `count` prompts (see the class doc)."""
+        if self.seeds:
+            if len(self.seeds) != count:
+                raise ValueError(f"{len(self.seeds)} seeds for {count} prompts")
+            return list(self.seeds)
+        return [None if self.seed is None else self.seed + p * self.n for p in range(count)]
 
 
 @dataclass(frozen=True)
@@ -67,9 +81,11 @@ class Group:
     completions: list[Completion]
     version: int
     digest: str
-    scores: list[float] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)
+    # Per completion; None where its grading timed out (no grade: left out of the loss and the means).
+    scores: list[float | None] = field(default_factory=list)
+    rewards: list[float | None] = field(default_factory=list)
     arm: str = ""  # whose adapter produced them
+    position: int = -1  # the prompt's draw in its train split (rl/splits.py); -1: not a training prompt
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,7 @@ class Datum:
     sampler_logprobs: list[float] = field(default_factory=list)
     advantage: float = 0.0
     arm: str = ""  # whose adapter scores and trains on it
+    lag: int = 0  # adapter versions between the one that sampled it and the learner's (0: the learner's own)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,20 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class Objective:
+    """One arm's policy-gradient objective (loss.* in the config; learner/loss.py says what each does)."""
+
+    normalizer: str = "sequences"  # sequences | tokens | sequence_mean | none
+    ratio_level: str = "token"  # token | sequence (GSPO)
+    ratio_cap: float | None = None  # TIS: coefficient min(ratio, cap)
+    clip_low: float | None = None  # PPO: A < 0 and ratio < 1 - clip_low: no gradient
+    clip_high: float | None = None  # PPO: A > 0 and ratio > 1 + clip_high: no gradient
+    dual_clip: float | None = None  # A < 0 and ratio > dual_clip: no gradient
+    ratio_mask: float | None = None  # MIS: ratio outside [1/C, C]: left out
+    mask_level: str = "token"  # token | sequence
+
+
+@dataclass(frozen=True)
 class AdapterSpec:
     """One arm's adapter in the learner: its shape, its optimiser and its objective."""
 
@@ -29,9 +43,7 @@ class AdapterSpec:
     weight_decay: float
     grad_clip: float  # 0: none
     temperature: float
-    normalizer: str  # sequences | tokens | none
-    ratio_cap: float | None
-    clip_eps: float | None
+    objective: Objective
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,7 @@ class LearnerSpec:
     logprob_chunk: int  # 0: full logits
     gradient_checkpointing: bool
     cpu_cores: str  # "" = every core this process may use
+    kl_base_every: int  # every N steps the KL to the base model (adapters disabled); 0: never
     # the adapter channel
     wire_dtype: str  # float32 | bfloat16
     ack_timeout_s: float

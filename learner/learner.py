@@ -27,8 +27,8 @@ from common.cpus import pin_cpus
 from common.records import Datum, Published
 from common.specs import AdapterSpec, LearnerSpec
 from learner.flops import Shape
-from learner.logprobs import micro_batches, sequence_logprobs
-from learner.loss import denominator, policy_gradient_loss
+from learner.logprobs import micro_batches, output_head, sequence_logprobs
+from learner.loss import STAT_KEYS, denominator, policy_gradient_loss
 from rollout.channel import AdapterSender, Unacknowledged, encode, version_digest
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -139,6 +139,23 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Dropout off in every module, for good: RL's log-probs are the policy's, and the ratio and
+    the probe compare them with the sampler's, which has none. Training mode turns dropout on
+    (and HF's checkpointing needs training mode), so the rates themselves go to 0: nn.Dropout's
+    p, and the float *dropout* attributes attention modules read in training mode
+    (`attention_dropout`). Returns how many were non-zero."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p, changed = 0.0, changed + 1
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float) and value:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
 def by_arm(seqs: list[Datum]) -> dict[str, list[int]]:
     """Arm -> the indices of its completions, arms in order of first appearance."""
     out: dict[str, list[int]] = {}
@@ -162,14 +179,23 @@ def merge_metrics(results: list[dict]) -> dict:
     totals = {k: sum(r["totals"][k] for r in results) for k in results[0]["totals"]}
     totals["ratio_max"] = max(r["totals"]["ratio_max"] for r in results)
     tokens, sq, seconds = max(totals["tokens"], 1), totals["ratio_sq_sum"], max(r["seconds"] for r in results)
-    return {
+    # The sampler/learner mismatch split by cause: on groups of the learner's own version it is
+    # numerics alone (dtypes, kernels); on stale groups numerics and the versions' lag.
+    split = {f"learner/mismatch_kl_{part}": totals[f"kl_{part}_sum"] / totals[f"tokens_{part}"]
+             for part in ("current", "stale") if totals[f"tokens_{part}"]}
+    if totals["kl_base_tokens"]:
+        split["learner/kl_base"] = totals["kl_base_sum"] / totals["kl_base_tokens"]
+    return {**split,
         "learner/loss": totals["loss"] / len(results),  # each rank's loss is scaled by the world size
         "learner/ratio_mean": totals["ratio_sum"] / tokens,
         "learner/ratio_max": totals["ratio_max"],
         # Effective sample size of the token ratios as a fraction of the tokens: 1 when on-policy.
         "learner/ratio_ess": totals["ratio_sum"] ** 2 / (tokens * sq) if sq else 1.0,
         "learner/mismatch_kl": totals["kl_sum"] / tokens,  # KL(sampler || learner) per token, k3 estimator
-        "learner/truncated_frac": totals["limited"] / tokens,
+        "learner/entropy": totals["entropy_sum"] / tokens,  # of the policy, per token, at the temperature
+        # Tokens whose coefficient an objective option changed (learner/loss.py), by option and side.
+        **{f"learner/{k}_frac": totals[k] / tokens for k in ("capped", "clipped_low", "clipped_high", "dual_clipped",
+                                                             "masked_low", "masked_high")},
         # The share of padding in the forward passes (prompt and completion positions).
         "learner/pad_frac": 1 - totals["positions"] / totals["padded"] if totals["padded"] else 0.0,
         "learner/grad_norm": results[0]["grad_norm"],  # before clipping; gradients are averaged over ranks
@@ -253,6 +279,10 @@ class Learner:
         dtype = getattr(torch, spec.dtype)
         model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
         model.config.use_cache = False  # the learner scores whole sequences: no KV cache
+        if disable_dropout(model):
+            print("learner: the model's dropout is off (the policy's log-probs have none)", flush=True)
+        if spec.logprob_chunk:
+            output_head(model)  # refuses a model whose logits are transformed after its head, now
         if spec.gradient_checkpointing:
             # Non-reentrant: reentrant checkpointing needs an input that requires grad, and with
             # adapters the embeddings are frozen.
@@ -461,8 +491,8 @@ class Learner:
         with torch.no_grad():
             for arm, indices in by_arm(seqs).items():
                 self._activate(arm)
-                lp, mask = sequence_logprobs(self.arms[arm].model, [seqs[i] for i in indices],
-                                             temperature or self.arms[arm].spec.temperature, self.spec.logprob_chunk)
+                lp, mask, _ = sequence_logprobs(self.arms[arm].model, [seqs[i] for i in indices],
+                                                temperature or self.arms[arm].spec.temperature, self.spec.logprob_chunk)
                 for i, row, m in zip(indices, lp, mask):
                     out[i] = row[: int(m.sum())].tolist()
         return out
@@ -471,9 +501,10 @@ class Learner:
         """Rank 0 only: the handles of ranks 1..N-1, in rank order."""
         self.peers = list(peers)
 
-    def train_step(self, seqs: list[Datum]) -> dict[str, dict]:
+    def train_step(self, seqs: list[Datum], arms: list[str] | None = None) -> dict[str, dict]:
         """One optimiser step over all completions (common/records.py `Datum`s), each on its
-        arm's adapter; the metrics of each arm in the batch.
+        arm's adapter; the metrics of each arm in the batch, and of each arm in `arms` (an arm
+        with no completion left, e.g. all of its grades timed out, steps on a zero gradient).
 
         With peers (one arm only), completion i goes to rank i % world_size; every rank
         normalises by the whole step's size, so the averaged gradient is the one-rank gradient.
@@ -484,6 +515,7 @@ class Learner:
 
         shards = [seqs[r::self.world_size] for r in range(self.world_size)]
         counts = {arm: (len(ix), sum(len(seqs[i].tokens) for i in ix)) for arm, ix in by_arm(seqs).items()}
+        counts.update({arm: (0, 0) for arm in arms or () if arm not in counts})
         counts = counts or {next(iter(self.arms)): (0, 0)}
         n_micro = max(len(self._micro_batches(shard)) for shard in shards)
         pending = [peer.train_shard.remote(shard, counts, n_micro) for peer, shard in zip(self.peers, shards[1:])]
@@ -556,34 +588,61 @@ class Learner:
                     positions: range, last: int) -> dict:
         """Forward and backward of one arm's micro-batches (positions: theirs in the step's
         order; `last` is the step's last, the accumulation boundary); the arm's sums."""
-        spec = self.arms[arm].spec
+        a = self.arms[arm]
+        spec = a.spec
         self._activate(arm)
         # DeepSpeed averages gradients over ranks: scale back up to the step's sum / denominator.
         # Each micro-batch's loss is its share of the step's sum / denominator, so the gradient
         # is the same however the completions are grouped into micro-batches.
-        denom = denominator(spec.normalizer, *counts) / self.world_size
-        totals = dict.fromkeys(("ratio_sum", "ratio_sq_sum", "ratio_max", "kl_sum", "limited", "tokens", "loss"), 0.0)
+        denom = denominator(spec.objective.normalizer, *counts) / self.world_size
+        totals = dict.fromkeys(STAT_KEYS + ("loss", "entropy_sum", "kl_current_sum", "tokens_current", "kl_stale_sum",
+                                            "tokens_stale", "kl_base_sum", "kl_base_tokens"), 0.0)
         sizes = [len(s.prompt_ids) + len(s.tokens) for s in seqs]
         totals["positions"], totals["padded"] = sum(sizes), sum(len(b) * max(sizes[j] for j in b) for b in plan if b)
+        # learner.kl_base_every: this step (a.step + 1, as the driver counts) measures the KL to the base model.
+        every = self.spec.kl_base_every
+        kl_base = not a.full and every > 0 and (a.step + 1) % every == 0
         for position, indices in zip(positions, plan):
             chunk = [seqs[j] for j in indices]
             # The last micro-batch is the accumulation boundary: gradients are reduced there.
             self.engine.set_gradient_accumulation_boundary(position == last)
             if chunk:
-                lp, mask = sequence_logprobs(self.arms[arm].model, chunk, spec.temperature, self.spec.logprob_chunk)
+                lp, mask, entropy = sequence_logprobs(a.model, chunk, spec.temperature, self.spec.logprob_chunk)
                 T = lp.shape[1]
                 old = torch.tensor([list(s.sampler_logprobs) + [0.0] * (T - len(s.sampler_logprobs)) for s in chunk])
                 adv = torch.tensor([s.advantage for s in chunk])
-                loss, stats = policy_gradient_loss(lp, old, adv, mask, denom, spec.ratio_cap, spec.clip_eps)
+                loss, stats = policy_gradient_loss(lp, old, adv, mask, denom, spec.objective)
                 totals["ratio_max"] = max(totals["ratio_max"], stats["ratio_max"].item())
-                for k in ("ratio_sum", "ratio_sq_sum", "kl_sum", "limited", "tokens"):
-                    totals[k] += stats[k].item()
+                for k in STAT_KEYS:
+                    if k != "ratio_max":
+                        totals[k] += stats[k].item()
+                totals["entropy_sum"] += (entropy * mask).sum().item()
+                with torch.no_grad():
+                    log_ratio = (lp.detach() - old) * mask
+                    kl_B = ((log_ratio.exp() - 1 - log_ratio) * mask).sum(1)
+                    current = torch.tensor([s.lag == 0 for s in chunk])
+                    for part, rows in (("current", current), ("stale", ~current)):
+                        totals[f"kl_{part}_sum"] += kl_B[rows].sum().item()
+                        totals[f"tokens_{part}"] += mask[rows].sum().item()
+                    if kl_base:
+                        totals["kl_base_sum"] += self._kl_to_base(a, chunk, lp.detach(), mask)
+                        totals["kl_base_tokens"] += mask.sum().item()
             else:  # no completions for this rank (dropped groups, or a busier peer): a zero gradient
                 loss = sum(p.sum() for p in self.arms[arm].params) * 0.0
             # The loss is already normalised over the whole step: no extra 1/GAS scaling.
             self.engine.backward(loss, scale_wrt_gas=False)
             totals["loss"] += loss.item()
         return totals
+
+    def _kl_to_base(self, arm: Arm, chunk: list[Datum], lp_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> float:
+        """Sum over the tokens of the k3 estimate of KL(policy || base model), with the adapter
+        disabled for one more forward pass (no gradient): rho - 1 - log rho, rho = p_base / p_policy,
+        >= 0 per token and unbiased for tokens drawn from the policy (here the sampler's, within
+        the mismatch the learner/mismatch_kl metrics measure)."""
+        with torch.no_grad(), arm.model.disable_adapter():
+            base, _, _ = sequence_logprobs(arm.model, chunk, arm.spec.temperature, self.spec.logprob_chunk)
+        log_rho = (base - lp_B_T) * mask_B_T
+        return ((log_rho.exp() - 1 - log_rho) * mask_B_T).sum().item()
 
     def _non_finite(self, values: dict[str, tuple[float, float | None]]) -> dict[str, bool]:
         """Per arm, whether any rank's loss or the (already averaged) gradient is NaN or infinite."""

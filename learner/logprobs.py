@@ -7,6 +7,14 @@ copies of the same size, all kept for backward. Here the LM head is applied only
 positions that predict completion tokens, `chunk` tokens at a time, and each token's log-prob
 is its logit minus a logsumexp over the vocabulary; backward recomputes each chunk's logits
 (one more matmul) instead of keeping them, so at most a chunk x V block of logits is alive.
+
+Each token's entropy, -sum_v p_v log p_v of the sampling distribution (at the temperature), is
+computed in the same pass from the block at hand (`learner/entropy`): no gradient, and at most
+ENTROPY_ROWS x V more floats.
+
+Models whose logits are more than the LM head's output (Gemma 2's final soft-capping, Cohere's
+logit_scale, Granite's logits_scaling) would get wrong log-probs from the chunked head:
+`output_head` refuses them (the full-logits path, chunk 0, is the model's own).
 """
 
 from __future__ import annotations
@@ -14,6 +22,11 @@ from __future__ import annotations
 import torch
 
 from common.records import Datum
+
+ENTROPY_ROWS = 64  # rows of a logits block whose probabilities are materialised at once for the entropy
+# Config attributes by which a model scales or caps its logits beyond the LM head (when not neutral).
+# (transformers' Gemma 2/3, Cohere and Granite families; a remote-code model's own scaling is not seen.)
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -30,8 +43,19 @@ def _logits(hidden_C_H: torch.Tensor, weight_V_H: torch.Tensor, bias_V, temperat
     return _upcast(logits).div_(temperature)
 
 
+def _entropy(logits_C_V: torch.Tensor, lse_C: torch.Tensor) -> torch.Tensor:
+    """-sum p log p per row, with p = softmax(logits): lse - sum p * logits, ENTROPY_ROWS rows at a time."""
+    out = torch.empty_like(lse_C)
+    for s in range(0, len(lse_C), ENTROPY_ROWS):
+        z = logits_C_V[s:s + ENTROPY_ROWS]
+        p = (z - lse_C[s:s + ENTROPY_ROWS, None]).exp_()
+        out[s:s + ENTROPY_ROWS] = lse_C[s:s + ENTROPY_ROWS] - torch.linalg.vecdot(p, z)
+    return out
+
+
 class ChunkedTokenLogprobs(torch.autograd.Function):
-    """log softmax(hidden W^T / temperature)[target] for N tokens, `chunk` tokens at a time.
+    """log softmax(hidden W^T / temperature)[target] for N tokens, `chunk` tokens at a time,
+    and (a second output, without gradient) each token's entropy.
 
     d logp / d logits = (onehot(target) - p) / temperature. With a frozen head (LoRA) only the
     hidden states need a gradient, and each token's is its upstream scalar times
@@ -45,6 +69,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden_N_H, weight_V_H, bias_V, targets_N, temperature: float, chunk: int):
         logprobs_N = torch.empty(len(targets_N), dtype=_upcast(hidden_N_H[:0]).dtype, device=hidden_N_H.device)
         lse_N = torch.empty_like(logprobs_N)
+        entropy_N = torch.empty_like(logprobs_N)
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         precompute = want_h and not (want_w or want_b)
         dlogp_dh = torch.empty(hidden_N_H.shape, dtype=logprobs_N.dtype, device=hidden_N_H.device) if precompute else None
@@ -52,6 +77,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             logits = _logits(hidden_N_H[s:s + chunk], weight_V_H, bias_V, temperature)
             lse_N[s:s + chunk] = torch.logsumexp(logits, dim=1)
             logprobs_N[s:s + chunk] = logits.gather(1, targets_N[s:s + chunk, None]).squeeze(1) - lse_N[s:s + chunk]
+            entropy_N[s:s + chunk] = _entropy(logits, lse_N[s:s + chunk])
             if precompute:
                 g = _dlogp_dlogits(logits, lse_N[s:s + chunk], targets_N[s:s + chunk], temperature)
                 dlogp_dh[s:s + chunk] = g.to(weight_V_H.dtype) @ weight_V_H
@@ -61,10 +87,11 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         else:
             ctx.save_for_backward(hidden_N_H, weight_V_H, bias_V, targets_N, lse_N)
         ctx.precompute, ctx.temperature, ctx.chunk, ctx.hidden_dtype = precompute, temperature, chunk, hidden_N_H.dtype
-        return logprobs_N
+        ctx.mark_non_differentiable(entropy_N)
+        return logprobs_N, entropy_N
 
     @staticmethod
-    def backward(ctx, grad_N):
+    def backward(ctx, grad_N, _grad_entropy):
         if ctx.precompute:
             (dlogp_dh,) = ctx.saved_tensors
             grad_h = (grad_N[:, None].to(dlogp_dh.dtype) * dlogp_dh).to(ctx.hidden_dtype)
@@ -108,9 +135,17 @@ def _batch(seqs: list[Datum]) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, attention
 
 
-def _output_head(model):
-    """The causal LM under any PEFT wrapper, its decoder body and its LM head (a Linear)."""
+def output_head(model):
+    """The causal LM under any PEFT wrapper, its decoder body and its LM head (a Linear); a
+    model that transforms its logits beyond the head (LOGIT_TRANSFORMS) is refused."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    for key, neutral in LOGIT_TRANSFORMS.items():
+        value = getattr(config, key, neutral)
+        if value != neutral:
+            raise ValueError(f"the model's config sets {key}={value!r}: its logits are transformed after the LM head, "
+                             "which the chunked log-probs do not apply; set learner.logprob_chunk=0 (the model's "
+                             "own forward)")
     head = lm.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         raise ValueError(f"learner.logprob_chunk needs a plain Linear LM head, got {type(head).__name__} "
@@ -118,11 +153,13 @@ def _output_head(model):
     return lm.base_model, head
 
 
-def sequence_logprobs(model, seqs: list[Datum], temperature: float, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(model, seqs: list[Datum], temperature: float, chunk: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each completion under `model`, at the sampling temperature.
 
-    seqs: Datums (only their prompt_ids and tokens are read). Returns (logprobs_B_T, mask_B_T) over the
-    completion tokens, right-padded. Dividing logits by the temperature matches vLLM's
+    seqs: Datums (only their prompt_ids and tokens are read). Returns (logprobs_B_T, mask_B_T,
+    entropy_B_T) over the completion tokens, right-padded (the entropy of the distribution each
+    token was drawn from, at the temperature, without gradient). Dividing logits by the temperature matches vLLM's
     processed log-probs, which are taken after temperature. chunk > 0: the LM head only at
     positions that predict completion tokens, `chunk` tokens at a time (module doc); 0: full
     logits at every position and a log-softmax over them (the reference).
@@ -140,15 +177,19 @@ def sequence_logprobs(model, seqs: list[Datum], temperature: float, chunk: int =
     positions = starts[rows] + cols - 1
     targets = input_ids[rows, positions + 1]
     if chunk:
-        body, head = _output_head(model)
+        body, head = output_head(model)
         hidden = body(input_ids=input_ids, attention_mask=attention).last_hidden_state
-        logprobs_N = ChunkedTokenLogprobs.apply(hidden[rows, positions], head.weight, head.bias, targets,
-                                                temperature, chunk)
+        logprobs_N, entropy_N = ChunkedTokenLogprobs.apply(hidden[rows, positions], head.weight, head.bias, targets,
+                                                           temperature, chunk)
     else:
         logits = _upcast(model(input_ids=input_ids, attention_mask=attention).logits) / temperature
-        logprobs_N = torch.log_softmax(logits, dim=-1)[rows, positions, targets]
+        log_softmax_N_V = torch.log_softmax(logits, dim=-1)[rows, positions]
+        logprobs_N = log_softmax_N_V.gather(1, targets[:, None]).squeeze(1)
+        with torch.no_grad():
+            entropy_N = -(log_softmax_N_V.exp() * log_softmax_N_V).sum(-1)
     logprobs_B_T = torch.zeros(B, T, dtype=logprobs_N.dtype).index_put((rows, cols), logprobs_N)
-    return logprobs_B_T, mask
+    entropy_B_T = torch.zeros(B, T, dtype=entropy_N.dtype).index_put((rows, cols), entropy_N.detach())
+    return logprobs_B_T, mask, entropy_B_T
 
 
 def micro_batches(sizes: list[int], max_count: int, max_tokens: int = 0) -> list[list[int]]:

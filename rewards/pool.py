@@ -12,7 +12,9 @@ timeout still running after 25 s was reproduced). Here the reward function runs 
 worker processes; the caller only waits on pipes, so `score` is safe from any thread and
 uses no signals. A worker that misses its deadline is killed and replaced.
 
-Accounting, per batch: a timeout scores 0.0 and counts in `reward/timeout_frac`; an
+Accounting, per batch: a timeout has no score (None: the driver leaves it out of the loss and
+the means, since a right answer that took too long to check is not a wrong one; evaluation
+counts it wrong) and counts in `reward/timeout_frac`; an
 exception in the function, or a worker that dies (segfault, `os._exit`), scores 0.0 and
 counts in `reward/error_frac`; the first error of each batch is logged with its traceback.
 Nothing is dropped silently.
@@ -172,9 +174,10 @@ class RewardPool:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def score(self, items: list[tuple[str, object]]) -> tuple[list[float], dict[str, float]]:
-        """Scores of `items` in order, and `{"reward/timeout_frac", "reward/error_frac"}` plus
-        `reward/<name>` for each component (its mean over the items that returned it)."""
+    def score(self, items: list[tuple[str, object]]) -> tuple[list[float | None], dict[str, float]]:
+        """Scores of `items` in order (None for an item whose deadline passed), and
+        `{"reward/timeout_frac", "reward/error_frac"}` plus `reward/<name>` for each component
+        (its mean over the items that returned it)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardPool.score called after close()")
@@ -206,9 +209,9 @@ class RewardPool:
 
     # -- internals; called with self._lock held ------------------------------------------
 
-    def _score(self, items: list[tuple[str, str]]) -> tuple[list[float], dict[str, float]]:
+    def _score(self, items: list[tuple[str, str]]) -> tuple[list[float | None], dict[str, float]]:
         n = len(items)
-        scores = [0.0] * n
+        scores: list[float | None] = [0.0] * n
         done = [False] * n
         pending = deque(range(n))
         timeouts: list[int] = []
@@ -258,6 +261,7 @@ class RewardPool:
                 if w.task and now >= w.task[1]:
                     index = w.task[0]
                     done[index] = True
+                    scores[index] = None
                     timeouts.append(index)
                     self._replace(slot)
                 elif not w.ready and now >= w.started_at + _STARTUP_TIMEOUT_S:
@@ -301,7 +305,7 @@ class RewardPool:
     def _log_batch(self, n: int, timeouts: list[int], errors: list[tuple[int, str]]) -> None:
         if timeouts:
             logger.warning(
-                "reward fn %s: %d/%d items timed out after %.1f s (scored 0.0); items %s",
+                "reward fn %s: %d/%d items timed out after %.1f s (no score); items %s",
                 self.fn, len(timeouts), n, self.timeout_s, sorted(timeouts)[:10],
             )
         if errors:

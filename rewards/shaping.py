@@ -1,7 +1,7 @@
 r"""Optional reward shaping, off by default; each term is added to the graded reward.
 
 * Format (`reward.format_weight` w): + w when the completion puts an answer in a balanced
-  `\boxed{...}`, the form the grader reads first. It rewards the form, not the content, so
+  `\boxed{...}`, the form the grader reads first; an empty (or blank) box is no answer and earns nothing. It rewards the form, not the content, so
   keep w well below the reward for a correct answer (e.g. 0.1): a policy can collect it
   while answering wrongly. Off (0) by default, since a correct answer already needs a box
   or an answer marker.
@@ -22,15 +22,16 @@ _BOXED = re.compile(r"\\boxed\s*\{")
 
 
 def format_score(text: str) -> float:
-    """1.0 if the completion has a `\\boxed{...}` whose braces close, else 0.0."""
+    """1.0 if the completion has a `\\boxed{...}` whose braces close around something other
+    than blanks and braces, else 0.0."""
     match = _BOXED.search(text)
     if match is None:
         return 0.0
-    depth = 0
-    for ch in text[match.end() - 1:]:  # from the box's "{": linear, stops at the first close
+    depth, start = 0, match.end() - 1
+    for i, ch in enumerate(text[start:], start):  # from the box's "{": linear, stops at the first close
         depth += (ch == "{") - (ch == "}")
         if depth == 0:
-            return 1.0
+            return 1.0 if text[start + 1:i].strip("{} \t\n") else 0.0  # braces and blanks alone: no answer
     return 0.0
 
 

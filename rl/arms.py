@@ -29,7 +29,7 @@ from rl.faults import Faults
 
 # Keys an arm may set: those of its adapter, optimiser, objective, reward, sampling and data.
 VARIES = frozenset({"lora.rank", "lora.alpha", "lora.target_modules", "learner.lr", "learner.weight_decay",
-                    "learner.grad_clip", "run.seed", "rollout.temperature", "rollout.top_p", "data.train"})
+                    "learner.grad_clip", "run.seed", "rollout.temperature", "data.train"})
 VARIES_SECTIONS = ("loss.", "reward.")  # every key in these
 SHORT = {"learner.lr": "lr", "lora.rank": "rank", "lora.alpha": "alpha", "run.seed": "seed",
          "lora.target_modules": "targets", "learner.weight_decay": "wd", "rollout.temperature": "temp"}
@@ -66,6 +66,12 @@ def expand(cfg: Config) -> list[tuple[str, Config]]:
                                   "model, the fleet and the loop are shared); these may: "
                                   + ", ".join(sorted(VARIES)) + ", loss.*, reward.*")
     configs = [with_values(without_arms(cfg), values, f"{where}: ") for where, _, values in arms]
+    full = [where for (where, _, _), c in zip(arms, configs) if c.lora.rank == 0]
+    if full and len(configs) > 1 and cfg.model.dtype != "float32":
+        raise ConfigError(f"{full[0]}: a full fine-tuning arm (lora.rank 0) in a sweep with model.dtype="
+                          f"{cfg.model.dtype} would step {cfg.model.dtype} weights (updates below a weight's "
+                          "last bit, ~0.4% in bfloat16, round away): a sweep's learner keeps no float32 master "
+                          "copy; run it alone (DeepSpeed keeps one) or with model.dtype=float32")
     return list(zip(names([name for _, name, _ in arms], configs, sorted(grid)), configs))
 
 

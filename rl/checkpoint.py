@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 # Keys that change where and how fast a run goes, or what it reports, not what it computes,
 # are marked free on their config field (`doc(..., free=True)`, whole sections for eval and
-# logging) and may differ on resume. (More samplers split the prompts differently, so other
-# random completions are drawn, from the same distribution; how the learner groups and chunks
+# logging) and may differ on resume. (Each prompt's seed travels with it, so more samplers
+# draw the same completions up to their batches' float sums; how the learner groups and chunks
 # its work changes only the order of float sums.) Any other difference needs run.resume_allow.
 FREE_KEYS = FREE_ON_RESUME
 FREE_SECTIONS = frozenset(f.name for f in dataclasses.fields(Config) if f.metadata["free"])

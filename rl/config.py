@@ -48,7 +48,9 @@ def doc(default, text: str, free: bool = False, ge=None, gt=None, le=None, **kw)
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = doc("tiny", 'HF model path or hub id; "tiny" builds (and caches) the local CPU model.')
-    dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "Weights dtype for sampler and learner.")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "Weights dtype for sampler and learner "
+                                                                     "(float16 is refused: the learner has no loss "
+                                                                     "scaling; use bfloat16).")
     max_model_len: int = doc(256, "Longest prompt + completion, in tokens.", ge=1)
     cache_dir: str = doc("", 'Where the "tiny" model is cached; "" means ~/.cache/rl-lora.', free=True)
 
@@ -81,6 +83,10 @@ class DataConfig:
                                                          "model.max_model_len - rollout.max_tokens: error (naming "
                                                          "file, row, key) | skip (counted and logged).")
     eval_size: int = doc(200, "Held-out prompts per evaluation; 0 means all of the eval split.", free=True, ge=0)
+    select_size: int = doc(0, "Prompts of the held-out source set aside as a selection set (eval/select/*), on "
+                              "which eval.best_metric picks the best adapter and a sweep's report its best learning "
+                              "rate, so that data.eval's own prompts report them unbiased; 0: none (chosen on the "
+                              "set they are reported on, and the report says so).", free=True, ge=0)
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,8 @@ class RolloutConfig:
     prompts_per_step: int = doc(8, "Prompts (groups) per training step.", ge=1)
     group_size: int = doc(8, "Completions sampled per prompt (G).", ge=2)
     temperature: float = doc(1.0, "Sampling temperature; the learner divides its logits by the same value.", gt=0)
-    top_p: float = doc(1.0, "Nucleus sampling; < 1 truncates the sampler distribution (the ratio corrects it).", gt=0, le=1)
+    top_p: float = doc(1.0, "Nucleus sampling; must be 1: below 1 the sampler's log-probs are renormalised over "
+                            "the nucleus and the learner's are not, which no ratio corrects.", gt=0, le=1)
     max_tokens: int = doc(48, "Longest completion, in tokens.", ge=1)
     kv_cache_gb: float = doc(0.25, "KV cache per sampler in GiB; 0 means vLLM sizes it from gpu_memory_utilization.", free=True, ge=0)
     gpu_memory_utilization: float = doc(0.9, "vLLM's share of GPU memory (used when kv_cache_gb is 0).", free=True, gt=0, le=1)
@@ -113,6 +120,10 @@ class RolloutConfig:
     filter_zero_signal: bool = doc(False, "Dynamic sampling (DAPO): leave out groups whose rewards are all equal "
                                           "and sample more until a step has prompts_per_step groups with signal "
                                           "(run.mode sync or stream).")
+    filter_on: Literal["correctness", "reward"] = doc(
+        "correctness", "What filter_zero_signal compares within a group: correctness (the grader's scores, before "
+                       "reward shaping; DAPO, verl) | reward (the shaped rewards trained on: a group all wrong but of "
+                       "different lengths or formats counts as signal).")
     max_draws_per_step: int = doc(0, "With filter_zero_signal: the most finished groups a step looks at; when "
                                      "reached, zero-signal groups fill the step (counted). 0: 4 x prompts_per_step.", ge=0)
     length_profile: Literal["", "longtail"] = doc("", "Benchmarks: force each completion's length (rollout/lengths.py; "
@@ -122,12 +133,33 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    ratio_cap: float | None = doc(None, "Truncate the importance ratio at this value (TIS, e.g. 2.0); None: no cap.", ge=1)
-    clip_eps: float | None = doc(None, "PPO-style clipping of the ratio to [1-eps, 1+eps]; None: no clipping.", gt=0)
-    std_normalize: bool = doc(False, "Divide group-centred advantages by the group's reward std.")
-    normalizer: Literal["sequences", "tokens", "none"] = doc(
+    """The objective's options, each off by default and each combinable (learner/loss.py has the
+    formulas and their precedence; docs/objective.md the papers and how ours departs)."""
+
+    ratio_cap: float | None = doc(None, "Truncated importance sampling (TIS; Ionides 2008, Yao et al. 2025): each "
+                                        "token's coefficient is min(ratio, this), e.g. 2.0; None: no cap.", ge=1)
+    clip_eps: float | None = doc(None, "PPO's clipping (Schulman et al. 2017) of the ratio to [1 - eps, 1 + eps]: a "
+                                       "token whose ratio is past the bound in its advantage's direction gets no "
+                                       "gradient; also the upper eps unless clip_eps_high is set. None: no clipping.",
+                                 gt=0, le=1)
+    clip_eps_high: float | None = doc(None, "The upper eps alone (DAPO's clip-higher, Yu et al. 2025, e.g. 0.28 with "
+                                            "clip_eps 0.2); None: clip_eps.", gt=0)
+    dual_clip: float | None = doc(None, "Dual-clip PPO (Ye et al. 2020): a token with a negative advantage and a "
+                                        "ratio above this (e.g. 3.0) gets no gradient; None: off.", gt=1)
+    ratio_mask: float | None = doc(None, "Masked importance sampling (MIS; Liu, Li et al. 2025): tokens (or "
+                                         "sequences: mask_level) whose ratio leaves [1/C, C] are left out of the loss "
+                                         "instead of capped, e.g. 2.0; None: off.", gt=1)
+    mask_level: Literal["token", "sequence"] = doc("token", "What ratio_mask leaves out: single tokens, or whole "
+                                                            "completions by their length-normalised ratio.")
+    ratio_level: Literal["token", "sequence"] = doc(
+        "token", "token: each token's own ratio | sequence: every token takes its completion's length-normalised "
+                 "ratio exp(mean log ratio) (GSPO, Zheng et al. 2025; with normalizer sequence_mean, as GSPO).")
+    std_normalize: bool = doc(False, "Divide group-centred advantages by the group's population std (over its G "
+                                     "rewards) + 1e-6 (GRPO; an all-equal group stays 0).")
+    normalizer: Literal["sequences", "tokens", "sequence_mean", "none"] = doc(
         "sequences",
-        "Divisor of the token sum: sequences (number of completions) | tokens (number of tokens) | none.",
+        "Divisor of the token sum: sequences (number of completions; Dr. GRPO) | tokens (number of tokens; DAPO) | "
+        "sequence_mean (each completion's tokens averaged, then / completions; GRPO, GSPO) | none.",
     )
 
 
@@ -152,6 +184,9 @@ class LearnerConfig:
     resources: dict[str, float] = doc({}, "Custom Ray resources per learner rank, to place them.", free=True, ge=0)
     cpu_cores: str = doc("", 'CPU ids the learner is pinned to, e.g. "1" or "4-7", one torch thread each; "" = every '
                              "core it may use (split with the samplers in async mode).", free=True)
+    kl_base_every: int = doc(0, "Every N steps, the KL of the policy to the base model (learner/kl_base), from one "
+                                "more forward pass of the batch with the adapter disabled; 0: never. LoRA only.",
+                             free=True, ge=0)
     max_skipped_steps: int = doc(3, "A step with a non-finite loss or gradient is skipped (counted); this many in a "
                                     "row end the run with an error, after a checkpoint of the last good state.", free=True, ge=1)
 
@@ -178,8 +213,9 @@ class SyncConfig:
                                                                 "(~1e-3 log-prob drift).")
     probe_every: int = doc(0, "Run the log-prob probe after the first sync and every N syncs; 0: first sync only; "
                               "-1: never.", free=True, ge=-1)
-    probe_tolerance: float = doc(1e-3, "Largest mean |sampler - learner| log-prob gap the probe accepts, in nats.",
-                                 free=True, gt=0)
+    probe_tolerance: float | None = doc(None, "Largest mean |sampler - learner| log-prob gap the probe accepts, in "
+                                              "nats; None: from model.dtype and sync.wire_dtype (rl/probe.py "
+                                              "argues the values).", free=True, gt=0)
 
 
 @dataclass(frozen=True)
@@ -187,8 +223,9 @@ class EvalConfig:
     extra: dict[str, str] = doc({}, "More held-out sets, name -> path (read like data.eval), logged as eval/<name>/*.")
     samples: int = doc(4, "Completions per prompt at rollout.temperature for pass@k and mean@n; 0: greedy only.", ge=0)
     k: int = doc(4, "k of pass@k, estimated without bias from eval.samples completions (k <= samples).", ge=1)
-    best_metric: str = doc("eval/accuracy", "The metric (higher is better) whose best value's adapter is kept "
-                                            "in run_dir/best_adapter.")
+    best_metric: str = doc("", "The metric (higher is better) whose best value's adapter is kept in "
+                               "run_dir/best_adapter; \"\": eval/select/accuracy with data.select_size, else "
+                               "eval/accuracy.")
 
 
 @dataclass(frozen=True)
@@ -257,9 +294,19 @@ class Config:
         check(self.lora.rank > 0 or 0 < self.sync.chunk_mb <= self.sync.max_message_mb,
               "full fine-tuning (lora.rank 0) sends the weights in chunks of sync.chunk_mb: it must be > 0 and <= "
               "sync.max_message_mb")
-        check(self.loss.clip_eps is None or self.loss.ratio_cap is None,
-              "loss.clip_eps and loss.ratio_cap are two ways to bound the importance ratio (PPO clipping, truncated "
-              "IS); set one of them")
+        check(self.model.dtype != "float16",
+              "model.dtype=float16 would train without loss scaling (gradients underflow in float16); use bfloat16, "
+              "which has float32's range, or float32")
+        check(self.rollout.top_p == 1.0,
+              f"rollout.top_p={self.rollout.top_p}: vLLM's log-probs are then renormalised over the nucleus and the "
+              "learner's over the whole vocabulary, so every importance ratio is biased (at most 1 on the sampler's "
+              "tokens) and no ratio corrects for the tokens the nucleus cut; sample with top_p 1 (the learner "
+              "does not compute truncated log-probs)")
+        check(self.learner.kl_base_every == 0 or self.lora.rank > 0,
+              "learner.kl_base_every needs LoRA (lora.rank >= 1): the KL to the base model comes from disabling the "
+              "adapter, and full fine-tuning keeps no copy of the base model")
+        check(self.data.select_size == 0 or "select" not in self.eval.extra,
+              "eval.extra.select: the name is taken by the selection set of data.select_size")
         check(self.rollout.max_tokens < self.model.max_model_len,
               f"rollout.max_tokens ({self.rollout.max_tokens}) must be < model.max_model_len "
               f"({self.model.max_model_len}): a prompt needs room too")

@@ -9,7 +9,9 @@ All sets go to the samplers as one greedy and one sampled request, scored togeth
 (rl/arms.py) every arm's requests share those two batches.
 
 Metric names: eval/accuracy, eval/pass@k, eval/mean@n for data.eval; eval/<name>/... for
-each set in eval.extra.
+each set in eval.extra, and eval/select/... for the selection set (data.select_size), on which
+the best adapter is chosen (`selection_metric`) so that data.eval reports it without the bias
+of choosing on the reported prompts.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):
         miss *= 1.0 - k / i
     return 1.0 - miss
+
+
+def selection_metric(cfg) -> str:
+    """The metric the best adapter is chosen on: eval.best_metric, or by default the selection
+    set's accuracy (data.select_size > 0), else data.eval's own (chosen and reported on one set)."""
+    return cfg.eval.best_metric or ("eval/select/accuracy" if cfg.data.select_size else "eval/accuracy")
 
 
 def prefix(name: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common.records import Group, Sampling
-from common.specs import AdapterSpec, LearnerSpec, LoraSpec, SamplerSpec
+from common.specs import AdapterSpec, LearnerSpec, LoraSpec, Objective, SamplerSpec
 from rl.arms import expand
 from rl.config import Config, ConfigError
 from rl.faults import Faults
@@ -182,8 +182,15 @@ def adapter_spec(arm: str, cfg: Config) -> AdapterSpec:
     """One arm's adapter, from the arm's config (rl/arms.py)."""
     return AdapterSpec(arm=arm, lora=LoraSpec(cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.target_modules)),
                        seed=cfg.run.seed, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
-                       grad_clip=cfg.learner.grad_clip, temperature=cfg.rollout.temperature,
-                       normalizer=cfg.loss.normalizer, ratio_cap=cfg.loss.ratio_cap, clip_eps=cfg.loss.clip_eps)
+                       grad_clip=cfg.learner.grad_clip, temperature=cfg.rollout.temperature, objective=objective(cfg))
+
+
+def objective(cfg: Config) -> Objective:
+    """The loss section as the learner takes it (clip_eps_high unset: clip_eps on both sides)."""
+    lo = cfg.loss
+    return Objective(normalizer=lo.normalizer, ratio_level=lo.ratio_level, ratio_cap=lo.ratio_cap, clip_low=lo.clip_eps,
+                     clip_high=lo.clip_eps if lo.clip_eps_high is None else lo.clip_eps_high, dual_clip=lo.dual_clip,
+                     ratio_mask=lo.ratio_mask, mask_level=lo.mask_level)
 
 
 def learner_spec(cfg: Config, model_path: str, cpu_cores: str | None = None) -> LearnerSpec:
@@ -195,6 +202,7 @@ def learner_spec(cfg: Config, model_path: str, cpu_cores: str | None = None) -> 
         micro_batch_size=lr.micro_batch_size, max_tokens_per_micro=lr.max_tokens_per_micro,
         accumulation_steps=-(-per_rank // lr.micro_batch_size), logprob_chunk=lr.logprob_chunk,
         gradient_checkpointing=lr.gradient_checkpointing, cpu_cores=lr.cpu_cores if cpu_cores is None else cpu_cores,
+        kl_base_every=lr.kl_base_every,
         wire_dtype=cfg.sync.wire_dtype, ack_timeout_s=cfg.sync.ack_timeout_s,
         chunk_bytes=int(cfg.sync.chunk_mb * 2**20))
 
@@ -458,8 +466,9 @@ class Samplers:
 
     def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> list[Group]:
         """One Group per prompt, in prompt order, not yet scored (its `row` is empty: the
-        caller's). The j-th of the k samplers that serve the arm gets prompts j, j+k, ... with
-        seed sampling.seed + j."""
+        caller's). The j-th of the k samplers that serve the arm gets prompts j, j+k, ..., each
+        with its own seed (common/records.py `Sampling`), so that what a prompt draws does not
+        depend on how many samplers there are."""
         return self.generate_many([(prompt_ids_P, sampling)])[0]
 
     def generate_many(self, requests: list[tuple[list[list[int]], Sampling]]) -> list[list[Group]]:
@@ -471,7 +480,7 @@ class Samplers:
         out = [[None] * len(prompts) for prompts, _ in requests]
         work = [(r, list(range(len(prompts))), sampling) for r, (prompts, sampling) in enumerate(requests)]
         while work:  # the first round: every prompt; later: the shares of samplers dropped meanwhile
-            args = self._split(work)  # sampler -> [(request, prompt positions, sampling)]
+            args = self._split(work, requests)  # sampler -> [(request, prompt positions, sampling)]
             sent_to = list(self.endpoints)  # which incarnation of each sampler got the request
 
             def call(i):
@@ -497,18 +506,22 @@ class Samplers:
                         out[r][k] = Group({}, completions, res.version, res.digest, arm=res.arm)
         return out
 
-    def _split(self, work: list[tuple[int, list[int], Sampling]]) -> dict[int, list]:
+    def _split(self, work: list[tuple[int, list[int], Sampling]], requests: list) -> dict[int, list]:
         """Each request's prompts (positions) across the samplers that serve its arm: the j-th
-        of k gets positions j, j+k, ... with seed sampling.seed + j; non-empty shares only."""
+        of k gets positions j, j+k, ..., each prompt with the seed the whole request gives it;
+        non-empty shares only."""
         args: dict[int, list] = {}
-        for r, positions, sampling in work:
+        for r, positions, _ in work:
+            prompts, sampling = requests[r]
+            seeds = sampling.prompt_seeds(len(prompts))
             pool = self.serving(sampling.arm)
             if positions and not pool:
                 raise RuntimeError(f"no sampler serves arm {sampling.arm!r}")
             for j, i in enumerate(pool):
                 share = positions[j::len(pool)]
                 if share:
-                    seeded = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + j)
+                    seeded = sampling if seeds[0] is None else dataclasses.replace(
+                        sampling, seed=None, seeds=tuple(seeds[k] for k in share))
                     args.setdefault(i, []).append((r, share, seeded))
         return args
 

@@ -93,10 +93,23 @@ def summary(rows: list[dict], run_dir: Path) -> str:
     faults = {k.split("/")[1]: v for k, v in h.items() if k.startswith("fault/") and v}
     lines.append("  faults         " + (", ".join(f"{k} {v}" for k, v in faults.items()) or "none"))
     run_dir = Path(run_dir)
+    chosen = best_choice(run_dir)
+    if chosen:
+        lines.append(f"  best adapter   step {chosen['step']}, chosen on {chosen['metric']} = {chosen['value']:.3f}"
+                     + ("" if "/select/" in chosen["metric"] else " (the prompts that report it: optimistic)"))
     for name in ("adapter", "best_adapter", "report.md", "plots"):
         if (run_dir / name).exists():
             lines.append(f"  {name:<14} {run_dir / name}")
     return "\n".join(lines)
+
+
+def best_choice(run_dir: Path) -> dict | None:
+    """best_adapter/best.json ({"step", "metric", "value"}), if there is a readable one."""
+    try:
+        chosen = json.loads((Path(run_dir) / "best_adapter" / "best.json").read_text())
+        return chosen if {"step", "metric", "value"} <= set(chosen) else None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
@@ -131,14 +144,21 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         made.append(out / f"{name}.png")
 
     figure("reward", "Reward and held-out accuracy",
-           [("train reward", ["reward/mean", "reward/accuracy"]), ("held-out", eval_keys(rows))])
+           [("train reward", ["reward/mean", "reward/accuracy", "reward/unfiltered_mean", "reward/unfiltered_accuracy"]),
+            ("held-out", eval_keys(rows))])
     figure("time", "Time per step, by phase", [("seconds", [f"time/{p}" for p in PHASES] + ["time/step"]),
                                                ("tokens / s", ["rollout/tokens_per_s", "learner/tokens_per_s"])])
     figure("sync", "Adapter sync", [("ms", ["sync/latency_ms", "sync/load_ms"])])
     figure("ratio", "Importance ratio (learner / sampler)",
            [("ratio", ["learner/ratio_mean", "learner/ratio_max"]), ("ESS fraction", ["learner/ratio_ess"]),
-            ("KL(sampler||learner)", ["learner/mismatch_kl"])])
-    figure("length", "Completions", [("tokens", ["rollout/response_len"]),
+            ("KL(sampler||learner)", ["learner/mismatch_kl", "learner/mismatch_kl_current", "learner/mismatch_kl_stale"]),
+            ("token fraction", [f"learner/{k}_frac" for k in ("capped", "clipped_low", "clipped_high", "dual_clipped",
+                                                              "masked_low", "masked_high")])])
+    figure("policy", "The policy and its advantages",
+           [("entropy (nats/token)", ["learner/entropy"]), ("KL to base", ["learner/kl_base"]),
+            ("advantage", ["advantage/mean", "advantage/std"]), ("fraction", ["advantage/zero_frac"])])
+    figure("length", "Completions", [("tokens", ["rollout/response_len", "rollout/response_len_right",
+                                                 "rollout/response_len_wrong"]),
                                      ("fraction", ["rollout/truncated_frac", "rollout/zero_signal_frac"])])
     return made
 
@@ -153,8 +173,13 @@ def write(run_dir: Path) -> Path:
     captions = {"reward": "Training reward and held-out metrics against step.",
                 "time": "Seconds per step in each phase (sample, score, learn, sync, eval) and throughput.",
                 "sync": "Time from the learner's new weights to every sampler serving them.",
-                "ratio": "Importance-ratio statistics: mean and max, effective sample size, sampler/learner KL.",
-                "length": "Completion length, share cut at max_tokens, share of groups with no signal."}
+                "ratio": "Importance-ratio statistics: mean and max, effective sample size, sampler/learner KL (all "
+                         "groups; groups of the learner's own version: numerics alone; stale groups: numerics and "
+                         "lag), and the share of tokens each objective option capped, clipped or masked.",
+                "policy": "The policy's entropy per token, its KL to the base model (learner.kl_base_every), and "
+                          "the advantages: mean, std and the share of tokens with none.",
+                "length": "Completion length (all, right, wrong), share cut at max_tokens, share of groups with no "
+                          "signal."}
     for path in figures:
         text += [f"## {path.stem}", "", captions[path.stem], "", f"![{path.stem}](plots/{path.name})", ""]
     text += ["Headline numbers as JSON:", "", "```json", json.dumps(h, indent=1), "```", ""]
@@ -184,12 +209,14 @@ def arms_table(run_dir: Path) -> list[dict]:
         rows, cfg = read(folder), yaml.safe_load((folder / "config.yaml").read_text())
         h = headline(rows)
         last = ([r for r in rows if "eval/accuracy" in r] or [{}])[-1]
+        select = series(rows, "eval/select/accuracy")[1]
         failed = folder / "failed.json"
         out.append({"arm": folder.name, "lr": cfg["learner"]["lr"], "rank": cfg["lora"]["rank"],
                     "seed": cfg["run"]["seed"], "flops_total": sum(r.get("learner/flops", 0.0) for r in rows),
                     "peak_mem_gb": max((r["learner/peak_mem_gb"] for r in rows if "learner/peak_mem_gb" in r),
                                        default=None),
                     "final": h.get("eval_final"), "best": h.get("eval_best"), "best_step": h.get("eval_best_step"),
+                    "select_final": select[-1] if select else None,
                     "pass_at_k": next((v for k, v in last.items() if k.startswith("eval/pass@")), None),
                     "reward_last": h.get("reward_last"), "steps_per_min": h.get("steps_per_min"), "steps": h["steps"],
                     "status": "failed: " + json.loads(failed.read_text())["error"] if failed.exists() else "ok",
@@ -201,11 +228,19 @@ def rank_name(rank: int) -> str:
     return "full FT" if rank == 0 else f"rank {rank}"
 
 
+def chosen_on(arms: list[dict]) -> str:
+    """The metric a sweep's best learning rates are chosen on: the selection set's final
+    accuracy when every arm has one (data.select_size), else the reported set's own."""
+    return "eval/select/accuracy" if arms and all(a["select_final"] is not None for a in arms) else "eval/accuracy"
+
+
 def by_rank(arms: list[dict]) -> dict[int, dict]:
     """Per rank (0: full fine-tuning), over the arms that finished: the mean final accuracy
-    over seeds at each learning rate, the best learning rate, and at that rate the spread
-    (highest minus lowest seed), the seeds, the mean FLOPs and peak memory, and the arms."""
+    over seeds at each learning rate, the best learning rate (chosen on `chosen_on`), and at
+    that rate the spread (highest minus lowest seed), the seeds, the mean FLOPs and peak
+    memory, and the arms."""
     out = {}
+    key = "select_final" if chosen_on(arms) == "eval/select/accuracy" else "final"
     for rank in sorted({a["rank"] for a in arms}):
         groups: dict[float, list[dict]] = {}
         for a in arms:
@@ -214,7 +249,8 @@ def by_rank(arms: list[dict]) -> dict[int, dict]:
         if not groups:
             continue
         means = {lr: statistics.mean(a["final"] for a in group) for lr, group in groups.items()}
-        best = max(means, key=means.get)
+        choice = {lr: statistics.mean(a[key] for a in group) for lr, group in groups.items()}
+        best = max(choice, key=choice.get)
         finals = [a["final"] for a in groups[best]]
         out[rank] = {"rank": rank, "best_lr": best, "final_accuracy_mean": means[best],
                      "final_accuracy_spread": max(finals) - min(finals), "seeds": len(finals),
@@ -248,7 +284,7 @@ def summary_json(arms: list[dict]) -> dict:
     return {"arms": [{"name": a["arm"], "rank": a["rank"], "lr": a["lr"], "seed": a["seed"],
                       "final_accuracy": a["final"], "best_accuracy": a["best"], "flops_total": a["flops_total"],
                       "peak_mem_gb": a["peak_mem_gb"], "status": a["status"]} for a in arms],
-            "ranks": list(ranks.values()), "lora_vs_full": lora_against_full(ranks)}
+            "ranks": list(ranks.values()), "lora_vs_full": lora_against_full(ranks), "chosen_on": chosen_on(arms)}
 
 
 def num(x, fmt: str = ".3f", missing: str = "n/a") -> str:
@@ -345,6 +381,9 @@ def write_sweep(run_dir: Path) -> Path:
              "## Final accuracy against learning rate, one line per rank", "",
              "Mean over seeds; the bars run from the lowest seed to the highest.", "", "![arms_lr](plots/arms_lr.png)", "",
              "## Each rank at its best learning rate", "",
+             (f"Best learning rates chosen on {chosen_on(arms)} (a selection set apart from the reported prompts)."
+              if chosen_on(arms) != "eval/accuracy" else "Best learning rates chosen on eval/accuracy, the prompts "
+              "that report them: an optimistic estimate (data.select_size sets a selection set apart)."), "",
              "| rank | best lr | final acc (mean over seeds) | spread over seeds | seeds | learner FLOPs (run) | peak memory (GB) |",
              "|---|---|---|---|---|---|---|"]
     for rank, r in ranks.items():

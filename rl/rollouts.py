@@ -27,6 +27,7 @@ is dropped or sampled again (rollout.on_stale), and counted.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import queue
 import threading
@@ -38,17 +39,31 @@ from rl.arms import ArmRun
 log = logging.getLogger(__name__)
 
 
-def collect(samplers, jobs: list[tuple[ArmRun, list[dict], int]]) -> list[tuple[list[Group], dict]]:
-    """Sample G completions for each row of each job (arm, its rows, its seed), every arm's
-    requests in one call to the samplers, and score them with each arm's reward: per job,
-    the groups and their metrics."""
+def prompt_seed(run_seed: int, position: int, attempt: int = 0) -> int:
+    """The sampling seed of the prompt drawn at `position` of its train split (rl/splits.py),
+    at its `attempt`-th sampling (a group sampled again draws anew): its completion i draws
+    from the stream seeded seed + i. A hash of the three, below 2**62: every prompt of every
+    step has streams of its own in every mode (no two prompts, steps or attempts share one,
+    but with a chance of ~G * 2**-62 per pair), however many samplers split the prompts, and
+    a resumed run, whose split restarts at the same position, draws the same."""
+    digest = hashlib.blake2b(f"{run_seed}/{position}/{attempt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def collect(samplers, jobs: list[tuple[ArmRun, list[tuple[int, dict]], int]]) -> list[tuple[list[Group], dict]]:
+    """Sample G completions for each (position, row) of each job (arm, its rows, their
+    attempt), every arm's requests in one call to the samplers, and score them with each arm's
+    reward: per job, the groups and their metrics."""
     start = time.perf_counter()
-    requests = [([row["prompt_ids"] for row in rows_P], sampling(arm.cfg, seed, arm.name)) for arm, rows_P, seed in jobs]
+    requests = [([row["prompt_ids"] for _, row in drawn], sampling(
+        arm.cfg, arm.name, tuple(prompt_seed(arm.cfg.run.seed, position, attempt) for position, _ in drawn)))
+        for arm, drawn, attempt in jobs]
     sampled_all = samplers.generate_many(requests)
     sampled = time.perf_counter()
     tokens = sum(len(c.tokens) for groups in sampled_all for g in groups for c in g.completions)
     out = []
-    for (arm, rows_P, _), groups in zip(jobs, sampled_all):
+    for (arm, drawn, _), groups in zip(jobs, sampled_all):
+        rows_P = [row for _, row in drawn]
         scored = time.perf_counter()
         r = arm.cfg.rollout
         completions = [c for g in groups for c in g.completions]
@@ -56,8 +71,8 @@ def collect(samplers, jobs: list[tuple[ArmRun, list[dict], int]]) -> list[tuple[
         scores, metrics = arm.rewards.score([(c.text, s) for c, s in zip(completions, samples)])
         totals = shaped(arm.cfg, completions, scores, metrics)
         parts = [slice(i * r.group_size, (i + 1) * r.group_size) for i in range(len(groups))]
-        groups = [dataclasses.replace(g, row=row, scores=scores[part], rewards=totals[part])
-                  for row, g, part in zip(rows_P, groups, parts)]
+        groups = [dataclasses.replace(g, row=row, scores=scores[part], rewards=totals[part], position=position)
+                  for (position, row), g, part in zip(drawn, groups, parts)]
         # Sampling is one batch for every arm: its time and throughput are the fleet's.
         metrics.update({"rollout/tokens_per_s": tokens / (sampled - start), "time/sample": sampled - start,
                         "time/score": time.perf_counter() - scored})
@@ -65,9 +80,11 @@ def collect(samplers, jobs: list[tuple[ArmRun, list[dict], int]]) -> list[tuple[
     return out
 
 
-def sampling(cfg, seed: int, arm: str) -> Sampling:
+def sampling(cfg, arm: str, seeds: tuple[int, ...]) -> Sampling:
+    """A training request: each prompt's seed from `prompt_seed`."""
     r = cfg.rollout
-    return Sampling(r.group_size, r.temperature, r.max_tokens, r.top_p, seed, arm, r.length_profile)
+    return Sampling(r.group_size, r.temperature, r.max_tokens, r.top_p, arm=arm, length_profile=r.length_profile,
+                    seeds=seeds)
 
 
 def fields(row: dict) -> dict:
@@ -75,21 +92,43 @@ def fields(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "prompt_ids"}
 
 
-def shaped(cfg, completions: list[Completion], scores: list[float], metrics: dict) -> list[float]:
-    """Graded scores plus the optional shaping terms (rewards/shaping.py), which are logged."""
+def shaped(cfg, completions: list[Completion], scores: list[float | None], metrics: dict) -> list[float | None]:
+    """Graded scores plus the optional shaping terms (rewards/shaping.py), which are logged; a
+    completion without a grade (None: its grading timed out) stays without a reward."""
     from rewards.shaping import format_score, overlong_penalty
 
     w, totals = cfg.reward, list(scores)
     if w.format_weight:
         formats = [format_score(c.text) for c in completions]
-        totals = [t + w.format_weight * f for t, f in zip(totals, formats)]
+        totals = [None if t is None else t + w.format_weight * f for t, f in zip(totals, formats)]
         metrics["reward/format"] = sum(formats) / len(formats)
     if w.overlong_buffer:
         penalties = [overlong_penalty(len(c.tokens), c.finished, cfg.rollout.max_tokens, w.overlong_buffer,
                                       w.overlong_penalty) for c in completions]
-        totals = [t + p for t, p in zip(totals, penalties)]
+        totals = [None if t is None else t + p for t, p in zip(totals, penalties)]
         metrics["reward/overlong"] = sum(penalties) / len(penalties)
     return totals
+
+
+def graded(values: list[float | None]) -> list[float]:
+    """The values of the completions that have a grade."""
+    return [v for v in values if v is not None]
+
+
+def has_signal(g: Group, on: str = "reward") -> bool:
+    """Whether a group's graded completions differ in what `on` names: reward (the shaped
+    rewards trained on: a non-zero advantage) or correctness (the grader's scores alone,
+    rollout.filter_on's default)."""
+    return len(set(graded(g.scores if on == "correctness" else g.rewards))) > 1
+
+
+def reward_summary(groups: list[Group], prefix: str = "reward/") -> dict:
+    """The mean shaped reward and the accuracy (the share of grades of 1) of the graded completions."""
+    rewards = [x for g in groups for x in graded(g.rewards)]
+    scores = [x for g in groups for x in graded(g.scores)]
+    if not scores:
+        return {}
+    return {f"{prefix}mean": sum(rewards) / len(rewards), f"{prefix}accuracy": sum(x == 1.0 for x in scores) / len(scores)}
 
 
 def keep_in_window(groups: list[Group], published: dict[int, str], newest: int,
@@ -108,13 +147,18 @@ def keep_in_window(groups: list[Group], published: dict[int, str], newest: int,
 def rollout_metrics(groups: list[Group], newest: int, max_staleness: int) -> dict:
     completions = [c for g in groups for c in g.completions]
     lengths = sorted(len(c.tokens) for c in completions)
-    flat = [x for g in groups for x in g.rewards]  # with shaping
-    graded = [x for g in groups for x in g.scores]  # the grader's alone
     staleness = [newest - g.version for g in groups]
-    zero_signal = sum(len(set(g.rewards)) == 1 for g in groups)
+    zero_signal = sum(not has_signal(g) for g in groups)
+    by_grade = {}  # the lengths of the right and of the wrong completions
+    for g in groups:
+        for c, score in zip(g.completions, g.scores):
+            if score is not None:
+                by_grade.setdefault("right" if score == 1.0 else "wrong", []).append(len(c.tokens))
     return {
-        "reward/mean": sum(flat) / len(flat),
-        "reward/accuracy": sum(x == 1.0 for x in graded) / len(graded),
+        "reward/mean": 0.0, "reward/accuracy": 0.0,  # no graded completion at all: 0, as a timed-out grade was
+        **reward_summary(groups),
+        **{f"rollout/response_len_{k}": sum(v) / len(v) for k, v in by_grade.items()},
+        "rollout/ungraded_completions": sum(s is None for g in groups for s in g.scores),  # left out of the loss
         "rollout/zero_signal_groups": zero_signal,  # all rewards equal: no learning signal
         "rollout/zero_signal_frac": zero_signal / len(groups),
         "rollout/response_len": sum(lengths) / len(lengths),
@@ -143,7 +187,7 @@ class Source:
         keeps)."""
         start = time.perf_counter()
         running = [arm for arm in self.arms if not arm.error]
-        jobs = [(arm, arm.train.next_batch(arm.cfg.rollout.prompts_per_step), self.seed(arm, step)) for arm in running]
+        jobs = [(arm, arm.train.draw(arm.cfg.rollout.prompts_per_step), 0) for arm in running]
         out = {}
         for arm, (groups, metrics) in zip(running, collect(self.samplers, jobs)):
             metrics["data/position"] = arm.train.position
@@ -153,15 +197,11 @@ class Source:
         self._last_end = time.perf_counter()
         return out
 
-    def again(self, arm: ArmRun, rows_P: list[dict], step: int, draw: int = 0) -> list[Group]:
-        """Rows sampled (again) now, on the arm's newest adapter, with another seed (draw: the
-        how-manieth extra draw of the step)."""
-        ((groups, _),) = collect(self.samplers, [(arm, rows_P, self.seed(arm, step) + 50_000 * (draw + 1))])
+    def again(self, arm: ArmRun, drawn: list[tuple[int, dict]], attempt: int = 1) -> list[Group]:
+        """(position, row)s sampled now, on the arm's newest adapter: rows drawn anew (attempt 0)
+        or sampled again (attempt 1: a group refused by the window, drawn with other seeds)."""
+        ((groups, _),) = collect(self.samplers, [(arm, drawn, attempt)])
         return groups
-
-    @staticmethod
-    def seed(arm: ArmRun, step: int) -> int:
-        return arm.cfg.run.seed * 100_003 + step
 
 
 class Window:
@@ -184,8 +224,8 @@ class Window:
         kept, refused = keep_in_window(groups, arm.published, newest, r.max_staleness, arm.name)
         regenerated = 0
         if refused and r.on_stale == "regenerate":  # sampled again now, on the newest adapter
-            again, _ = keep_in_window(source.again(arm, [g.row for g in refused], step), arm.published, newest,
-                                      r.max_staleness, arm.name)
+            again, _ = keep_in_window(source.again(arm, [(g.position, g.row) for g in refused]), arm.published,
+                                      newest, r.max_staleness, arm.name)
             kept, regenerated = kept + again, len(again)
         if not kept:
             raise RuntimeError(f"step {step}: every group{' of arm ' + arm.name if arm.name else ''} came from "
@@ -226,19 +266,21 @@ class Batches:
         at; then the newest zero-signal groups fill the step."""
         r = arm.cfg.rollout
         limit = r.max_draws_per_step or 4 * r.prompts_per_step
-        signal = [g for g in groups if len(set(g.rewards)) > 1]
-        flat = [g for g in groups if len(set(g.rewards)) == 1]
-        looked, draw = len(groups), 0
+        signal = [g for g in groups if has_signal(g, r.filter_on)]
+        flat = [g for g in groups if not has_signal(g, r.filter_on)]
+        looked = len(groups)
         while len(signal) < r.prompts_per_step and looked < limit:
-            rows = arm.train.next_batch(min(r.prompts_per_step - len(signal), limit - looked))
-            more = self.source.again(arm, rows, step, draw)
-            signal += [g for g in more if len(set(g.rewards)) > 1]
-            flat += [g for g in more if len(set(g.rewards)) == 1]
-            looked, draw = looked + len(rows), draw + 1
+            drawn = arm.train.draw(min(r.prompts_per_step - len(signal), limit - looked))
+            more = self.source.again(arm, drawn, attempt=0)
+            signal += [g for g in more if has_signal(g, r.filter_on)]
+            flat += [g for g in more if not has_signal(g, r.filter_on)]
+            looked += len(drawn)
         self.consumed[arm.name] = arm.train.position
         fill = max(0, r.prompts_per_step - len(signal))
         kept = signal[: r.prompts_per_step] + (flat[-fill:] if fill else [])
         metrics.update(rollout_metrics(kept, step - 1, r.max_staleness))
+        # After filtering reward/mean describes the groups kept, not the policy: every group looked at does.
+        metrics.update(reward_summary(signal + flat, "reward/unfiltered_"))
         metrics.update({"rollout/filtered_groups": len(flat), "rollout/filter_fill": fill, "data/position": arm.train.position})
         return kept, metrics
 

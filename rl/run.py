@@ -139,7 +139,7 @@ def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: 
     from tqdm import tqdm
 
     from rl import checkpoint
-    from rl.evaluate import evaluate_arms
+    from rl.evaluate import evaluate_arms, selection_metric
     from rl.loggers import Loggers
     from rl.probe import run_probe
     from rl.rollouts import AsyncBatches, Batches
@@ -155,7 +155,11 @@ def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: 
     for out in ray.get(learner.publish.remote()):  # version `start` (0: the zero adapter): samplers serve it first
         next(arm for arm in arms if arm.name == out.arm).published = {start: out.digest}  # rollouts must match
     probe_prompts = [row["prompt_ids"] for row in evals["eval"].rows[:4]]
-    best = {arm.name: BestAdapter(cfg.eval.best_metric, arm.run_dir, arm.name) for arm in arms}
+    best = {arm.name: BestAdapter(selection_metric(arm.cfg), arm.run_dir, arm.name) for arm in arms}
+    chosen_on = selection_metric(cfg)
+    print(f"best adapter: chosen on {chosen_on}" + (" (data.eval's own prompts, which also report it: set "
+                                                   "data.select_size for a selection set apart)"
+                                                   if chosen_on.count("/") == 1 else ""), flush=True)
     last = cfg.run.steps
     with contextlib.ExitStack() as stack:
         log = {arm.name: stack.enter_context(Loggers(arm.cfg, arm.run_dir, resumed_at=start + 1 if start else None))
@@ -179,8 +183,8 @@ def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: 
             for step in bar:
                 t0 = time.perf_counter()
                 sampled = batches.next(step)  # each running arm's groups, sampled together (async: ahead)
-                batch_B, tables = training_batch(sampled, {arm.name: arm.cfg for arm in running})  # group-centred
-                learned = ray.get(learner.train_step.remote(batch_B))  # per arm; an arm's non-finite step is skipped
+                batch_B, tables, advantages = training_batch(sampled, {arm.name: arm.cfg for arm in running}, step)
+                learned = ray.get(learner.train_step.remote(batch_B, list(sampled)))  # per arm; non-finite: skipped
                 synced = publish(learner, samplers, batches, list(sampled))  # returns once every sampler serves them
                 if (step == start + 1 and cfg.sync.probe_every >= 0) or due(step, cfg.sync.probe_every):
                     for arm in running:
@@ -193,7 +197,8 @@ def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: 
                 for arm in running:
                     name = arm.name
                     arm.faults.learner_step(learned[name]["learner/skipped"])
-                    metrics = {**sampled[name][1], **learned[name], **synced[name], **fault_metrics(arm, fleet),
+                    metrics = {**sampled[name][1], **advantages[name], **learned[name], **synced[name],
+                               **fault_metrics(arm, fleet),
                                **evaluated.get(name, {}), "time/step": elapsed}
                     if name in evaluated:
                         best[name].update(step, metrics, learner)
@@ -245,25 +250,45 @@ def show_progress(bar, metrics: dict[str, dict], best: dict[str, BestAdapter]):
                     steps_per_min=f"{60 * rate:.1f}")
 
 
-def training_batch(sampled: dict[str, tuple[list[Group], dict]], cfgs: dict[str, Config]
-                   ) -> tuple[list[Datum], dict[str, list[dict]]]:
-    """The learner's batch, one entry per completion with its group-centred advantage (each
-    arm's groups with its own loss.std_normalize), and each arm's completions as rows of a
-    sample table."""
+def training_batch(sampled: dict[str, tuple[list[Group], dict]], cfgs: dict[str, Config], step: int
+                   ) -> tuple[list[Datum], dict[str, list[dict]], dict[str, dict]]:
+    """The learner's batch at `step`, one entry per graded completion with its group-centred
+    advantage (each arm's groups with its own loss.std_normalize) and its lag behind the
+    learner's version (step - 1); each arm's completions as rows of a sample table; and each
+    arm's advantage metrics. A completion without a grade (its grading timed out) is left out:
+    of its group's mean, and of the loss (counted in rollout/ungraded_completions)."""
     import torch
 
     from learner.loss import group_advantages
 
-    batch_B, tables = [], {}
+    batch_B, tables, metrics = [], {}, {}
     for arm, (groups, _) in sampled.items():
-        advantages_P_G = group_advantages(torch.tensor([g.rewards for g in groups]),
-                                          cfgs[arm].loss.std_normalize).tolist()
-        tables[arm] = []
-        for g, adv_G in zip(groups, advantages_P_G):
-            for c, reward, a in zip(g.completions, g.rewards, adv_G):
-                batch_B.append(Datum(g.row["prompt_ids"], c.tokens, c.logprobs, a, arm))
-                tables[arm].append({"prompt": g.row["prompt"], "completion": c.text, "reward": reward, "advantage": a})
-    return batch_B, tables
+        rewards_P_G = [[0.0 if r is None else r for r in g.rewards] for g in groups]
+        graded_P_G = [[r is not None for r in g.rewards] for g in groups]
+        advantages_P_G = group_advantages(torch.tensor(rewards_P_G), cfgs[arm].loss.std_normalize,
+                                          graded_P_G=torch.tensor(graded_P_G)).tolist()
+        tables[arm], advantages_B, tokens_B = [], [], []
+        for g, adv_G, graded_G in zip(groups, advantages_P_G, graded_P_G):
+            for c, reward, a, ok in zip(g.completions, g.rewards, adv_G, graded_G):
+                tables[arm].append({"prompt": g.row["prompt"], "completion": c.text, "reward": reward,
+                                    "advantage": a if ok else None})
+                if ok:
+                    batch_B.append(Datum(g.row["prompt_ids"], c.tokens, c.logprobs, a, arm, lag=step - 1 - g.version))
+                    advantages_B.append(a)
+                    tokens_B.append(len(c.tokens))
+        metrics[arm] = advantage_metrics(advantages_B, tokens_B)
+    return batch_B, tables, metrics
+
+
+def advantage_metrics(advantages_B: list[float], tokens_B: list[int]) -> dict:
+    """Mean and (population) std of the completions' advantages, and the share of completion
+    tokens whose advantage is 0 (no gradient: groups without signal)."""
+    if not advantages_B:
+        return {}
+    mean = sum(advantages_B) / len(advantages_B)
+    return {"advantage/mean": mean,
+            "advantage/std": (sum((a - mean) ** 2 for a in advantages_B) / len(advantages_B)) ** 0.5,
+            "advantage/zero_frac": sum(n for a, n in zip(advantages_B, tokens_B) if a == 0) / max(sum(tokens_B), 1)}
 
 
 def phase_shares(metrics: dict) -> dict:

@@ -104,9 +104,23 @@ def tokenize_prompt(tokenizer, cfg: Config, prompt: str) -> list[int]:
                                               tokenize=True)["input_ids"])
 
 
+SELECT_SEED = 0  # the selection set is the same sample of data.eval's rows in every run and arm
+
+
+def carve_selection(rows: list[dict], select_size: int, eval_size: int) -> tuple[list[dict], list[dict]]:
+    """(selection rows, eval rows): a fixed random sample of select_size of the rows, and the
+    rest in their order (the first eval_size of them; 0: all)."""
+    if select_size >= len(rows):
+        raise ConfigError(f"data.select_size={select_size} leaves none of data.eval's {len(rows)} prompts to report on")
+    chosen = set(random.Random(SELECT_SEED).sample(range(len(rows)), select_size))
+    rest = [row for i, row in enumerate(rows) if i not in chosen]
+    return [rows[i] for i in sorted(chosen)], rest[:eval_size] if eval_size else rest
+
+
 def load_splits(cfg: Config, model_path: str) -> tuple[Split, dict[str, Split]]:
-    """The train split and the held-out sets ("eval": data.eval, then eval.extra by name),
-    with prompts rendered by the template and tokenized once.
+    """The train split and the held-out sets ("eval": data.eval, "select": data.select_size of
+    data.eval's rows set aside to choose on, then eval.extra by name), with prompts rendered by
+    the template and tokenized once.
 
     A prompt too long for model.max_model_len - rollout.max_tokens is a bad row of its file
     (named, or skipped and counted with data.on_bad_row=skip). A held-out set that shares
@@ -131,8 +145,14 @@ def load_splits(cfg: Config, model_path: str) -> tuple[Split, dict[str, Split]]:
     train, train_skipped = _rows(cfg.data.train, "train", "data.train", train_size, cfg, tokenized)
     sources = {"eval": ("data.eval", cfg.data.eval), **{name: (f"eval.extra.{name}", path)
                                                         for name, path in cfg.eval.extra.items()}}
-    held_out = {name: _rows(path, "eval", key, cfg.data.eval_size, cfg, tokenized)
+    select, size = cfg.data.select_size, cfg.data.eval_size
+    held_out = {name: _rows(path, "eval", key, size + select if name == "eval" and size else size, cfg, tokenized)
                 for name, (key, path) in sources.items()}
+    if select:
+        chosen, rest = carve_selection(held_out["eval"][0], select, size)
+        held_out = {"eval": (rest, held_out["eval"][1]), "select": (chosen, 0),
+                    **{name: rows for name, rows in held_out.items() if name != "eval"}}
+        sources["select"] = ("data.select_size", cfg.data.eval)
     trained = {row["prompt"] for row in train}
     for name, (rows, _) in held_out.items():
         shared = sum(row["prompt"] in trained for row in rows)

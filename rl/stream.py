@@ -40,7 +40,8 @@ from collections import deque
 
 from common.records import Group
 from rl.arms import ArmRun
-from rl.rollouts import Window, fields, keep_in_window, rollout_metrics, sampling, shaped
+from rl.rollouts import (Window, fields, has_signal, keep_in_window, prompt_seed, reward_summary, rollout_metrics,
+                         sampling, shaped)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class StreamBatches:
         self.filtered: list[tuple[int, Group]] = []  # zero-signal groups since the last step
         self.scoring: set[int] = set()  # positions of the groups finished and being scored
         self.scored: list[tuple[dict, int]] = []  # reward metrics of the groups scored since the last step
+        self.looked: list[Group] = []  # the groups scored since the last step, filtered ones included
         self.counts = dict.fromkeys(("refused", "aborted", "filtered", "tokens", "score_s"), 0)  # since the last step
         self.latency = [0.0] * len(samplers)  # per sampler: moving mean seconds from send to finish
         self.busy_s = [0.0] * len(samplers)  # per sampler: its engine's busy seconds, as it last said
@@ -196,7 +198,9 @@ class StreamBatches:
             **{f"rollout/busy_frac/sampler-{i}": f for i, f in zip(self.samplers.live(), busy)},
         })
         metrics["rollout/busy_frac"] = sum(busy) / len(busy)
-        self.scored, self.filtered = [], []
+        if self.cfg.rollout.filter_zero_signal:  # reward/mean describes the groups kept; these, the policy
+            metrics.update(reward_summary(self.looked, "reward/unfiltered_"))
+        self.scored, self.filtered, self.looked = [], [], []
         self.counts = dict.fromkeys(self.counts, 0)
         self._busy_at_step, self._step_start = list(self.busy_s), now
         return metrics
@@ -259,8 +263,8 @@ class StreamBatches:
                 key = f"g{next(self._keys)}"
                 self.flying[key] = (i, position, row, now)
                 # Seeded by the prompt's position: the same group whichever sampler samples it, again.
-                seed = self.cfg.run.seed * 100_003 + position * self.cfg.rollout.group_size
-                out.append((key, row["prompt_ids"], sampling(self.arm.cfg, seed, self.arm.name)))
+                seeds = (prompt_seed(self.cfg.run.seed, position),)
+                out.append((key, row["prompt_ids"], sampling(self.arm.cfg, self.arm.name, seeds)))
             return out
 
     def _arrived(self, i: int, streamed):
@@ -280,7 +284,7 @@ class StreamBatches:
                 took = time.perf_counter() - sent
                 self.latency[i] = 0.8 * self.latency[i] + 0.2 * took if self.latency[i] else took
                 finished.append((position, Group(row, rollout.completions_P_G[0], rollout.version, rollout.digest,
-                                                 arm=rollout.arm)))
+                                                 arm=rollout.arm, position=position)))
                 self.scoring.add(position)
             self._changed.notify_all()
         if not finished:
@@ -292,7 +296,7 @@ class StreamBatches:
                 if not self._usable(g.version):
                     self.redraw.appendleft((position, g.row))
                     self.counts["refused"] += 1
-                elif self.cfg.rollout.filter_zero_signal and len(set(g.rewards)) == 1:
+                elif self.cfg.rollout.filter_zero_signal and not has_signal(g, self.cfg.rollout.filter_on):
                     self.filtered.append((position, g))
                     self.counts["filtered"] += 1
                 else:
@@ -312,6 +316,7 @@ class StreamBatches:
             k += n
         with self._changed:
             self.scored.append((metrics, len(completions)))
+            self.looked += [g for _, g in out]
             self.counts["tokens"] += sum(len(c.tokens) for c in completions)
             self.counts["score_s"] += time.perf_counter() - start
         return out

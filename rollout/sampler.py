@@ -24,6 +24,7 @@ incomplete, and each version drops vLLM's prefix cache (computed with the old we
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -395,10 +396,10 @@ class Sampler:
         request, digest = self.adapters[arm][version]
         return request, version, digest
 
-    def _params(self, prompt_ids: list[int], sampling: Sampling, split: bool) -> list:
-        """vLLM's sampling parameters for one prompt's sampling.n completions: one request of
-        n, or (split, or lengths forced by rollout.length_profile) n requests of one, the
-        i-th seeded seed + i as vLLM seeds the children of a request of n."""
+    def _params(self, prompt_ids: list[int], sampling: Sampling, seed: int | None, split: bool) -> list:
+        """vLLM's sampling parameters for one prompt's sampling.n completions, whose seed is
+        `seed`: one request of n, or (split, or lengths forced by rollout.length_profile) n
+        requests of one, the i-th seeded seed + i as vLLM seeds the children of a request of n."""
         from vllm import SamplingParams
 
         # detokenize=False: vLLM's incremental detokenization runs at every decoding step;
@@ -406,13 +407,13 @@ class Sampler:
         base = dict(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
                     logprobs=0, detokenize=False)
         if not split and not sampling.length_profile:
-            return [SamplingParams(n=sampling.n, seed=sampling.seed, **base)]
+            return [SamplingParams(n=sampling.n, seed=seed, **base)]
         params = []
         for i in range(sampling.n):
             if sampling.length_profile:  # a benchmark's: exactly this many tokens (no EOS before)
                 base["max_tokens"] = base["min_tokens"] = forced_length(prompt_ids, i, sampling.max_tokens,
                                                                         sampling.length_profile)
-            params.append(SamplingParams(n=1, seed=None if sampling.seed is None else sampling.seed + i, **base))
+            params.append(SamplingParams(n=1, seed=None if seed is None else seed + i, **base))
         return params
 
     def _generate(self, requests: list[tuple[list[list[int]], Sampling]]) -> tuple[list, list]:
@@ -424,8 +425,8 @@ class Sampler:
         for prompt_ids_P, sampling in requests:
             request, version, digest = self._newest(sampling.arm)
             served.append((sampling.arm, version, digest, len(prompt_ids_P)))
-            for ids in prompt_ids_P:
-                ps = self._params(ids, sampling, split=False)
+            for ids, seed in zip(prompt_ids_P, sampling.prompt_seeds(len(prompt_ids_P))):
+                ps = self._params(ids, sampling, seed, split=False)
                 per_prompt.append(len(ps))
                 prompts += [{"prompt_token_ids": ids}] * len(ps)
                 params += ps
@@ -451,8 +452,10 @@ class Sampler:
             for prompt_ids_P, sampling in requests:
                 _, version, digest = self._newest(sampling.arm)  # the one every group below runs on
                 served.append((sampling.arm, version, digest, len(prompt_ids_P)))
-                groups.extend(self._add_group(loop, f"call-{next(self._calls)}", ids, sampling, Future())
-                              for ids in prompt_ids_P)
+                seeds = sampling.prompt_seeds(len(prompt_ids_P))  # each prompt a group: its own seed travels with it
+                groups.extend(self._add_group(loop, f"call-{next(self._calls)}", ids,
+                                              dataclasses.replace(sampling, seed=seed, seeds=()), Future())
+                              for ids, seed in zip(prompt_ids_P, seeds))
 
         loop.call(add)
         return [g.done.result() for g in groups], served
@@ -463,7 +466,8 @@ class Sampler:
         (done: a blocking caller's, which the loop resolves; None: streamed back by `take`)."""
         request, version, digest = self._newest(sampling.arm)
         group = Running(key, sampling.n, request.lora_int_id, (sampling.arm, version, digest), done=done)
-        loop.add(group, prompt_ids, self._params(prompt_ids, sampling, split=True), request)
+        (seed,) = sampling.prompt_seeds(1)
+        loop.add(group, prompt_ids, self._params(prompt_ids, sampling, seed, split=True), request)
         return group
 
     def _rollouts(self, completions_P: list[list], served: list) -> list[Rollout]:

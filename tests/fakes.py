@@ -16,10 +16,12 @@ from common.records import Completion, Published, Rollout, Streamed
 
 
 class FakeSampler:
-    """Serves `version` (set by the test's learner) after a random delay, like a busy engine."""
+    """Serves `version` (set by the test's learner) after a random delay, like a busy engine.
+    lengths: completion i of each prompt has lengths[i % len(lengths)] tokens (cut at the
+    request's max_tokens when it reaches it); default 2, finished."""
 
-    def __init__(self, seed, digest_prefix="d"):
-        self.version, self.rng, self.prefix = 0, random.Random(seed), digest_prefix
+    def __init__(self, seed, digest_prefix="d", lengths=(2,)):
+        self.version, self.rng, self.prefix, self.lengths = 0, random.Random(seed), digest_prefix, lengths
 
     def load(self, version):
         self.version = version
@@ -30,8 +32,13 @@ class FakeSampler:
     def generate_many(self, requests):
         version = self.version  # the adapter a real sampler takes at the start of generate
         time.sleep(self.rng.uniform(0.0, 0.05))
-        completion = Completion([1, 2], [-0.1, -0.2], "x", True)
-        return [Rollout(sampling.arm, version, f"{self.prefix}{version}", [[completion] * sampling.n for _ in prompt_ids])
+
+        def completion(i, max_tokens):
+            n = self.lengths[i % len(self.lengths)]
+            return Completion([1] * n, [-0.1] * n, "x", n < max_tokens)
+
+        return [Rollout(sampling.arm, version, f"{self.prefix}{version}",
+                        [[completion(i, sampling.max_tokens) for i in range(sampling.n)] for _ in prompt_ids])
                 for prompt_ids, sampling in requests]
 
 

@@ -46,7 +46,10 @@ def test_names_are_unique_and_folder_safe():
     (["arms.list=[{learner.lrr: 1}]"], r"arms.list\[0\]: learner.lrr cannot vary"),
     (["arms.grid={learner.lr: 3}"], "arms.grid.learner.lr: expected a non-empty list"),
     (["arms.list=[{name: a/b}]"], "arm name 'a/b'"),
-    (["arms.list=[{loss.clip_eps: 0.2, loss.ratio_cap: 2}]"], r"arms.list\[0\]: loss.clip_eps and loss.ratio_cap"),
+    (["arms.list=[{loss.clip_eps: 0.2, loss.dual_clip: 0.5}]"], r"arms.list\[0\]: loss.dual_clip must be > 1"),
+    # A sweep's learner keeps no float32 master copy of a full fine-tuning arm (issue 29).
+    (["arms.list=[{lora.rank: 0}, {lora.rank: 1}]", "model.dtype=bfloat16"],
+     r"arms.list\[0\]: a full fine-tuning arm \(lora.rank 0\) in a sweep with model.dtype=bfloat16"),
     (["arms.grid={learner.lr: [1e-3]}", "learner.zero_stage=1"], "learner.world_size must be 1 and learner.zero_stage 0"),
 ])
 def test_bad_arms_are_config_errors_that_name_the_key(overrides, message):

@@ -217,7 +217,7 @@ def test_the_sampler_applies_every_arm_as_the_learner_does_and_z_stays_the_base_
     assert all((v == 0).all() for k, v in z.items() if "lora_B" in k)
     seqs = [Datum(p, c.tokens) for p, g in zip(stack["prompt_ids"], after["z"].completions_P_G) for c in g]
     with torch.no_grad():
-        lp, mask = sequence_logprobs(base, seqs, 1.0)
+        lp, mask, _ = sequence_logprobs(base, seqs, 1.0)
         base_lp = [row[: int(m.sum())].tolist() for row, m in zip(lp, mask)]
         scale = logit_scale(base, seqs)
     assert logprob_gap(base_lp, [c.logprobs for g in after["z"].completions_P_G for c in g], scale) < LOGPROB_TOL

@@ -283,3 +283,29 @@ def test_generated_prompts_too_long_for_the_config_name_the_keys():
     with pytest.raises(ConfigError, match=r"data\.train=arithmetic, problem 0: the prompt is \d+ tokens with "
                                           r"data\.template, more than model\.max_model_len - rollout\.max_tokens"):
         load_splits(cfg, build_tiny_model())
+
+
+def test_a_selection_set_is_carved_from_the_held_out_prompts():
+    """data.select_size (issue 29, item 5): that many of data.eval's prompts, a fixed sample,
+    become the selection set (eval/select/*) and the reported eval set keeps data.eval_size of
+    the others: disjoint, the same in every run, and the best adapter is chosen on it."""
+    from demo.tiny_model import build_tiny_model
+    from rl.config import ConfigError, load_config
+    from rl.evaluate import selection_metric
+    from rl.splits import carve_selection, load_splits
+
+    cfg = load_config(None, ["data.eval_size=40", "data.select_size=16"])
+    _, held_out = load_splits(cfg, build_tiny_model())
+    select, evals = held_out["select"].rows, held_out["eval"].rows
+    assert (len(select), len(evals)) == (16, 40)
+    assert not {r["prompt"] for r in select} & {r["prompt"] for r in evals}
+    _, again = load_splits(cfg, build_tiny_model())
+    assert [r["prompt"] for r in again["select"].rows] == [r["prompt"] for r in select]
+    assert selection_metric(cfg) == "eval/select/accuracy"
+    assert selection_metric(load_config(None, [])) == "eval/accuracy"
+    assert selection_metric(load_config(None, ["eval.best_metric=eval/pass@4"])) == "eval/pass@4"
+    rows = [{"i": i} for i in range(10)]
+    chosen, rest = carve_selection(rows, 3, 0)
+    assert len(chosen) == 3 and len(rest) == 7 and sorted(r["i"] for r in chosen + rest) == list(range(10))
+    with pytest.raises(ConfigError, match="data.select_size=10 leaves none of data.eval's 10 prompts"):
+        carve_selection(rows, 10, 0)

@@ -84,6 +84,36 @@ def test_logprobs_agree_on_version_0(stack):
     assert gap < LOGPROB_TOL
 
 
+def test_every_prompt_of_a_step_draws_its_own_completions(stack):
+    """Issue 29, item 1: every prompt of a step had one seed, so completion i of every group
+    drew from one random stream. A data file whose rows are all the same prompt, sampled as
+    the driver samples a step (rl/rollouts.py Source): each group's completions are its own.
+    At temperature 1.5 the tiny model's completions of ~20 tokens are broad enough that two
+    independent groups of 4 coincide with negligible chance (each token has several likely
+    choices), while with one shared seed every group is the same, token for token. The same
+    run.seed draws the same again: what exact resume relies on."""
+    from rl.arms import ArmRun
+    from rl.fleet import Samplers
+    from rl.rollouts import Source
+    from rl.splits import Split
+    from tests.fakes import FakeRewards
+
+    cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_tokens=24",
+                             "rollout.temperature=1.5"])
+    row = {"prompt": PROMPTS[0], "answer": "28", "prompt_ids": stack["prompt_ids"][0]}
+
+    def step():
+        arm = ArmRun("", cfg, Path("."), Split([dict(row) for _ in range(8)]), FakeRewards())
+        groups = Source(Samplers([stack["sampler"]]), [arm]).batch(1)[""][0]
+        return [tuple(tuple(c.tokens) for c in g.completions) for g in groups]
+
+    groups = step()
+    assert len(groups) == 4 and len(set(groups)) == 4, groups
+    for i in range(4):  # completion i no longer repeats across the groups
+        assert len({g[i] for g in groups}) > 1
+    assert step() == groups
+
+
 def test_vllm_runs_in_the_sampler_on_every_core(stack):
     """On a CPU machine the engine runs inside the sampler's process (no engine or worker
     processes below it: no inter-process hop per decoding step), with one torch thread per
@@ -215,7 +245,7 @@ def test_saved_adapter_loads_with_peft(stack, tmp_path):
     out = generate(stack, seed=11)
     seqs = [Datum(p, c.tokens) for p, g in zip(stack["prompt_ids"], out.completions_P_G) for c in g]
     with torch.no_grad():
-        lp, mask = sequence_logprobs(model, seqs, 1.0)
+        lp, mask, _ = sequence_logprobs(model, seqs, 1.0)
     sampler_lp = [c.logprobs for g in out.completions_P_G for c in g]
     gap = logprob_gap([row[: int(m.sum())].tolist() for row, m in zip(lp, mask)], sampler_lp, logit_scale(model, seqs))
     assert gap < LOGPROB_TOL
@@ -549,10 +579,10 @@ def test_bf16_wire_effect_on_logprobs(stack, tmp_path):
     out = generate(stack, seed=13)
     seqs = [Datum(p, c.tokens) for p, g in zip(stack["prompt_ids"], out.completions_P_G) for c in g]
     with torch.no_grad():
-        fp32, mask = sequence_logprobs(model, seqs, 1.0)
+        fp32, mask, _ = sequence_logprobs(model, seqs, 1.0)
         rounded = {k: v.to(torch.bfloat16).float() for k, v in get_peft_model_state_dict(model).items()}
         set_peft_model_state_dict(model, rounded)
-        bf16, _ = sequence_logprobs(model, seqs, 1.0)
+        bf16, _, _ = sequence_logprobs(model, seqs, 1.0)
     gap = ((fp32 - bf16).abs() * mask).sum().item() / mask.sum().item()
     print(f"bf16 wire: mean |log-prob gap| {gap:.2e} nats")
     assert 1e-5 < gap < 5e-2

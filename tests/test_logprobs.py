@@ -45,7 +45,7 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 def logprobs_and_grads(model, seqs, chunk):
     model.zero_grad()
-    lp, mask = sequence_logprobs(model, seqs, 0.7, chunk)
+    lp, mask, _ = sequence_logprobs(model, seqs, 0.7, chunk)
     weights = torch.linspace(-1, 1, lp.numel(), dtype=lp.dtype).view_as(lp)
     (lp * mask * weights).sum().backward()
     return lp.detach(), mask, grads(model)
@@ -89,7 +89,8 @@ def test_chunked_backward_against_float64_finite_differences(head_trains):
     targets = torch.randint(0, 23, (11,), generator=g)
     inputs = (hidden, weight, bias) if head_trains else (hidden,)
     assert torch.autograd.gradcheck(
-        lambda h, w=weight, b=bias: ChunkedTokenLogprobs.apply(h, w, b, targets, 0.6, 4), inputs, eps=1e-6, atol=1e-5)
+        lambda h, w=weight, b=bias: ChunkedTokenLogprobs.apply(h, w, b, targets, 0.6, 4)[0], inputs, eps=1e-6,
+        atol=1e-5)
 
 
 def test_chunked_logprobs_in_bfloat16():
@@ -98,8 +99,8 @@ def test_chunked_logprobs_in_bfloat16():
     by at most 2 x 2^-8 x the largest |logit| / temperature."""
     model, seqs = lora_model(torch.bfloat16), batch()
     with torch.no_grad():
-        full, mask = sequence_logprobs(model, seqs, 0.7, 0)
-        chunked, _ = sequence_logprobs(model, seqs, 0.7, 5)
+        full, mask, _ = sequence_logprobs(model, seqs, 0.7, 0)
+        chunked, _, _ = sequence_logprobs(model, seqs, 0.7, 5)
         biggest = max(model(input_ids=torch.tensor([s.prompt_ids + s.tokens])).logits.float().abs().max().item()
                       for s in seqs)
     bound = 2 * 2**-8 * biggest / 0.7
@@ -113,10 +114,66 @@ def test_gradient_checkpointing_gives_the_same_gradient():
     out = []
     for checkpointing in (False, True):
         model = lora_model(torch.float64, checkpointing).train()
-        lp, mask = sequence_logprobs(model, seqs, 1.0, 16)
+        lp, mask, _ = sequence_logprobs(model, seqs, 1.0, 16)
         (lp * mask).sum().backward()
         out.append(grads(model))
     assert max((out[0][k] - out[1][k]).abs().max() for k in out[0]) <= 1e-10 * max(g.abs().max() for g in out[0].values())
+
+
+@pytest.mark.parametrize("chunk", [0, 3, 4096])
+def test_entropy_of_each_token_against_the_full_distribution(chunk, monkeypatch):
+    """learner/entropy: -sum_v p log p of the distribution each completion token was drawn from,
+    at the temperature, computed in the log-prob pass (chunked: ENTROPY_ROWS rows at a time,
+    set to 2 here so that blocks split unevenly). Against the full softmax at each position,
+    in float64: the same sums in another order (1e-10)."""
+    import learner.logprobs
+
+    monkeypatch.setattr(learner.logprobs, "ENTROPY_ROWS", 2)
+    model, seqs = lora_model(torch.float64), batch()
+    with torch.no_grad():
+        _, mask, entropy = sequence_logprobs(model, seqs, 0.7, chunk)
+        for b, s in enumerate(seqs):
+            logits = model(input_ids=torch.tensor([s.prompt_ids + s.tokens])).logits[0] / 0.7
+            p = torch.softmax(logits, dim=-1)
+            want = -(p * torch.log(p)).sum(-1)[len(s.prompt_ids) - 1: len(s.prompt_ids) - 1 + len(s.tokens)]
+            assert torch.allclose(entropy[b, :len(s.tokens)], want, atol=1e-10)
+    assert (entropy * (1 - mask)).abs().max() == 0 and (entropy * mask).min() >= 0
+
+
+def test_dropout_is_off_in_training_mode():
+    """A base model with dropout (attention and nn.Dropout): in training mode, as the learner
+    trains, its log-probs were random draws, not the policy's (issue 29). disable_dropout sets
+    every rate to 0: training mode then gives exactly eval mode's log-probs."""
+    from learner.learner import disable_dropout
+
+    model, seqs = lora_model(), batch()
+    base = model.get_base_model()
+    for layer in base.model.layers:
+        layer.self_attn.attention_dropout = 0.5  # what Qwen2Config(attention_dropout=0.5) sets
+        layer.mlp.act_fn = torch.nn.Sequential(layer.mlp.act_fn, torch.nn.Dropout(0.5))
+    with torch.no_grad():
+        model.eval()
+        eval_lp, mask, _ = sequence_logprobs(model, seqs, 1.0, 8)
+        model.train()
+        assert (sequence_logprobs(model, seqs, 1.0, 8)[0] - eval_lp).abs().max() > 1e-3  # dropout on
+        assert disable_dropout(model) == 2 * len(base.model.layers)
+        assert torch.equal(sequence_logprobs(model, seqs, 1.0, 8)[0], eval_lp)
+
+
+def test_a_model_that_transforms_its_logits_is_refused_by_the_chunked_path():
+    """Gemma 2 soft-caps its logits after the LM head (30 tanh(z / 30)); the chunked head would
+    skip it and compute other log-probs than the model's. Refused, naming the key and the
+    remedy; the full-logits path (chunk 0) is the model's own forward and works."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=32))
+    seqs = batch()
+    with pytest.raises(ValueError, match=r"final_logit_softcapping=30.0.*set learner.logprob_chunk=0"):
+        sequence_logprobs(model, seqs, 1.0, 8)
+    lp, mask, _ = sequence_logprobs(model, seqs, 1.0, 0)
+    assert lp.shape == mask.shape and (lp * mask).sum() < 0
 
 
 def test_micro_batches_by_count_keep_the_order():
@@ -150,7 +207,7 @@ def test_the_step_gradient_does_not_depend_on_the_micro_batches(budget):
         model.zero_grad()
         for indices in plan:
             chunk = [seqs[i] for i in indices]
-            lp, mask = sequence_logprobs(model, chunk, 1.0, 8)
+            lp, mask, _ = sequence_logprobs(model, chunk, 1.0, 8)
             T = lp.shape[1]
             old = torch.tensor([s.sampler_logprobs + [0.0] * (T - len(s.tokens)) for s in chunk], dtype=lp.dtype)
             adv = torch.tensor([s.advantage for s in chunk], dtype=lp.dtype)

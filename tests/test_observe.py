@@ -265,3 +265,34 @@ def test_the_sweep_summary_finds_each_ranks_best_learning_rate_over_seeds(tmp_pa
     assert "| full FT | 0.0001 | 0.600 | 0.040 | 2 |" in report and "best learning rate 10x" in report
     for figure in ("arms_lr", "arms_best", "arms_flops"):
         assert (tmp_path / "plots" / f"{figure}.png").stat().st_size > 10_000 and f"plots/{figure}.png" in report
+
+
+def test_a_sweep_chooses_its_best_learning_rate_on_the_selection_set(tmp_path):
+    """With a selection set (data.select_size) the best learning rate is the one best on
+    eval/select/accuracy, and eval/accuracy reports it; without one the report says the choice
+    was made on the reported prompts (issue 29, item 5)."""
+    import yaml
+
+    from rl.report import write_sweep
+
+    def sweep(folder, select):
+        for lr, final, chosen in ((1e-3, 0.7, 0.5), (3e-3, 0.6, 0.8)):  # 1e-3 wins on eval, 3e-3 on select
+            arm = folder / "arms" / f"lr={lr:g}"
+            arm.mkdir(parents=True)
+            (arm / "config.yaml").write_text(yaml.safe_dump({"learner": {"lr": lr}, "lora": {"rank": 1},
+                                                             "run": {"seed": 0}}))
+            rows = [{"step": 0, "eval/accuracy": 0.4}, {"step": 1, "reward/mean": 0.1, "time/step": 1.0,
+                                                         "eval/accuracy": final,
+                                                         **({"eval/select/accuracy": chosen} if select else {})}]
+            (arm / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        report = write_sweep(folder).read_text()
+        return json.loads((folder / "summary.json").read_text()), report
+
+    summary, report = sweep(tmp_path / "with", select=True)
+    (rank,) = summary["ranks"]
+    assert summary["chosen_on"] == "eval/select/accuracy" and rank["best_lr"] == 3e-3
+    assert rank["final_accuracy_mean"] == pytest.approx(0.6)  # reported on data.eval's own prompts
+    assert "chosen on eval/select/accuracy" in report
+    summary, report = sweep(tmp_path / "without", select=False)
+    assert summary["chosen_on"] == "eval/accuracy" and summary["ranks"][0]["best_lr"] == 1e-3
+    assert "an optimistic estimate" in report

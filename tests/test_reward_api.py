@@ -38,6 +38,9 @@ def test_format_score():
     assert format_score(r"so \boxed{\frac{1}{2}}.") == 1.0
     assert format_score(r"so \boxed{\frac{1}{2}") == 0.0  # unbalanced: no answer the grader reads
     assert format_score("The answer is 5") == 0.0
+    # An empty box is no answer: the bonus paid for it would reward the form alone (issue 29).
+    for empty in (r"\boxed{}", r"so \boxed{ }.", r"\boxed{{}}", "\\boxed{\n}"):
+        assert format_score(empty) == 0.0, empty
 
 
 @pytest.mark.parametrize("tokens, finished, expected", [

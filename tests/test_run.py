@@ -15,16 +15,19 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("reward/mean", "reward/accuracy", "learner/ratio_mean", "learner/ratio_max", "learner/truncated_frac",
+KEYS = ("reward/mean", "reward/accuracy", "learner/ratio_mean", "learner/ratio_max", "learner/capped_frac",
         "time/sample", "time/learn", "time/sync", "sync/bytes", "sync/latency_ms", "rollout/tokens_per_s",
-        "learner/tokens_per_s", "rollout/zero_signal_groups", "reward/timeout_frac", "reward/error_frac")
+        "learner/tokens_per_s", "rollout/zero_signal_groups", "reward/timeout_frac", "reward/error_frac",
+        # the diagnostics of issue 29
+        "learner/entropy", "learner/clipped_low_frac", "learner/mismatch_kl_current", "advantage/mean",
+        "advantage/std", "advantage/zero_frac", "rollout/ungraded_completions")
 
 
 def test_default_job_learns(tmp_path):
     steps = 40
     proc = subprocess.run(
         [sys.executable, "rl/run.py", "configs/default.yaml", f"run.steps={steps}", "run.eval_every=20",
-         f"run.output_dir={tmp_path}", "run.name=e2e", "run.progress=false"],
+         f"run.output_dir={tmp_path}", "run.name=e2e", "run.progress=false", "learner.kl_base_every=20"],
         cwd=ROOT, capture_output=True, text=True, timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,6 +45,13 @@ def test_default_job_learns(tmp_path):
     # Each step trained on the adapter the previous step published, and every sampler acknowledged it.
     assert [r["rollout/adapter_version"] for r in rows[1:]] == list(range(steps))
     assert all(0.99 < r["learner/ratio_mean"] < 1.01 for r in rows[1:])
+    # Sync mode: every group is of the learner's own version, so no mismatch is lag.
+    assert not any("learner/mismatch_kl_stale" in r for r in rows)
+    assert all(0 < r["learner/entropy"] < 6.24 for r in rows[1:])  # nats: below log(vocabulary) = log(512)
+    # The KL to the base model on its cadence only, and positive once the adapter has trained
+    # (each token's k3 term is >= 0, and 0 only where the adapter changes nothing).
+    assert [r["step"] for r in rows if "learner/kl_base" in r] == [20, 40]
+    assert rows[20]["learner/kl_base"] > 0 and rows[40]["learner/kl_base"] > 0
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 1 and set(config["target_modules"]) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -52,7 +62,7 @@ def test_default_job_learns(tmp_path):
     best = json.loads((run_dir / "best_adapter" / "best.json").read_text())
     assert best["value"] == max(r["eval/accuracy"] for r in rows if "eval/accuracy" in r)
     report = (run_dir / "report.md").read_text()
-    for name in ("reward", "time", "sync", "ratio", "length"):
+    for name in ("reward", "time", "sync", "ratio", "policy", "length"):
         assert (run_dir / "plots" / f"{name}.png").stat().st_size > 10_000 and f"plots/{name}.png" in report
     assert "best_adapter" in proc.stdout and "steps/min" in proc.stdout  # the closing summary
 
@@ -145,6 +155,8 @@ def test_async_job_learns_within_the_staleness_bound(tmp_path):
     assert all(r["rollout/staleness_max"] <= 1 and r["rollout/refused_groups"] == 0 for r in rows[1:])
     assert sum(r["rollout/staleness_hist"][1] for r in rows[1:]) > 0  # sampling did run ahead
     assert all(r["learner/ratio_ess"] > 0.5 and r["learner/mismatch_kl"] >= 0 for r in rows[1:])
+    # The mismatch split by cause: a lag part exactly where some groups were a version behind.
+    assert all(("learner/mismatch_kl_stale" in r) == (r["rollout/staleness_hist"][1] > 0) for r in rows[1:])
     before, after = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]
     assert after >= before + 0.10, (before, after)
     # The run ended cleanly: none of its actor processes is left.
@@ -153,7 +165,8 @@ def test_async_job_learns_within_the_staleness_bound(tmp_path):
 
 
 STREAM_KEYS = ("rollout/in_flight", "rollout/carried_over", "rollout/filtered_groups", "rollout/busy_frac",
-               "rollout/busy_frac/sampler-0", "time/learner_idle", "time/sampler_idle", "rollout/response_len_p90")
+               "rollout/busy_frac/sampler-0", "time/learner_idle", "time/sampler_idle", "rollout/response_len_p90",
+               "reward/unfiltered_mean", "reward/unfiltered_accuracy")
 
 
 def test_stream_job_filters_zero_signal_and_resumes_with_its_groups_in_flight(tmp_path):

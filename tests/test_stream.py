@@ -182,3 +182,34 @@ def test_sync_mode_filter_draws_more_prompts_until_the_step_is_full(local_ray):
             ray.get(sampler.load.remote(step))
             batches.publish("", step, f"d{step}")
         assert batches.state("")["position"] == looked == train.position
+
+
+@pytest.mark.parametrize("filter_on, flat_kept", [("correctness", False), ("reward", True)])
+def test_dynamic_sampling_filters_on_correctness(local_ray, filter_on, flat_kept):
+    """Issue 29, item 4: dynamic sampling compared the shaped rewards, so a group all wrong but
+    of different lengths (here DAPO's overlong penalty: 1 token against 4 of max_tokens 4)
+    counted as signal. With rollout.filter_on=correctness (the default, as DAPO and verl) such a
+    group is left out; with filter_on=reward it is kept. Every group looked at reports the
+    policy's reward and accuracy before filtering (reward/unfiltered_*)."""
+    from rl.rollouts import Batches
+    from tests.fakes import FakeSampler
+
+    cfg = load_config(None, ["rollout.filter_zero_signal=true", f"rollout.prompts_per_step={PER_STEP}",
+                             "rollout.group_size=2", "rollout.max_tokens=4", "reward.overlong_buffer=3",
+                             f"rollout.filter_on={filter_on}", "model.max_model_len=16"])
+    rows = [{"prompt_ids": [i], "answer": "flat" if i % 2 == 0 else "1", "i": i} for i in range(100)]
+    sampler = ray.remote(FakeSampler).remote(0, lengths=(4, 1))  # the 4-token completion is cut: penalty -1
+    arm = ArmRun("", cfg, Path("."), Split(rows), FlatRewards(), published={0: "d0"})
+    with Batches(cfg, Samplers([sampler]), [arm]) as batches:
+        for step in range(1, 4):
+            ((groups, metrics),) = batches.next(step).values()
+            assert len(groups) == PER_STEP and all(len(set(g.rewards)) > 1 for g in groups)  # all have a gradient
+            flat = [g for g in groups if g.row["answer"] == "flat"]
+            assert bool(flat) == flat_kept
+            if not flat_kept:
+                assert all(len(set(g.scores)) > 1 for g in groups)
+                assert metrics["rollout/filtered_groups"] > 0
+                # The groups kept are half right; of all those looked at, the flat ones are all wrong.
+                assert metrics["reward/accuracy"] == 0.5 > metrics["reward/unfiltered_accuracy"]
+            ray.get(sampler.load.remote(step))
+            batches.publish("", step, f"d{step}")

@@ -120,3 +120,44 @@ def test_groups_from_a_lagging_sampler_are_dropped_or_regenerated(local_ray, on_
 def test_forged_digests_never_reach_the_learner(local_ray):
     with pytest.raises(RuntimeError, match="outside the adapter window"):
         drive("async", 1, steps=2, digest_prefix="forged")
+
+
+@ray.remote
+class SeedRecorder:
+    """A sampler that answers each prompt with the seed it was given (as its completion's text)."""
+
+    def arms(self):
+        return [""]
+
+    def generate_many(self, requests):
+        from common.records import Completion, Rollout
+
+        return [Rollout("", 0, "d0", [[Completion([1], [-0.1], str(seed), True)] * sampling.n
+                                      for seed in sampling.prompt_seeds(len(prompts))])
+                for prompts, sampling in requests]
+
+
+def test_each_prompt_keeps_its_seed_however_many_samplers_split_the_prompts(local_ray):
+    """A prompt's seed travels with it (common/records.py Sampling): split over one sampler or
+    three, prompt p gets the seed the request gave it. Without explicit seeds prompt p's is
+    seed + p * n, so no two prompts of a request share a stream (issue 29, item 1)."""
+    from common.records import Sampling
+
+    prompts = [[k] for k in range(7)]
+    fleets = [Samplers([SeedRecorder.remote()]), Samplers([SeedRecorder.remote() for _ in range(3)])]
+    for sampling, want in ((Sampling(2, 1.0, 4, seed=5), [5 + 2 * p for p in range(7)]),
+                           (Sampling(2, 1.0, 4, seeds=tuple(range(100, 107))), list(range(100, 107)))):
+        for fleet in fleets:
+            assert [int(g.completions[0].text) for g in fleet.generate(prompts, sampling)] == want
+
+
+def test_training_seeds_follow_the_prompts_position():
+    """rl/rollouts.py prompt_seed: a hash of (run.seed, position, attempt), each below 2**62,
+    all distinct over a run's draws, and the same again for the same arguments (resume)."""
+    from rl.rollouts import prompt_seed
+
+    seeds = [prompt_seed(s, p, a) for s in range(3) for p in range(2000) for a in range(2)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= x < 2**62 for x in seeds)
+    # Completion i draws seed + i: the streams of nearby draws do not overlap either.
+    assert min(abs(a - b) for a, b in zip(sorted(seeds), sorted(seeds)[1:])) > 64
+    assert prompt_seed(0, 17) == prompt_seed(0, 17, 0) != prompt_seed(1, 17)
