@@ -14,21 +14,25 @@ path a rehearsal cannot reach. Extra key=value arguments go on top (run.name=...
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python rl/rehearse.py` from anywhere
 
+from demo.tiny_model import TEMPLATE  # noqa: E402
 from rl.config import Config, load_config  # noqa: E402
 
 # What a rehearsal replaces, and why each key may: it names the model, the data, the hardware
 # or a size. Every other key of the recipe is kept as the recipe sets it.
 REPLACED = {
-    # The model: the tiny local model (it holds 256 positions and has no chat template).
+    # The model: the tiny local model (it holds 256 positions, has no chat template, and answers
+    # the prompt format it was warm-started on; another model's format makes it stop at once).
     "model.path": "tiny",
     "model.max_model_len": 256,
     "data.chat_template": False,
-    # The data: the generated arithmetic task (the recipe's template and keys stay).
+    "data.template": TEMPLATE,
+    # The data: the generated arithmetic task (the recipe's keys stay).
     "data.train": "arithmetic",
     "data.eval": "arithmetic",
     "data.eval_size": 16,
@@ -60,7 +64,7 @@ def names_gpus(cfg: Config) -> bool:
 
 def overrides(recipe: Config) -> list[str]:
     """The key=value overrides that turn a recipe into its rehearsal."""
-    out = [f"{key}={value if not isinstance(value, bool) else str(value).lower()}" for key, value in REPLACED.items()]
+    out = [f"{key}={json.dumps(value)}" for key, value in REPLACED.items()]  # JSON is YAML: the values as typed
     for key in SCALED:
         section, name = key.split(".")
         value = getattr(getattr(recipe, section), name)
