@@ -431,7 +431,11 @@ def listeners_but_ray(actor) -> list[tuple[str, int]]:
 def test_two_rank_learner_takes_the_one_rank_step(stack):
     """learner.world_size=2: two DeepSpeed ranks (gloo), each on half the completions, take
     the step one rank takes on all of them: the adapters agree within 0.5% of the step's move
-    (measured: 2.4e-5 or less against a move of 4e-2)."""
+    (measured: 2.4e-5 or less against a move of 4e-2). The batch is on-policy for the new
+    learners (their own log-probs as the sampler's): completions sampled by the stack's sampler
+    after other tests trained its adapter gave ratios up to 120, whose clipped gradients shrank
+    towards Adam's epsilon (1e-8), where its update stops being scale-free and rounding shows
+    (a 1.6% gap was seen)."""
     from ray.util.placement_group import remove_placement_group
     from safetensors.torch import load
 
@@ -441,6 +445,7 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
     out = generate(stack, seed=6)
     batch = [Datum(p, c.tokens, c.logprobs, 1.0 if i % 3 == 0 else -0.5)
              for p, g in zip(stack["prompt_ids"], out.completions_P_G) for i, c in enumerate(g)]
+    on_policy = None  # the new learners' log-probs of the batch, taken by the first before it trains
     base = ["learner.lr=0.02", "rollout.prompts_per_step=2", "rollout.group_size=8", "learner.micro_batch_size=8",
             "learner.num_cpus=0.2", "rollout.num_cpus=0.1"]
     runs = {}
@@ -454,6 +459,9 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
             listening = [s for found in ray.get([r.__ray_call__.remote(listeners_but_ray) for r in ranks]) for s in found]
             assert world == 1 or listening, "a two-rank learner listens for its peers"
             assert all(ip not in ("0.0.0.0", "::") for ip, _ in listening), listening
+            if on_policy is None:
+                on_policy = ray.get(ranks[0].logprobs.remote(batch))
+                batch = [dataclasses.replace(d, sampler_logprobs=lp) for d, lp in zip(batch, on_policy)]
             steps = [ray.get(ranks[0].train_step.remote(batch))[""] for _ in range(2)]
             logprobs = ray.get(ranks[0].logprobs.remote([Datum(b.prompt_ids, b.tokens)
                                                           for b in batch]))
@@ -475,9 +483,13 @@ def test_two_rank_learner_takes_the_one_rank_step(stack):
     # differences: allow 0.5% of the move (measured up to 0.06%). The log-prob gap is printed,
     # not asserted: lora_alpha/r = 32 scales weight rounding into ~1e-4..1e-3 nats.
     assert moved > 1e-3 and gap < 5e-3 * moved, (moved, gap)
+    # The second step's ratios are against the first's log-probs (up to ~90 on average after a
+    # step at lr 0.02), and the ranks' weights differ by rounding that the adapter's scale turns
+    # into up to ~1e-3 nats (the log-prob gap above): the loss and the mean ratio, sums of ratios,
+    # agree to 1e-3 of their size (3.5e-6 seen).
     for a, b in zip(steps1, steps2):
-        assert a["learner/loss"] == pytest.approx(b["learner/loss"], rel=1e-5)
-        assert a["learner/ratio_mean"] == pytest.approx(b["learner/ratio_mean"], abs=1e-6)
+        assert a["learner/loss"] == pytest.approx(b["learner/loss"], rel=1e-3)
+        assert a["learner/ratio_mean"] == pytest.approx(b["learner/ratio_mean"], rel=1e-3)
         assert a["learner/grad_norm"] == pytest.approx(b["learner/grad_norm"], rel=1e-4)
 
 
