@@ -10,7 +10,8 @@ is its logit minus a logsumexp over the vocabulary; backward recomputes each chu
 
 Each token's entropy, -sum_v p_v log p_v of the sampling distribution (at the temperature), is
 computed in the same pass from the block at hand (`learner/entropy`): no gradient, and at most
-ENTROPY_ROWS x V more floats.
+ENTROPY_ROWS x V more floats. With a frozen head (LoRA) it comes from the probabilities the
+gradient needs anyway; where the head trains, from one more pass over the block.
 
 Models whose logits are more than the LM head's output (Gemma 2's final soft-capping, Cohere's
 logit_scale, Granite's logits_scaling) would get wrong log-probs from the chunked head:
@@ -77,10 +78,12 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             logits = _logits(hidden_N_H[s:s + chunk], weight_V_H, bias_V, temperature)
             lse_N[s:s + chunk] = torch.logsumexp(logits, dim=1)
             logprobs_N[s:s + chunk] = logits.gather(1, targets_N[s:s + chunk, None]).squeeze(1) - lse_N[s:s + chunk]
-            entropy_N[s:s + chunk] = _entropy(logits, lse_N[s:s + chunk])
-            if precompute:
-                g = _dlogp_dlogits(logits, lse_N[s:s + chunk], targets_N[s:s + chunk], temperature)
+            if precompute:  # the entropy from the probabilities the gradient needs anyway
+                g = _dlogp_dlogits(logits, lse_N[s:s + chunk], targets_N[s:s + chunk], temperature,
+                                   entropy_N[s:s + chunk])
                 dlogp_dh[s:s + chunk] = g.to(weight_V_H.dtype) @ weight_V_H
+            else:
+                entropy_N[s:s + chunk] = _entropy(logits, lse_N[s:s + chunk])
             logits = g = None  # freed before the next chunk's block: one chunk x V block alive at a time
         if precompute:
             ctx.save_for_backward(dlogp_dh)
@@ -119,9 +122,20 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
 
 
 def _dlogp_dlogits(logits_C_V: torch.Tensor, lse_C: torch.Tensor, targets_C: torch.Tensor,
-                   temperature: float) -> torch.Tensor:
-    """(onehot(target) - softmax) / temperature, written over the logits (in place)."""
-    g = logits_C_V.sub_(lse_C[:, None]).exp_().neg_()
+                   temperature: float, entropy_C: torch.Tensor | None = None) -> torch.Tensor:
+    """(onehot(target) - softmax) / temperature, written over the logits (in place). With
+    entropy_C, each row's entropy -sum p log p is written there on the way, from the same
+    exponentials (ENTROPY_ROWS rows at a time: no second pass over the block)."""
+    logp = logits_C_V.sub_(lse_C[:, None])
+    if entropy_C is None:
+        logp.exp_()
+    else:
+        for s in range(0, len(lse_C), ENTROPY_ROWS):
+            rows = logp[s:s + ENTROPY_ROWS]
+            p = rows.exp()
+            entropy_C[s:s + ENTROPY_ROWS] = -torch.linalg.vecdot(p, rows)
+            rows.copy_(p)
+    g = logp.neg_()  # -p
     g[torch.arange(len(g), device=g.device), targets_C] += 1
     return g.div_(temperature)
 
