@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(PY) rl/run.py configs/default.yaml $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest tests -v $(ARGS)
+	$(PY) -m pytest tests -v --durations=30 $(ARGS)
 
 # The unit tier alone: under 2 minutes here (tests/conftest.py assigns the tiers).
 test-fast: $(STAMP)

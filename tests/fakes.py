@@ -35,7 +35,7 @@ class FakeSampler:
 
         def completion(i, max_tokens):
             n = self.lengths[i % len(self.lengths)]
-            return Completion([1] * n, [-0.1] * n, "x", n < max_tokens)
+            return Completion(list(range(1, n + 1)), [-0.1 * (k + 1) for k in range(n)], "x", n < max_tokens)
 
         return [Rollout(sampling.arm, version, f"{self.prefix}{version}",
                         [[completion(i, sampling.max_tokens) for i in range(sampling.n)] for _ in prompt_ids])
@@ -69,10 +69,10 @@ class FakeLearner:
         ray.get([s.load.remote(self.version) for s in self.samplers])
         return {}
 
-    def train_step(self, batch):
+    def train_step(self, batch, arms=None):
         self.version += 1
         out = {}
-        for arm in dict.fromkeys(d.arm for d in batch):
+        for arm in dict.fromkeys([d.arm for d in batch] + list(arms or ())):
             bad = arm == self.nan_arm and self.version in self.nan_steps
             out[arm] = {"learner/loss": math.nan if bad else 0.1, "learner/grad_norm": math.nan if bad else 1.0,
                         "learner/skipped": int(bad), "time/learn": 0.0, "batch": sum(d.arm == arm for d in batch)}

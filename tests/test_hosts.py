@@ -394,7 +394,8 @@ def test_a_sampler_lost_during_the_probe_is_skipped_not_fatal(local_ray, caplog)
     ray.kill(actors[1], no_restart=True)
     cfg = load_config(None, [])
     with caplog.at_level(logging.WARNING):
-        assert run_probe(learner, actors, [[1], [2]], cfg) == {"sync/probe_gap_mean": 0.0, "sync/probe_gap_max": 0.0}
+        assert run_probe(learner, actors, [[1], [2]], cfg) == {"sync/probe_gap_mean": 0.0, "sync/probe_gap_max": 0.0,
+                                                               "sync/probe_tolerance": 1e-3}
     assert "probe: sampler 1 died before it answered" in caplog.text
     ray.kill(actors[0], no_restart=True)
     assert run_probe(learner, actors, [[1], [2]], cfg) == {}
