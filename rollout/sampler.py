@@ -160,6 +160,25 @@ def release_engine_shm(folder: Path) -> list[str]:
     return removed
 
 
+def engine_processes(parent) -> list:
+    """The children of `parent` (a psutil.Process) that are vLLM's engine core: named
+    VLLM::EngineCore, or, as was seen twice in CI with the name missing (plain "python"), the
+    child with a child of its own (the worker), which the resource tracker beside it is not.
+    A child that exits while it is looked at is not counted (the lookup runs after the engine
+    started: one that exits then is a helper, or the engine already dead, which the caller's
+    check for an engine catches)."""
+    import psutil
+
+    found = []
+    for p in parent.children():
+        try:
+            if p.name().startswith("VLLM::") or p.children():
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 class Sampler:
     def __init__(self, spec: SamplerSpec, secret: bytes, manifests: dict[str, dict], host: str = ""):
         """spec: what this sampler is built from (common/specs.py, made by rl/fleet.py);
@@ -236,17 +255,23 @@ class Sampler:
 
     def _watch_engine(self):
         """vLLM's client waits forever for the outputs of an engine process that was killed
-        (an OOM kill): leave with it, so that Ray restarts this sampler with a new engine."""
+        (an OOM kill): leave with it, so that Ray restarts this sampler with a new engine.
+
+        The watchdog cannot die silently: anything it did not expect (psutil racing a process
+        that exits) ends this sampler too, since a sampler without its watchdog could hang."""
         import psutil
 
-        # vLLM names its engine process VLLM::EngineCore, but the name was seen missing (twice in CI,
-        # plain "python"); the engine core is also the child with a child of its own (the
-        # worker), which the resource tracker beside it is not.
-        engines = [p for p in psutil.Process().children() if p.name().startswith("VLLM::") or p.children()]
-        while not self._closing.wait(1.0):
-            if any(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in engines):
-                log.error("the vLLM engine process died; exiting so that Ray restarts this sampler")
-                os._exit(1)
+        try:
+            engines = engine_processes(psutil.Process())
+            if self.spec.separate_engine and not engines:
+                raise RuntimeError("no vLLM engine process among this sampler's children")
+            while not self._closing.wait(1.0):
+                if any(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in engines):
+                    log.error("the vLLM engine process died; exiting so that Ray restarts this sampler")
+                    os._exit(1)
+        except Exception as e:  # psutil.NoSuchProcess: the engine exited between two calls
+            log.error("the engine watchdog failed (%r); exiting so that Ray restarts this sampler", e)
+            os._exit(1)
 
     def endpoint(self) -> str:
         """The channel's address, this process's incarnation and CURVE key (rollout/channel.py):
