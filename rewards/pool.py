@@ -12,6 +12,13 @@ timeout still running after 25 s was reproduced). Here the reward function runs 
 worker processes; the caller only waits on pipes, so `score` is safe from any thread and
 uses no signals. A worker that misses its deadline is killed and replaced.
 
+A score is a finite real number (an int or a float, not a bool or a string) of magnitude at
+most MAX_REWARD, and so is each component: anything else is an error. A reward function
+that forks leaves no process behind: each worker leads a process group of its own, which is
+killed with it (when it is replaced, and on close); and a second answer on a worker's pipe
+(a forked child answering as the worker would) is refused, counted in `reward/stray_frac`
+(per item scored), and the worker replaced.
+
 Accounting, per batch: a timeout has no score (None: the driver leaves it out of the loss and
 the means, since a right answer that took too long to check is not a wrong one; evaluation
 counts it wrong) and counts in `reward/timeout_frac`; an
@@ -19,8 +26,8 @@ exception in the function, or a worker that dies (segfault, `os._exit`), scores 
 counts in `reward/error_frac`; the first error of each batch is logged with its traceback.
 Nothing is dropped silently.
 
-Invariants: each worker holds at most one task; each task carries its item index and the
-worker echoes it, so a result is never attributed to another item; a deadline starts when
+Invariants: each worker holds at most one task; each task carries an id unique in the pool's
+life and the worker echoes it, so a result is never attributed to another item or batch; a deadline starts when
 the item is sent to a worker that has finished starting up, so a slow spawn never eats an
 item's time.
 
@@ -31,12 +38,15 @@ parent's `__main__` script when the parent was started as `python some_script.py
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import itertools
 import logging
 import math
 import multiprocessing
 import multiprocessing.connection
+import numbers
 import os
 import signal
 import time
@@ -58,7 +68,11 @@ _TERMINATE_GRACE_S = 0.5
 
 
 # Metric names the driver already uses: a component may not take one.
-RESERVED_COMPONENTS = {"mean", "accuracy", "timeout_frac", "error_frac", "format", "overlong"}
+RESERVED_COMPONENTS = {"mean", "accuracy", "timeout_frac", "error_frac", "stray_frac", "format", "overlong"}
+# The largest |score| (and |component|) accepted. Real rewards are O(1); the learner squares
+# them (the std normaliser) and sums them with the batch's tokens in float32 (max 3.4e38):
+# 1e308, accepted as a float, became non-finite steps and "Infinity" in metrics.jsonl.
+MAX_REWARD = 1e6
 
 
 def _resolve(spec: str) -> Callable:
@@ -79,7 +93,7 @@ def _resolve(spec: str) -> Callable:
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, spec: str) -> None:
-    """Worker loop: receive `(index, completion, sample)`, send `(index, ok, value)`.
+    """Worker loop: receive `(task id, completion, sample)`, send `(task id, ok, value)`.
 
     `value` is (score, components or None) when ok, else the formatted traceback. `None` asks
     the worker to exit.
@@ -87,6 +101,8 @@ def _worker_main(conn: multiprocessing.connection.Connection, spec: str) -> None
     # Scoring is single-threaded; do not let a numeric library start a thread per core.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
+    # A process group of its own, killed with the worker: whatever the reward fn forks goes too.
+    os.setpgid(0, 0)
     # Ctrl-C goes to the whole process group, and `ray job stop` signals the driver's children
     # too: the parent decides when workers stop (it finishes a step and checkpoints first).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -104,13 +120,25 @@ def _worker_main(conn: multiprocessing.connection.Connection, spec: str) -> None
             return
         if task is None:
             return
-        index, completion, sample = task
+        task_id, completion, sample = task
         try:
             value = _checked(fn(completion, sample))
         except Exception:
-            conn.send((index, False, traceback.format_exc()))
+            conn.send((task_id, False, traceback.format_exc()))
         else:
-            conn.send((index, True, value))
+            conn.send((task_id, True, value))
+
+
+def _real(value, what: str) -> float:
+    """`value` as a float if it is a finite real number within MAX_REWARD, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"reward fn returned {what} {value!r} of type {type(value).__name__}: "
+                        "a score must be an int or a float")
+    value = float(value)
+    if not math.isfinite(value) or abs(value) > MAX_REWARD:
+        raise ValueError(f"reward fn returned {what} {value!r}: a score must be finite and within "
+                         f"+-{MAX_REWARD:g}")
+    return value
 
 
 def _checked(result) -> tuple[float, dict[str, float] | None]:
@@ -121,13 +149,9 @@ def _checked(result) -> tuple[float, dict[str, float] | None]:
             if not isinstance(name, str) or name in RESERVED_COMPONENTS:
                 raise ValueError(f"reward component name {name!r} is not a string or is reserved "
                                  f"({sorted(RESERVED_COMPONENTS)})")
-            components[name] = float(part)
-        score = sum(components.values())
-    else:
-        score, components = float(result), None
-    if not math.isfinite(score):
-        raise ValueError(f"reward fn returned a non-finite score: {result!r}")
-    return score, components
+            components[name] = _real(part, f"component {name!r} =")
+        return _real(sum(components.values()), "components summing to"), components
+    return _real(result, "a score of"), None
 
 
 @dataclass
@@ -136,8 +160,8 @@ class _Worker:
     conn: multiprocessing.connection.Connection
     ready: bool = False
     started_at: float = field(default_factory=time.monotonic)
-    # (item index, deadline) of the task in flight; None when idle.
-    task: tuple[int, float] | None = None
+    # (item index, deadline, task id) of the task in flight; None when idle.
+    task: tuple[int, float, int] | None = None
 
 
 class RewardPool:
@@ -166,6 +190,7 @@ class RewardPool:
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = Lock()
         self._closed = False
+        self._task_ids = itertools.count()
         self._workers = [self._start_worker() for _ in range(num_workers)]
 
     def __enter__(self) -> RewardPool:
@@ -202,8 +227,8 @@ class RewardPool:
                 except OSError:
                     pass
             deadline = time.monotonic() + 1.0
-            for w in self._workers:
-                w.process.join(max(0.0, deadline - time.monotonic()))
+            for w in self._workers:  # exited, not yet reaped: _stop kills its group first
+                multiprocessing.connection.wait([w.process.sentinel], max(0.0, deadline - time.monotonic()))
                 self._stop(w)
             self._workers = []
 
@@ -216,6 +241,7 @@ class RewardPool:
         pending = deque(range(n))
         timeouts: list[int] = []
         errors: list[tuple[int, str]] = []
+        self._strays = 0
         sums: dict[str, float] = {}  # per component
         counts: dict[str, int] = {}
 
@@ -234,16 +260,16 @@ class RewardPool:
         while pending or any(w.task for w in self._workers):
             for slot, w in enumerate(self._workers):
                 if pending and w.ready and w.task is None:
-                    index = pending.popleft()
+                    index, task_id = pending.popleft(), next(self._task_ids)
                     completion, answer = items[index]
                     try:
-                        w.conn.send((index, completion, answer))
+                        w.conn.send((task_id, completion, answer))
                     except OSError:
                         # Died while idle: the item never ran, so it goes back to the queue.
                         pending.appendleft(index)
                         self._replace(slot)
                         continue
-                    w.task = (index, time.monotonic() + self.timeout_s)
+                    w.task = (index, time.monotonic() + self.timeout_s, task_id)
 
             now = time.monotonic()
             wake = [w.task[1] for w in self._workers if w.task]
@@ -254,7 +280,7 @@ class RewardPool:
             )
             for slot, w in enumerate(self._workers):
                 if w.conn in readable:
-                    self._receive(slot, finish)
+                    self._receive(slot, finish, pending)
 
             now = time.monotonic()
             for slot, w in enumerate(self._workers):
@@ -274,16 +300,22 @@ class RewardPool:
         return scores, {
             "reward/timeout_frac": len(timeouts) / n if n else 0.0,
             "reward/error_frac": len(errors) / n if n else 0.0,
+            "reward/stray_frac": self._strays / n if n else 0.0,
             **{f"reward/{name}": sums[name] / counts[name] for name in sorted(sums)},
         }
 
-    def _receive(self, slot: int, finish: Callable[[int, bool, object], None]) -> None:
-        """Handle one readable worker: its start-up message, its result, or its death."""
+    def _receive(self, slot: int, finish: Callable[[int, bool, object], None], pending: deque) -> None:
+        """Handle one readable worker: its start-up message, its result, or its death; or a
+        stray answer (one for no task in flight on it: a process the reward fn forked answering
+        as the worker would), which is refused and counted, and the worker replaced with its
+        process group, its task in flight going back to the queue."""
         w = self._workers[slot]
         try:
             message = w.conn.recv()
         except (EOFError, OSError):
-            w.process.join(_TERMINATE_GRACE_S)  # EOF can arrive just before the exit is reaped
+            # EOF can arrive just before the exit; its group first, while its id is still held
+            multiprocessing.connection.wait([w.process.sentinel], _TERMINATE_GRACE_S)
+            self._kill_group(w)
             code = w.process.exitcode
             if w.task:
                 finish(w.task[0], False, f"reward worker died (exit code {code}) scoring this item")
@@ -297,8 +329,16 @@ class RewardPool:
                 raise RuntimeError(f"reward worker cannot load {self.fn!r}:\n{detail}")
             w.ready = True
             return
-        index, ok, value = message
-        assert w.task and w.task[0] == index, f"worker answered item {index}, expected {w.task}"
+        task_id, ok, value = message
+        if not (w.task and w.task[2] == task_id):
+            self._strays += 1
+            logger.warning("reward fn %s: a stray answer on a worker's pipe (task %r, none such in flight: a process "
+                           "it forked answering?); the worker and its process group are replaced", self.fn, task_id)
+            if w.task:
+                pending.appendleft(w.task[0])
+            self._replace(slot)
+            return
+        index = w.task[0]
         w.task = None
         finish(index, ok, value)
 
@@ -330,10 +370,19 @@ class RewardPool:
         self._workers[slot] = self._start_worker()
 
     @staticmethod
-    def _stop(w: _Worker) -> None:
-        if w.process.is_alive():  # workers ignore SIGTERM (see _worker_main)
+    def _kill_group(w: _Worker) -> None:
+        """SIGKILL the worker's process group: what the reward fn forked. Called before the
+        worker is reaped, so that its id (the group's) cannot belong to another process yet;
+        none such if the worker died before it made its group."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(w.process.pid, signal.SIGKILL)
+
+    def _stop(self, w: _Worker) -> None:
+        """Kill the worker (it ignores SIGTERM, see _worker_main) and its process group."""
+        self._kill_group(w)
+        if w.process.is_alive():
             w.process.kill()
-            w.process.join()
+        w.process.join()
         w.conn.close()
         w.process.close()
 

@@ -257,7 +257,7 @@ def test_table_through_pool_from_thread(math_pool):
     scores, metrics = _in_thread(lambda: math_pool.score(items))
     assert scores == [expected for _, _, expected in GRADING_TABLE]
     assert scores == [math_reward(c, a) for c, a in items]
-    assert metrics == {"reward/timeout_frac": 0.0, "reward/error_frac": 0.0}
+    assert metrics == {"reward/timeout_frac": 0.0, "reward/error_frac": 0.0, "reward/stray_frac": 0.0}
 
 
 def test_pathological_completions_finish_at_deadline(math_pool):
@@ -303,12 +303,12 @@ def test_pathological_completions_finish_at_deadline(math_pool):
 
 def test_hanging_fn_is_cut_off_and_pool_recovers():
     with RewardPool("tests.reward_fns:hang", num_workers=1, timeout_s=1.0) as pool:
-        assert pool.score([]) == ([], {"reward/timeout_frac": 0.0, "reward/error_frac": 0.0})
+        assert pool.score([]) == ([], {"reward/timeout_frac": 0.0, "reward/error_frac": 0.0, "reward/stray_frac": 0.0})
         t0 = time.monotonic()
         scores, metrics = _in_thread(lambda: pool.score([("anything", "1")]))
         elapsed = time.monotonic() - t0
         assert scores == [None]  # no grade: the driver leaves it out of the loss
-        assert metrics == {"reward/timeout_frac": 1.0, "reward/error_frac": 0.0}
+        assert metrics == {"reward/timeout_frac": 1.0, "reward/error_frac": 0.0, "reward/stray_frac": 0.0}
         assert 1.0 <= elapsed < 1.0 + 3.0, elapsed
 
 
@@ -321,7 +321,7 @@ def test_mixed_failures_in_one_batch(behave_pool, caplog):
         scores, metrics = _in_thread(lambda: behave_pool.score(items))
     elapsed = time.monotonic() - t0
     assert scores == [1.0, None, 2.0, 0.0, 0.0, 3.0, None, 4.0]  # timeouts (hang, spin): none; errors: 0
-    assert metrics == {"reward/timeout_frac": 2 / 8, "reward/error_frac": 2 / 8}
+    assert metrics == {"reward/timeout_frac": 2 / 8, "reward/error_frac": 2 / 8, "reward/stray_frac": 0.0}
     assert elapsed < 2 * behave_pool.timeout_s + 3.0, elapsed
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert "boom on 'x'" in messages  # the first error, with its exception text
@@ -329,13 +329,13 @@ def test_mixed_failures_in_one_batch(behave_pool, caplog):
     # Every worker was replaced as needed: the next batch is complete and in order.
     scores, metrics = behave_pool.score([("ok", str(i)) for i in range(40)])
     assert scores == [float(i) for i in range(40)]
-    assert metrics == {"reward/timeout_frac": 0.0, "reward/error_frac": 0.0}
+    assert metrics == {"reward/timeout_frac": 0.0, "reward/error_frac": 0.0, "reward/stray_frac": 0.0}
 
 
 def test_exit_and_raise_alone_count_as_errors(behave_pool):
     scores, metrics = behave_pool.score([("exit", ""), ("ok", "5"), ("raise", "")])
     assert scores == [0.0, 5.0, 0.0]
-    assert metrics == {"reward/timeout_frac": 0.0, "reward/error_frac": pytest.approx(2 / 3)}
+    assert metrics == {"reward/timeout_frac": 0.0, "reward/error_frac": pytest.approx(2 / 3), "reward/stray_frac": 0.0}
 
 
 def test_bad_specs():
@@ -349,3 +349,48 @@ def test_bad_specs():
     pool.close()
     with pytest.raises(RuntimeError, match="after close"):
         pool.score([("ok", "1")])
+
+
+def test_a_reward_that_forks_cannot_stop_the_run_and_leaves_no_process(tmp_path, caplog):
+    """Issue 30, item 3: the forked child answers as the worker would, a second answer on
+    the worker's pipe. It used to raise AssertionError out of `score` (the driver's end), and
+    the forked children outlived the pool. Each item is settled by its first answer; a stray
+    one is refused, counted, and its worker replaced with its process group."""
+    items = [("x", str(tmp_path))] * 8
+    with caplog.at_level(logging.WARNING, logger="rewards.pool"):
+        with RewardPool("tests.reward_fns:fork", num_workers=2, timeout_s=5.0) as pool:
+            first, m1 = pool.score(items)
+            second, m2 = pool.score(items)
+    assert first == second == [1.0] * 8
+    assert m1["reward/error_frac"] == m2["reward/error_frac"] == 0.0
+    # The first item's second answer reaches the pool in this batch or, at the latest, when
+    # its worker takes a task in the next one.
+    assert (m1["reward/stray_frac"] + m2["reward/stray_frac"]) * 8 >= 1
+    assert "a stray answer on a worker's pipe" in caplog.text
+    forked = [int(p.name) for p in tmp_path.iterdir()]
+    assert forked  # the children did run
+    deadline = time.monotonic() + 5.0  # SIGKILL is sent; init reaps the orphans
+    while time.monotonic() < deadline and any(alive(pid) for pid in forked):
+        time.sleep(0.05)
+    assert not [pid for pid in forked if alive(pid)]
+
+
+def alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("what", ["str", "bool", "huge", "inf", "nan", "none"])
+@pytest.mark.parametrize("shape", ["score", "part"])
+def test_a_reward_must_be_a_finite_real_number(what, shape, caplog):
+    """"1.0", True and 1e308 were coerced by float() (1e308 then made non-finite steps and
+    "Infinity" in metrics.jsonl); each is an error now, counted and logged with what it was."""
+    with RewardPool("tests.reward_fns:value", num_workers=1, timeout_s=5.0) as pool:
+        with caplog.at_level(logging.WARNING, logger="rewards.pool"):
+            scores, metrics = pool.score([(what, shape), ("int", shape), ("float", shape), ("negative", shape)])
+    assert scores == [0.0, 1.0, 0.5, -2.0] and metrics["reward/error_frac"] == 0.25
+    assert repr(__import__("tests.reward_fns", fromlist=["VALUES"]).VALUES[what]) in caplog.text
