@@ -40,6 +40,7 @@ import re
 import shutil
 import time
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from rl.config import FREE_ON_RESUME, Config, ConfigError, to_dict
 
@@ -235,17 +236,60 @@ def complete(root: Path) -> list[Path]:
     return found
 
 
-def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """The run directory, and the checkpoint this launch resumes from (run.resume), whose
-    config is checked before this launch's config.yaml is written."""
+def make_run_dir(cfg: Config) -> tuple[Path, Path | None, IO]:
+    """The run directory, locked for this process (`lock_run_dir`: keep the returned file
+    open while the run lives), and the checkpoint this launch resumes from (run.resume),
+    whose config is checked before this launch's config.yaml is written."""
     import yaml
 
     name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.output_dir).expanduser().resolve() / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    resume = resume_point(cfg, run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return run_dir, resume
+    lock = lock_run_dir(run_dir)
+    try:
+        resume = resume_point(cfg, run_dir)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    except BaseException:
+        lock.close()
+        raise
+    return run_dir, resume, lock
+
+
+LOCK = "run.lock"
+
+
+def lock_run_dir(run_dir: Path) -> IO:
+    """One live run per run directory: an exclusive flock on run_dir/run.lock, held by the
+    returned open file (the lock goes with it: when it is closed, or the process ends however
+    it ends, SIGKILL included, so a dead run's lock never blocks a relaunch). The file names
+    the holder (host, pid, start time) for the refusal a second launch gets.
+
+    What this relies on: flock(2) on the run directory's filesystem. Local filesystems have
+    it; on NFS, Linux maps it to NFS byte-range locks, held for as long as the holder's host
+    renews its lease (a host that vanishes releases them when the lease expires, 90 s by
+    default); a filesystem without locks (Lustre mounted without -o flock, some FUSE mounts)
+    gets a warning and no lock."""
+    import fcntl
+    import socket
+
+    path = run_dir / LOCK
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its name yet"
+        f.close()
+        raise ConfigError(f"{run_dir} is in use by a live run ({holder}; it holds {path}): give this run another "
+                          "run.name, or stop that one first") from None
+    except OSError as e:
+        log.warning("%s: cannot lock %s (%s): this filesystem has no flock, so nothing stops a second launch with "
+                    "the same run.name from writing into this run", run_dir, path, e)
+        return f
+    f.truncate(0)
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 def arm_runs(cfg: Config, run_dir: Path, resume: Path | None) -> tuple[list, dict[str, Path]]:
