@@ -22,6 +22,8 @@ from typing import Literal
 
 import yaml
 
+from common.cpus import parse_cpus
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the config tree."""
@@ -326,6 +328,17 @@ class Config:
         check(":" in self.reward.fn, 'reward.fn must look like "module:function" or "path/to/file.py:function"')
         check(self.eval.samples == 0 or self.eval.k <= self.eval.samples,
               "eval.k must be between 1 and eval.samples")
+        check(self.eval.samples > 0 or self.eval.k == EvalConfig.k,
+              f"eval.k={self.eval.k} with eval.samples=0: pass@k needs sampled completions (eval.samples >= k); "
+              "with greedy evaluation only, leave eval.k unset")
+        check(self.run.mode != "sync" or self.rollout.max_staleness == 0,
+              f"rollout.max_staleness={self.rollout.max_staleness} with run.mode=sync: sync mode samples every "
+              "batch on the newest adapter, so it never lags; set run.mode=async or stream for staleness")
+        if self.run.mode != "sync" and self.learner.cpu_cores and self.rollout.cpu_cores:
+            both = sorted(parse_cpus(self.learner.cpu_cores) & parse_cpus(self.rollout.cpu_cores))
+            check(not both, f"learner.cpu_cores ({self.learner.cpu_cores!r}) and rollout.cpu_cores "
+                            f"({self.rollout.cpu_cores!r}) share CPUs {both}: in run.mode={self.run.mode} the "
+                            "learner and the samplers run at once, and would contend for them")
         check(self.run.mode != "stream" or self.lora.rank > 0,
               "run.mode=stream needs LoRA (lora.rank >= 1): full weights load in place, under running requests")
         check(self.run.mode != "stream" or not (self.arms.grid or self.arms.list),

@@ -63,6 +63,11 @@ def test_overrides_are_typed():
     (["rollout.max_draws_per_step=4"], "rollout.max_draws_per_step must be 0 or >= rollout.prompts_per_step"),
     (["rollout.oversample=-2"], "rollout.oversample must be >= -1, got -2"),
     (["rollout.length_profile=short"], "rollout.length_profile must be one of  | longtail"),
+    # Issue 30: conflicting keys, each accepted before.
+    (["run.mode=sync", "rollout.max_staleness=3"], "rollout.max_staleness=3 with run.mode=sync"),
+    (["eval.samples=0", "eval.k=9"], "eval.k=9 with eval.samples=0: pass@k needs sampled completions"),
+    (["run.mode=async", "rollout.max_staleness=1", "learner.cpu_cores=0-1", "rollout.cpu_cores=1,3"],
+     "learner.cpu_cores ('0-1') and rollout.cpu_cores ('1,3') share CPUs [1]"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

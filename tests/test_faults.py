@@ -46,7 +46,7 @@ def local_ray():
 
 
 def setup(nan_steps=(), steps=10, mode="sync"):
-    cfg = load_config(None, [f"run.steps={steps}", f"run.mode={mode}", "rollout.max_staleness=1",
+    cfg = load_config(None, [f"run.steps={steps}", f"run.mode={mode}", f"rollout.max_staleness={int(mode != 'sync')}",
                              "rollout.prompts_per_step=4", "rollout.group_size=2",
                              "sync.probe_every=-1", "run.checkpoint_every=0", "learner.max_skipped_steps=3"])
     fakes = [ray.remote(FakeSampler).remote(i) for i in range(2)]

@@ -341,7 +341,7 @@ def test_async_and_stream_rollouts_go_on_without_a_lost_sampler(local_ray, monke
     learner = ray.remote(RecordingLearner).remote(actors)
     samplers = Samplers(actors, learner)
     node_lost(monkeypatch, 1)
-    cfg = load_config(None, [f"run.mode={mode}", f"run.steps={steps}", "rollout.max_staleness=1",
+    cfg = load_config(None, [f"run.mode={mode}", f"run.steps={steps}", f"rollout.max_staleness={int(mode != 'sync')}",
                              f"rollout.prompts_per_step={per_step}", "rollout.group_size=2"])
     rows = [{"prompt_ids": [i], "answer": "1", "i": i} for i in range(200)]
     train = Split(rows)

@@ -270,7 +270,8 @@ def test_a_dead_actor_ends_the_run_with_a_clear_error_and_no_leftovers(tmp_path,
     killer = threading.Thread(target=kill_after_step_2, daemon=True)
     killer.start()
     with pytest.raises(Exception) as failure:
-        main([str(ROOT / "configs/default.yaml"), f"run.mode={mode}", "rollout.max_staleness=1", "run.steps=30",
+        main([str(ROOT / "configs/default.yaml"), f"run.mode={mode}", f"rollout.max_staleness={int(mode != 'sync')}",
+              "run.steps=30",
               "data.eval_size=16", "sync.ack_timeout_s=10", f"run.output_dir={tmp_path}", "run.name=dead",
               "run.progress=false", f"rollout.separate_engine={str(separate).lower()}"])
     killer.join(timeout=5)

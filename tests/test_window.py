@@ -47,7 +47,7 @@ def test_another_arms_groups_are_refused():
 def test_the_record_of_published_versions_stays_small():
     """A 1,000-step run keeps a few digests, not one per version (the soak saw the driver grow):
     every version a group may still come from (max_staleness behind the newest) is kept."""
-    arm = ArmRun("", load_config(None, ["rollout.max_staleness=2"]), Path("."), published={0: "d0"})
+    arm = ArmRun("", load_config(None, ["run.mode=async", "rollout.max_staleness=2"]), Path("."), published={0: "d0"})
     window = Window(arm)
     for version in range(1, 1001):
         window.publish(version, f"d{version}")
