@@ -10,8 +10,9 @@ reasons so that the caller counts and logs them.
 
 Folders: one written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (read with
 `datasets.load_from_disk`, the split chosen by `split` for a DatasetDict), or a downloaded
-dataset snapshot whose files for the split are named `<split>*.parquet` / `<split>*.jsonl`
-anywhere below it (`data/train-00000-of-00001.parquet`). Hidden files and folders (`.cache/`,
+dataset snapshot whose files for the split are named `<split>.parquet` / `<split>.jsonl`, or
+the split's name and a separator (`-._ ` or a digit) first, anywhere below it
+(`data/train-00000-of-00001.parquet`; `train` does not read `training_notes.jsonl`). Hidden files and folders (`.cache/`,
 `.git/`) are not data; a split found in both formats is read from its parquet files alone
 (`_split_files` says why), with a warning naming the jsonl files left out.
 
@@ -28,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -59,7 +61,8 @@ def load_rows(path: str, prompt_key: str, answer_key: str, split: str = "train",
     else:
         files = _split_files(path, split) if os.path.isdir(path) else [path]
         if not files:
-            raise DataError(f"{path}: no {split}*.parquet or {split}*.jsonl files in this folder")
+            raise DataError(f"{path}: no {split} files in this folder ({split}.parquet, {split}.jsonl, or {split} and "
+                            f"then -, _, ., a space or a digit: {split}-00000-of-00001.parquet)")
         records = [record for file in files for record in _read(file, prompt_key, answer_key)]
     rows, skipped = [], []
     for where, record in records:
@@ -97,9 +100,14 @@ def _split_files(path: str, split: str) -> list[str]:
     the hub serves. The jsonl files left out are named in a warning, so nothing goes unsaid; a
     split whose jsonl really holds other rows needs its own folder.
     """
+    if not split.strip():
+        raise DataError(f"{path}: the split name is empty (data.train_split / data.eval_split)")
+    # The split's name, then the end of the name or a separator (the hub's convention:
+    # train.jsonl, train-00000-of-00001.parquet): "train" does not read training_notes.jsonl.
+    pattern = re.compile(rf"{re.escape(split)}([-._ 0-9].*)?")
     root = Path(path)
-    found = [p for p in root.rglob(f"{split}*") if p.suffix in (".parquet", ".jsonl") and p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    found = [p for p in root.rglob("*") if p.suffix in (".parquet", ".jsonl") and pattern.fullmatch(p.stem)
+             and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     parquet = sorted(str(p) for p in found if p.suffix == ".parquet")
     jsonl = sorted(str(p) for p in found if p.suffix == ".jsonl")
     if parquet and jsonl:
@@ -159,12 +167,20 @@ def _read_saved(path: str, split: str, prompt_key: str, answer_key: str) -> list
     """A folder written by save_to_disk: a Dataset, or a DatasetDict and the split to read."""
     import datasets
 
-    data = datasets.load_from_disk(path)
-    where = path
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise DataError(f"{path}: no split {split!r} (splits: {sorted(data)})")
-        data, where = data[split], f"{path} [split {split}]"
+    where, folder = path, path
+    listing = Path(path) / "dataset_dict.json"
+    if listing.exists():  # a DatasetDict: its one split read alone (another may be empty, or broken)
+        try:
+            splits = json.loads(listing.read_text())["splits"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{listing}: not a datasets split list ({e.__class__.__name__}: {e})") from None
+        if split not in splits:
+            raise DataError(f"{path}: no split {split!r} (splits: {sorted(splits)})")
+        where, folder = f"{path} [split {split}]", str(Path(path) / split)
+    try:
+        data = datasets.load_from_disk(folder)
+    except IndexError:  # datasets' own error for a split saved with no rows: concatenating no tables
+        raise DataError(f"{where}: no rows (the split was saved empty)") from None
     _check_columns(where, data.column_names, prompt_key, answer_key)
     return [(f"{where}: row index {i} (0-based)", record) for i, record in enumerate(data.to_list())]
 

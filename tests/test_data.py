@@ -238,7 +238,7 @@ def test_a_snapshot_reads_each_split_once_and_no_hidden_files(tmp_path, caplog):
     caplog.clear()
     assert load(str(root), "question", "solution") == EXPECTED and not caplog.records
     (root / "train.jsonl").unlink()  # only hidden copies left: none of them is the split
-    with pytest.raises(DataError, match=r"snapshot: no train\*\.parquet or train\*\.jsonl files"):
+    with pytest.raises(DataError, match=r"snapshot: no train files in this folder"):
         load_rows(str(root), "question", "solution")
 
 
@@ -309,3 +309,31 @@ def test_a_selection_set_is_carved_from_the_held_out_prompts():
     assert len(chosen) == 3 and len(rest) == 7 and sorted(r["i"] for r in chosen + rest) == list(range(10))
     with pytest.raises(ConfigError, match="data.select_size=10 leaves none of data.eval's 10 prompts"):
         carve_selection(rows, 10, 0)
+
+
+def test_an_empty_split_of_a_datasets_folder_names_the_folder_and_split(tmp_path):
+    """Issue 30, item 7: a DatasetDict saved with an empty split gave a bare IndexError from
+    datasets (even when another split was read); the split read is loaded alone now."""
+    import datasets
+
+    table = {"question": [r["question"] for r in ROWS], "solution": ["5", "4.5", "72"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(table),
+                          "test": datasets.Dataset.from_dict({"question": [], "solution": []})}
+                         ).save_to_disk(tmp_path / "dict")
+    assert load(str(tmp_path / "dict"), "question", "solution") == EXPECTED  # the other split reads
+    with pytest.raises(DataError, match=r"dict \[split test\]: no rows \(the split was saved empty\)"):
+        load_rows(str(tmp_path / "dict"), "question", "solution", split="test")
+
+
+def test_a_split_name_is_the_files_name_not_a_prefix_of_it(tmp_path):
+    """Issue 30, item 7: "train" also read training_notes.jsonl, and "t" (or "") the test
+    split as well."""
+    _write_jsonl(tmp_path / "train.jsonl", [json.dumps(r) for r in ROWS])
+    _write_jsonl(tmp_path / "training_notes.jsonl", ['{"question": "not a row", "solution": "0"}'])
+    _write_jsonl(tmp_path / "test-00000-of-00001.jsonl", [json.dumps(ROWS[0])])
+    assert load(str(tmp_path), "question", "solution") == EXPECTED
+    assert load(str(tmp_path), "question", "solution", split="test") == EXPECTED[:1]
+    with pytest.raises(DataError, match=r"no t files in this folder"):
+        load_rows(str(tmp_path), "question", "solution", split="t")
+    with pytest.raises(DataError, match="the split name is empty"):
+        load_rows(str(tmp_path), "question", "solution", split="")
