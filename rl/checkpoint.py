@@ -333,6 +333,11 @@ def arm_runs(cfg: Config, run_dir: Path, resume: Path | None) -> tuple[list, dic
 def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     """The checkpoint this launch continues from (run.resume), checked against the config."""
     root = run_dir / "checkpoints"
+    if root.is_symlink() and not root.is_dir():  # it would read as "no checkpoint", then refuse the first write
+        raise ConfigError(f"{root} is a symbolic link to {os.readlink(root)}, which is not a folder (a storage "
+                          "volume not mounted?): mount it, or remove the link to start without checkpoints")
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root} is not a folder: the run's checkpoints go there")
     for tmp in root.glob(".tmp-step-*") if root.is_dir() else []:
         log.warning("removing %s: a checkpoint whose writing was interrupted", tmp)
         shutil.rmtree(tmp, ignore_errors=True)

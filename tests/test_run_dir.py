@@ -1,4 +1,4 @@
-"""One live run per run directory (issue 30, item 2).
+"""The run directory: one live run at a time (issue 30, item 2), and its checkpoints folder.
 
 Two launches with the same run.name used to run at once: the second moved the live run's
 metrics.jsonl, samples.jsonl and best_adapter/ aside, then both wrote the same checkpoints
@@ -75,3 +75,14 @@ def test_the_lock_of_a_killed_run_does_not_block_the_relaunch(tmp_path):
         assert lock.read().startswith(f"host {socket.gethostname()}, pid {os.getpid()},")
     # Released with its file: the next launch takes it again.
     lock_run_dir(run_dir).close()
+
+
+def test_a_dangling_checkpoints_link_is_refused_not_read_as_no_checkpoint(tmp_path):
+    """Issue 30, item 7: a `checkpoints` link to a volume that is not mounted read as "no
+    checkpoint" (a run of 700 steps would start again at 0), then the first write failed."""
+    run_dir = tmp_path / "same"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").symlink_to(tmp_path / "volume-not-mounted")
+    with pytest.raises(SystemExit, match=r"checkpoints is a symbolic link to .*volume-not-mounted, which is not a "
+                                         r"folder \(a storage volume not mounted\?\)"):
+        launch(tmp_path)
