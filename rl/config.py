@@ -383,6 +383,10 @@ def check_template(template: str):
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
         raise ConfigError(f"data.template {template!r}: {e} (write {{{{ and }}}} for a literal brace)") from None
+    specs = sorted({"{" + name + ("!" + conv if conv else "") + (":" + spec if spec else "") + "}"
+                    for _, name, spec, conv in string.Formatter().parse(template) if name is not None and (spec or conv)})
+    check(not specs, f"data.template: {', '.join(specs)} formats the prompt; write it as {{prompt}}, plain (a format "
+                     "spec such as {prompt:>3000000} pads or cuts every prompt)")
     others = sorted({"{" + name + "}" for name in fields if name != "prompt"})
     check(not others, f"data.template {template!r} may use only {{prompt}}, the problem text (read from the "
                       f"data.prompt_key field of a file row), not {', '.join(others)}; write {{{{ and }}}} for a "

@@ -65,6 +65,8 @@ def test_overrides_are_typed():
     (["rollout.length_profile=short"], "rollout.length_profile must be one of  | longtail"),
     # Issue 30: conflicting keys, each accepted before.
     (["run.mode=sync", "rollout.max_staleness=3"], "rollout.max_staleness=3 with run.mode=sync"),
+    (["data.template='{prompt:>3000000}'"], "data.template: {prompt:>3000000} formats the prompt"),
+    (["data.template='Q: {prompt!r}'"], "data.template: {prompt!r} formats the prompt"),
     (["eval.samples=0", "eval.k=9"], "eval.k=9 with eval.samples=0: pass@k needs sampled completions"),
     (["run.mode=async", "rollout.max_staleness=1", "learner.cpu_cores=0-1", "rollout.cpu_cores=1,3"],
      "learner.cpu_cores ('0-1') and rollout.cpu_cores ('1,3') share CPUs [1]"),
