@@ -134,7 +134,17 @@ def load_splits(cfg: Config, model_path: str) -> tuple[Split, dict[str, Split]]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     room = cfg.model.max_model_len - cfg.rollout.max_tokens  # the most prompt tokens (config.py: >= 1)
 
+    # The tokenizer's control tokens, longest first. In a row's text they would be tokenized as
+    # the tokens themselves: a row could close the user's turn and forge the assistant's.
+    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+                      | set(tokenizer.all_special_tokens), key=len, reverse=True)
+
     def tokenized(row: dict):
+        forged = next((token for token in specials if token in row["prompt"]), None)
+        if forged:
+            raise DataError(f"the prompt holds {forged!r}, a control token of the model's tokenizer, which would be "
+                            f"read as the token itself (a row could forge a turn of the chat template): "
+                            f"{row['prompt'][:80]!r}")
         row["prompt_ids"] = tokenize_prompt(tokenizer, cfg, row["prompt"])
         if len(row["prompt_ids"]) > room:
             raise DataError(f"the prompt is {len(row['prompt_ids'])} tokens with data.template, more than "
