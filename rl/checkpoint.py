@@ -244,11 +244,19 @@ def make_run_dir(cfg: Config) -> tuple[Path, Path | None, IO]:
 
     name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.output_dir).expanduser().resolve() / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_dir(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_dir(run_dir)
+    except OSError as e:  # read-only, full, or not ours: before any actor starts, not a traceback
+        raise ConfigError(f"run.output_dir={cfg.run.output_dir}: cannot write the run directory {run_dir} "
+                          f"({e.strerror or e}{': ' + e.filename if e.filename else ''})") from None
     try:
         resume = resume_point(cfg, run_dir)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        try:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        except OSError as e:
+            raise ConfigError(f"run.output_dir={cfg.run.output_dir}: cannot write in {run_dir} "
+                              f"({e.strerror or e}{': ' + e.filename if e.filename else ''})") from None
     except BaseException:
         lock.close()
         raise

@@ -86,3 +86,14 @@ def test_a_dangling_checkpoints_link_is_refused_not_read_as_no_checkpoint(tmp_pa
     with pytest.raises(SystemExit, match=r"checkpoints is a symbolic link to .*volume-not-mounted, which is not a "
                                          r"folder \(a storage volume not mounted\?\)"):
         launch(tmp_path)
+
+
+def test_a_read_only_output_directory_is_a_message_not_a_traceback(tmp_path):
+    """Issue 30, item 7: a read-only (or full) run.output_dir gave a raw traceback. As root
+    the permission bits do not bind: a file in the output folder's place takes the same
+    path (an OSError from making the run directory, as EROFS or ENOSPC would be)."""
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output folder should be\n")
+    with pytest.raises(SystemExit, match=r"config error: run.output_dir=.*blocked: cannot write the run directory "
+                                         r".*blocked/same \((Not a directory|File exists)"):
+        launch(blocked)
