@@ -374,13 +374,21 @@ class Sampler:
             self.in_engine = (arm, version)
 
     def _wait_for_weights(self, arm: str):
-        """Full weights, under the lock: until no version is half loaded and one is complete."""
+        """Full weights, under the lock: until no version is half loaded and one is complete.
+
+        Versions load in place, so a half-loaded one (its next chunk refused, or never sent)
+        leaves the engine with a mix of two versions: there is no last complete version to
+        serve. The learner's catch-up sends the version again from its first chunk; if none
+        comes within WEIGHTS_WAIT_S, this sampler exits, so that Ray restarts it on the base
+        weights and the driver catches it up like any restarted sampler."""
         deadline = time.monotonic() + WEIGHTS_WAIT_S
         while self.updating is not None or not self.adapters.get(arm):
             left = deadline - time.monotonic()
+            if left <= 0 and self.updating is not None:
+                self._load_failed(RuntimeError(f"version {self.updating} of the weights half loaded for "
+                                               f"{WEIGHTS_WAIT_S:g} s: the engine holds no complete version"))
             if left <= 0:
-                raise RuntimeError(f"no complete version of the weights within {WEIGHTS_WAIT_S:g} s"
-                                   + (f" (version {self.updating} is half loaded)" if self.updating is not None else ""))
+                raise RuntimeError(f"no complete version of the weights within {WEIGHTS_WAIT_S:g} s")
             self.ready.wait(left)
 
     def generate(self, prompt_ids_P: list[list[int]], sampling: Sampling) -> Rollout:

@@ -1,4 +1,5 @@
-"""The sampler's engine watchdog cannot die silently (issue 30, item 1).
+"""The sampler cannot hang: its engine watchdog cannot die silently (issue 30, item 1), and a
+half-loaded version of full weights ends it (item 7).
 
 psutil races processes that exit: a child of the sampler gone between `children()` and
 `name()` raised NoSuchProcess in the watchdog thread, which died; with vLLM's engine in a
@@ -116,3 +117,26 @@ def test_an_engine_inside_the_sampler_process_has_nothing_to_watch(watch):
 
 def test_an_engine_found_by_its_worker_when_vllm_did_not_name_it(watch):
     assert watch([Engine(lives=0, name="python")]) == 1
+
+
+def test_a_version_of_full_weights_left_half_loaded_ends_the_sampler(monkeypatch, caplog):
+    """Issue 30, item 7: loading is in place, so a half-loaded version leaves no complete one
+    to serve; requests used to wait 600 s and then fail, one by one, for ever. The sampler
+    exits now (Ray restarts it on the base weights and the driver catches it up)."""
+    exits = []
+
+    def exit_(code):
+        exits.append(code)
+        raise Exited
+
+    monkeypatch.setattr(sampler_module.os, "_exit", exit_)
+    monkeypatch.setattr(sampler_module, "WEIGHTS_WAIT_S", 0.05)
+    monkeypatch.setattr(sampler_module.Sampler, "__init__", lambda self: None)
+    sampler = Sampler()
+    sampler.ready, sampler.updating, sampler.adapters = threading.Condition(), 7, {"": {6: (None, "d6")}}
+    with sampler.ready, pytest.raises(Exited):
+        sampler._wait_for_weights("")
+    assert exits == [1] and "version 7 of the weights half loaded" in caplog.text
+    sampler.updating, sampler.adapters = None, {}  # nothing loaded yet, nothing half loaded: the request fails
+    with sampler.ready, pytest.raises(RuntimeError, match="no complete version of the weights within"):
+        sampler._wait_for_weights("")
