@@ -806,8 +806,9 @@ class Learner:
                     for key in ("exp_avg", "exp_avg_sq"):
                         value = tensors.get(f"{key}/{name}", torch.zeros(p.shape))
                         safe_set_full_optimizer_state(p, value.to(flat.device, torch.float32), key)
-        for k, v in meta.get("engine", {}).items():
-            setattr(self.engine, k, v)
+        for k in ("global_steps", "global_samples", "skipped_steps"):  # DeepSpeed's counters, and nothing else
+            if k in meta.get("engine", {}):
+                setattr(self.engine, k, int(meta["engine"][k]))
         arm.step, arm.version = meta["step"], meta["version"]
         return {"step": arm.step, "version": arm.version}
 

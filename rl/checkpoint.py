@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -191,8 +192,9 @@ def _verified(path: Path, name: str, entry: dict) -> bytes:
     return data
 
 
-def _check(path: Path):
-    """Raise CheckpointError unless `path` is a complete checkpoint."""
+def _check(path: Path, max_step: int | None = None):
+    """Raise CheckpointError unless `path` is a complete checkpoint (of a step <= max_step)
+    whose contents have their schema."""
     manifest = _manifest(path)
     for name, entry in manifest.items():
         file = path / name
@@ -211,12 +213,125 @@ def _check(path: Path):
         raise CheckpointError("state.json has no integer step and config")
     if step_of(path) not in (None, state["step"]):
         raise CheckpointError(f"state.json is of step {state['step']}, not of the folder's step {step_of(path)}")
+    if max_step is not None and state["step"] > max_step:
+        raise CheckpointError(f"state.json is of step {state['step']}, beyond run.steps={max_step}: resumed, the run "
+                              "would train nothing")
+    _check_contents(path, manifest, state)
 
 
-def problem(path: Path) -> str | None:
-    """Why `path` is not a complete checkpoint, or None if it is. Never raises."""
+# What the learner's arm.json holds: DeepSpeed's step counters are the only engine attributes set.
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+FAULT_COUNTERS = ("fault/skipped_steps", "fault/resumes", "fault/sampler_restarts", "fault/resampled_groups",
+                  "fault/samplers_lost")  # the last absent from checkpoints written before it was counted
+# safetensors dtypes and their sizes; the learner's own state is all float32 (its master copies).
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1}
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
+
+
+def _check_contents(path: Path, manifest: dict, state: dict):
+    """Every value the resume reads from the checkpoint has its schema's type and range, before
+    any actor starts (a forged checkpoint needs only a re-hashed manifest): state.json's data
+    position and fault counters, the learner's arm.json and RNG states, and the header of each
+    safetensors file (valid, within its file, float32 for the learner's state; the tensors'
+    names and shapes against the model are the learner's to check, as it loads them)."""
+    step = state["step"]
+    _int(step, "state.json: step", 0)
+    _int(state.get("version", step), "state.json: version", 0)
+    data = state.get("data")
+    if not isinstance(data, dict):
+        raise CheckpointError("state.json: data is not an object (the training order's position)")
+    _int(data.get("position"), "state.json: data.position", 0)
+    _int(data.get("seed"), "state.json: data.seed")
+    _int(data.get("size"), "state.json: data.size", 1)
+    redraw = data.get("redraw", [])
+    if not (isinstance(redraw, list) and all(type(p) is int and 0 <= p < data["position"] for p in redraw)
+            and len(set(redraw)) == len(redraw)):
+        raise CheckpointError("state.json: data.redraw is not a list of distinct positions already drawn")
+    faults = state.get("faults")
+    if not (isinstance(faults, dict) and set(FAULT_COUNTERS[:4]) <= set(faults) <= set(FAULT_COUNTERS)):
+        raise CheckpointError(f"state.json: faults is not an object of the counters {list(FAULT_COUNTERS)}")
+    for key, value in faults.items():
+        _int(value, f"state.json: faults.{key}", 0)
+    meta = json.loads(_verified(path, "learner/arm.json", manifest["learner/arm.json"]))
+    if not (isinstance(meta, dict) and set(meta) == {"arm", "step", "version", "engine"} and isinstance(meta["arm"], str)
+            and isinstance(meta["engine"], dict) and set(meta["engine"]) <= set(ENGINE_COUNTERS)):
+        raise CheckpointError("learner/arm.json is not {\"arm\": name, \"step\", \"version\", \"engine\": "
+                              f"{{{', '.join(ENGINE_COUNTERS)}}}}}")
+    _int(meta["step"], "learner/arm.json: step", 0, step)
+    _int(meta["version"], "learner/arm.json: version", 0, step)
+    for key, value in meta["engine"].items():
+        _int(value, f"learner/arm.json: engine.{key}", 0)
+    for name in manifest:
+        if re.fullmatch(r"learner/rng-rank\d+\.json", name):
+            _check_rng(name, json.loads(_verified(path, name, manifest[name])))
+        if name.endswith(".safetensors"):
+            _check_safetensors(path / name, name, float32=name.startswith("learner/"))
+
+
+def _int(value, what: str, low: int | None = None, high: int | None = None):
+    if type(value) is not int or (low is not None and value < low) or (high is not None and value > high):
+        bounds = " and ".join(f"{op} {b}" for op, b in ((">=", low), ("<=", high)) if b is not None)
+        raise CheckpointError(f"{what} is {value!r}, not an integer{' ' + bounds if bounds else ''}")
+
+
+def _check_rng(name: str, states) -> None:
+    """learner/rng-rank<N>.json as `learner.rng_states` writes it."""
+    def words(xs, n, bits):
+        return isinstance(xs, list) and (n is None or len(xs) == n) and all(
+            type(x) is int and 0 <= x < 1 << bits for x in xs)
+
+    ok = isinstance(states, dict) and set(states) == {"python", "numpy", "torch", "cuda"}
+    if ok:
+        py, np_, torch_, cuda = states["python"], states["numpy"], states["torch"], states["cuda"]
+        ok = (isinstance(py, list) and len(py) == 3 and type(py[0]) is int and words(py[1], 625, 32)
+              and (py[2] is None or isinstance(py[2], float))
+              and isinstance(np_, list) and len(np_) == 5 and np_[0] == "MT19937" and words(np_[1], 624, 32)
+              and type(np_[2]) is int and 0 <= np_[2] <= 624 and np_[3] in (0, 1) and isinstance(np_[4], (int, float))
+              and words(torch_, None, 8) and isinstance(cuda, list) and all(words(c, None, 8) for c in cuda))
+    if not ok:
+        raise CheckpointError(f"{name} is not the RNG states the learner writes (python, numpy, torch, cuda)")
+
+
+def _check_safetensors(file: Path, name: str, float32: bool) -> None:
+    """A safetensors file's header: its length within the file and the library's limit, JSON,
+    and each tensor's dtype, shape and byte range consistent and inside the file."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise CheckpointError(f"{name}: a safetensors header of {n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{name}: the safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: the safetensors header is not an object")
+    end_of_data = size - 8 - n
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        ok = (isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES
+              and isinstance(entry.get("shape"), list) and all(type(d) is int and d >= 0 for d in entry["shape"])
+              and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+              and all(type(o) is int for o in entry["data_offsets"]))
+        if ok:
+            begin, end = entry["data_offsets"]
+            count = math.prod(entry["shape"])
+            ok = 0 <= begin <= end <= end_of_data and end - begin == count * SAFETENSORS_DTYPES[entry["dtype"]]
+        if not ok:
+            raise CheckpointError(f"{name}: tensor {key!r} has no valid dtype, shape and byte range in the file")
+        if float32 and entry["dtype"] != "F32":
+            raise CheckpointError(f"{name}: tensor {key!r} is {entry['dtype']}; the learner's state is float32 "
+                                  "(it would be cast silently)")
+
+
+def problem(path: Path, max_step: int | None = None) -> str | None:
+    """Why `path` is not a complete checkpoint (of a step <= max_step), or None if it is.
+    Never raises."""
     try:
-        _check(path)
+        _check(path, max_step)
     except CheckpointError as e:
         return str(e)
     except (OSError, ValueError) as e:  # unreadable files, state.json not JSON
@@ -224,11 +339,12 @@ def problem(path: Path) -> str | None:
     return None
 
 
-def complete(root: Path) -> list[Path]:
-    """The complete checkpoints under `root`, oldest first; others are skipped with a warning."""
+def complete(root: Path, max_step: int | None = None) -> list[Path]:
+    """The complete checkpoints under `root` (of steps <= max_step), oldest first; others are
+    skipped with a warning."""
     found = []
     for path in step_folders(root):
-        why = problem(path)
+        why = problem(path, max_step)
         if why:
             log.warning("ignoring checkpoint %s: %s", path, why)
         else:
@@ -325,7 +441,7 @@ def arm_runs(cfg: Config, run_dir: Path, resume: Path | None) -> tuple[list, dic
             arm.error = json.loads(failed.read_text())["error"]
         else:
             resume_point(arm_cfg, arm.run_dir)  # checks the arm's config against its newest checkpoint
-            found[name] = {step_of(p): p for p in complete(arm.run_dir / "checkpoints")}
+            found[name] = {step_of(p): p for p in complete(arm.run_dir / "checkpoints", arm_cfg.run.steps)}
         (arm.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(arm_cfg), sort_keys=False))
         runs.append(arm)
     if not any(found.values()):
@@ -350,7 +466,7 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
         log.warning("removing %s: a checkpoint whose writing was interrupted", tmp)
         shutil.rmtree(tmp, ignore_errors=True)
     if cfg.run.resume in ("auto", "never"):
-        found = complete(root)
+        found = complete(root, cfg.run.steps)
         if found and cfg.run.resume == "never":
             raise ConfigError(f"run.resume=never but {run_dir} already holds checkpoints ({found[-1].name}); "
                               "choose another run.name, or resume")
@@ -361,7 +477,7 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
             raise ConfigError(f"{newer[-1]}: {why}")
     else:
         path = Path(cfg.run.resume).expanduser().resolve()
-        why = problem(path)
+        why = problem(path, cfg.run.steps)
         if why:
             raise ConfigError(f"run.resume={cfg.run.resume}: not a complete checkpoint: {why}")
     if path is not None:

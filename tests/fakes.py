@@ -79,16 +79,25 @@ class FakeLearner:
         return out
 
     def state_files(self, arm=""):
-        """The real learner's file names (a checkpoint must hold them); the version as the state."""
-        return {"arm.safetensors": self.version.to_bytes(4, "little"),
-                "arm.json": json.dumps({"step": self.version, "version": self.version}).encode()}
+        """The real learner's files, in their formats (a checkpoint's contents are checked);
+        the version as the state."""
+        meta = {"arm": arm, "step": self.version, "version": self.version, "engine": {}}
+        return {"arm.safetensors": one_tensor(self.version), "arm.json": json.dumps(meta).encode()}
 
     def load_state_files(self, files, arm=""):
-        self.version = int.from_bytes(files["arm.safetensors"], "little")
+        self.version = json.loads(files["arm.json"])["version"]
         return {"step": self.version, "version": self.version}
 
     def adapter_files(self, arm=""):
-        return {"adapter_config.json": b"{}", "adapter_model.safetensors": self.version.to_bytes(4, "little")}
+        return {"adapter_config.json": b"{}", "adapter_model.safetensors": one_tensor(self.version)}
+
+
+def one_tensor(value: float) -> bytes:
+    """A safetensors file holding one float32 tensor [value], written by hand."""
+    import struct
+
+    header = json.dumps({"weight/w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    return len(header).to_bytes(8, "little") + header + struct.pack("<f", value)
 
 
 class FakeStreamSampler:

@@ -20,14 +20,42 @@ from rl.config import ConfigError, load_config, to_dict
 MODEL = "learner/arm.safetensors"
 
 
+def safetensors(values: list[float], name: str = "weight/w", dtype: str = "F32") -> bytes:
+    """A safetensors file of one 1-d tensor, written by hand (the format: a little-endian
+    header length, the JSON header, the data)."""
+    import struct
+
+    data = struct.pack(f"<{len(values)}f", *values) if dtype == "F32" else struct.pack(f"<{len(values)}d", *values)
+    header = json.dumps({name: {"dtype": dtype, "shape": [len(values)], "data_offsets": [0, len(data)]}}).encode()
+    return len(header).to_bytes(8, "little") + header + data
+
+
+def rng_json() -> bytes:
+    """learner/rng-rank0.json as learner.rng_states writes it (torch's state: any bytes here)."""
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return json.dumps({"python": [version, list(internal), gauss],
+                       "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                       "torch": [0] * 16, "cuda": []}).encode()
+
+
 def files(step: int) -> dict[str, bytes]:
-    """What a checkpoint holds (the learner's and adapter's files are opaque bytes here)."""
-    return {MODEL: bytes([step]) * 1000, "learner/arm.json": b"{}", "learner/rng-rank0.json": b"{}",
-            "adapter/adapter_config.json": b"{}", "adapter/adapter_model.safetensors": bytes([step]) * 10}
+    """What a checkpoint holds: the learner's state, its RNG states and the adapter, each in
+    its format (the tensors' values stand for the step)."""
+    meta = {"arm": "", "step": step, "version": step, "engine": {"global_steps": step}}
+    return {MODEL: safetensors([float(step)] * 250), "learner/arm.json": json.dumps(meta).encode(),
+            "learner/rng-rank0.json": rng_json(), "adapter/adapter_config.json": b"{}",
+            "adapter/adapter_model.safetensors": safetensors([float(step)] * 2, "lora_A.weight")}
 
 
 def state(cfg, step: int) -> dict:
-    return {"step": step, "config": to_dict(cfg)}
+    return {"step": step, "version": step, "config": to_dict(cfg), "data": {"position": 8 * step, "seed": 0, "size": 64},
+            "faults": {"fault/skipped_steps": 0, "fault/resumes": 0, "fault/sampler_restarts": 0,
+                       "fault/resampled_groups": 0}}
 
 
 def test_write_keeps_the_newest_k_and_reads_back(tmp_path):
@@ -37,7 +65,7 @@ def test_write_keeps_the_newest_k_and_reads_back(tmp_path):
         checkpoint.write(root, step, files(step), state(cfg, step), keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["step-000020", "step-000030"]
     learner_files, saved = checkpoint.read(root / "step-000030")
-    assert learner_files == {"arm.safetensors": bytes([30]) * 1000, "arm.json": b"{}", "rng-rank0.json": b"{}"}
+    assert learner_files == {k.removeprefix("learner/"): v for k, v in files(30).items() if k.startswith("learner/")}
     assert saved["step"] == 30
     assert checkpoint.resume_point(cfg, tmp_path / "run") == root / "step-000030"
 
@@ -186,14 +214,16 @@ def test_a_pickle_in_a_checkpoint_is_never_loaded(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="DeepSpeed's own format"):
         checkpoint.read(old)
 
-    # A pickle as the learner's safetensors: a complete checkpoint by its manifest, but its
-    # bytes are only ever parsed as safetensors (the learner's load), which rejects them.
+    # A pickle as the learner's safetensors, the manifest made to match: its header is checked
+    # before any actor starts (the checkpoint is skipped), and its bytes are only ever parsed
+    # as safetensors (the learner's load), which rejects them too.
     shutil.rmtree(old)
     (root / "step-000010" / MODEL).write_bytes(forged)
     rehash(root / "step-000010")
-    learner_files, _ = checkpoint.read(checkpoint.resume_point(cfg, tmp_path / "run"))
+    assert "learner/arm.safetensors: a safetensors header of" in checkpoint.problem(root / "step-000010")
+    assert checkpoint.resume_point(cfg, tmp_path / "run") is None
     with pytest.raises(SafetensorError):
-        load(learner_files["arm.safetensors"])
+        load((root / "step-000010" / MODEL).read_bytes())
     assert not marker.exists()
 
 
@@ -378,3 +408,58 @@ def test_rng_states_round_trip_through_json():
     draw()
     set_rng_states(saved)
     assert draw() == first
+
+
+def _forge_meta(**changes) -> bytes:
+    meta = {"arm": "", "step": 20, "version": 20, "engine": {"global_steps": 20}}
+    return json.dumps({**meta, **changes}).encode()
+
+
+@pytest.mark.parametrize("name, forged, why", [
+    ("learner/arm.json", _forge_meta(engine={"optimizer": None}), "learner/arm.json is not"),
+    ("learner/arm.json", _forge_meta(engine={"global_steps": "20"}), "engine.global_steps is '20', not an integer"),
+    ("learner/arm.json", _forge_meta(step=20.5), "learner/arm.json: step is 20.5, not an integer"),
+    ("learner/arm.json", _forge_meta(step=10**9), "learner/arm.json: step is 1000000000, not an integer >= 0 and <= 20"),
+    ("learner/arm.json", _forge_meta(lr=1.0), "learner/arm.json is not"),
+    (MODEL, safetensors([20.0] * 250, dtype="F64"), "tensor 'weight/w' is F64; the learner's state is float32"),
+    (MODEL, (1 << 40).to_bytes(8, "little") + b"{}", "a safetensors header of 1099511627776 bytes in a file of 10"),
+    (MODEL, safetensors([20.0] * 250)[:-8], "tensor 'weight/w' has no valid dtype, shape and byte range"),
+    ("adapter/adapter_model.safetensors", b"\x08" + bytes(7) + b'{"a": 1}' + bytes(8), "tensor 'a' has no valid"),
+    ("learner/rng-rank0.json", b'{"python": [3, [], null], "numpy": [], "torch": [], "cuda": []}',
+     "learner/rng-rank0.json is not the RNG states"),
+    ("state.json", "data", "state.json: data.position is -1, not an integer >= 0"),
+    ("state.json", "faults", "state.json: faults is not an object of the counters"),
+])
+def test_a_checkpoint_whose_contents_break_their_schema_is_skipped_for_the_previous_one(tmp_path, caplog, name,
+                                                                                        forged, why):
+    """Issue 30, item 5: with the manifest re-hashed to match, a checkpoint could set any
+    DeepSpeed engine attribute and a non-integer step through arm.json, load weights of
+    another dtype (cast silently), or carry a safetensors header that stopped the run once
+    every actor had started, naming no file. Each value is checked before any actor now, and a
+    checkpoint that fails is skipped like a torn one, naming the file: the previous good one
+    resumes."""
+    cfg = load_config()
+    root = tmp_path / "run" / "checkpoints"
+    checkpoint.write(root, 10, files(10), state(cfg, 10), keep=3)
+    bad = checkpoint.write(root, 20, files(20), state(cfg, 20), keep=3)
+    if name == "state.json":
+        saved = json.loads((bad / name).read_text())
+        saved[forged] = {"position": -1, "seed": 0, "size": 64} if forged == "data" else {"lr": 1.0}
+        forged = json.dumps(saved).encode()
+    (bad / name).write_bytes(forged)
+    rehash(bad)
+    with caplog.at_level(logging.WARNING, logger="rl.checkpoint"):
+        assert checkpoint.resume_point(cfg, tmp_path / "run") == root / "step-000010"
+    assert f"ignoring checkpoint {bad}: " in caplog.text and why in caplog.text
+
+
+def test_a_checkpoint_of_a_step_beyond_run_steps_is_skipped(tmp_path, caplog):
+    """Issue 30, item 5: a folder named step-1000000000 declaring step 10**9 made every
+    relaunch train nothing and exit 0."""
+    cfg = load_config(None, ["run.steps=100"])
+    root = tmp_path / "run" / "checkpoints"
+    checkpoint.write(root, 10, files(10), state(cfg, 10), keep=3)
+    far = checkpoint.write(root, 10**9, files(10), state(cfg, 10**9), keep=3)
+    with caplog.at_level(logging.WARNING, logger="rl.checkpoint"):
+        assert checkpoint.resume_point(cfg, tmp_path / "run") == root / "step-000010"
+    assert f"ignoring checkpoint {far}: state.json is of step 1000000000, beyond run.steps=100" in caplog.text
