@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import struct
 import threading
 import time
@@ -79,6 +80,12 @@ MAX_HEADER_BYTES = 16 << 20
 FRAME_BYTES = 1 << 20
 FRAME_OVERHEAD = 256
 HANDSHAKE_S = 5.0  # a peer that has not authenticated by then is dropped (its descriptor freed)
+# The most connections a receiver holds that have not delivered a message (so not proven to be
+# the learner) at once; past it the oldest is dropped. What unauthenticated peers can cost a
+# sampler as a whole: this many frames of FRAME_BYTES, ~33 MiB, however many connect. The
+# learner's own connection delivers its message within milliseconds of its handshake, and
+# reconnects by itself if it was dropped while idle.
+MAX_UNAUTHENTICATED = 32
 # Refusals: the kinds of refused messages (sync/refused_messages), how many are logged one by
 # one before one summary line per LOG_EVERY_S, and how many recent reasons a receiver keeps.
 MESSAGE_KINDS = ("mac", "incarnation", "stale", "malformed", "oversize")
@@ -382,7 +389,7 @@ def write_safetensors(adapter: Adapter, file: Path):
 
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                      zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-_MONITORED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+_MONITORED = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
@@ -416,6 +423,12 @@ class AdapterReceiver:
         self._connection_log = Throttled("refused a connection to the adapter channel")
         self._client_key = z85.decode(learner_keys(secret)[0])
         self._peers: set[int] = set()  # descriptors of connections that delivered a message (authenticated)
+        # Descriptors of the connections accepted that have delivered no message yet, oldest first
+        # (at most MAX_UNAUTHENTICATED), and those dropped for it whose end is not seen yet.
+        self._unproven: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._evicted: set[int] = set()
+        self._evicting = 0  # dropped ones whose end is not reported yet
+        self._fds_lock = threading.Lock()
         self._after_failure = False  # the next disconnection is that of a handshake failure, already counted
         self._denied_from = ""
         self._ctx = zmq.Context()
@@ -432,7 +445,7 @@ class AdapterReceiver:
         self._sock.setsockopt(zmq.HANDSHAKE_IVL, int(1e3 * handshake_s))
         self._sock.setsockopt(zmq.LINGER, 0)
         self._monitor = self._sock.get_monitor_socket(_MONITORED)
-        port = self._sock.bind_to_random_port(f"tcp://{host}")
+        port = self._port = self._sock.bind_to_random_port(f"tcp://{host}")
         self._handshake_s = handshake_s
         self.endpoint = endpoint_string(f"tcp://{host}:{port}", self.incarnation, public)
         self._stop = threading.Event()
@@ -465,7 +478,22 @@ class AdapterReceiver:
 
     def _on_event(self, event: int, value: int):
         """Count each connection that closed without authenticating (once: a failed handshake
-        is reported, then the connection's end)."""
+        is reported, then the connection's end); past MAX_UNAUTHENTICATED connections that
+        have delivered no message, drop the oldest (counted when its end is reported, under
+        that reason)."""
+        evicted = f"more than {MAX_UNAUTHENTICATED} connections without a message at once: the oldest dropped"
+        if event == zmq.EVENT_ACCEPTED:
+            with self._fds_lock:
+                if value in self._peers:  # its message came before this event: proven already
+                    return
+                self._unproven[value] = None
+                oldest = [self._unproven.popitem(last=False)[0]
+                          for _ in range(len(self._unproven) - MAX_UNAUTHENTICATED)]
+                self._evicted.update(oldest)
+            for fd in oldest:
+                self._evicting += 1
+                self._drop(fd)
+            return
         if event in _HANDSHAKE_FAILED:
             self._after_failure = True
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -474,19 +502,45 @@ class AdapterReceiver:
                 why = f"handshake protocol error 0x{value:x} (a client without the channel's CURVE mechanism?)"
             elif value == errno.EAGAIN:
                 why = f"no handshake within {self._handshake_s:g} s"
+            elif self._evicting and value in (errno.EPIPE, errno.ECONNRESET):  # what a dropped one reports
+                self._evicting -= 1
+                why = evicted
             else:
                 why = f"handshake failed: {os.strerror(value)}"
             self._refuse("connections", why, self._connection_log)
         elif event == zmq.EVENT_DISCONNECTED:
+            with self._fds_lock:
+                self._unproven.pop(value, None)
+                dropped = value in self._evicted
+                self._evicted.discard(value)
             if self._after_failure:
                 self._after_failure = False
             elif value in self._peers:
                 self._peers.discard(value)
+            elif dropped:  # dropped before its handshake began
+                self._evicting = max(0, self._evicting - 1)
+                self._refuse("connections", evicted, self._connection_log)
             else:  # no ZMTP 3 greeting at all (e.g. HTTP), or gone before its handshake
                 self._refuse("connections", "closed before any handshake (not a ZMTP 3 CURVE client)",
                              self._connection_log)
         elif event == zmq.EVENT_ACCEPT_FAILED:
             self._connection_log.warn(f"could not accept a connection: {os.strerror(value)}")
+
+    def _drop(self, fd: int):
+        """End the connection on libzmq's descriptor `fd` (shutdown through a duplicate: libzmq
+        sees its end and closes its own), if it is still one of this channel's (descriptors
+        are reused: the check is its local port)."""
+        try:
+            conn = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return
+        try:
+            if conn.getsockname()[1] == self._port:
+                conn.shutdown(socket.SHUT_RDWR)
+        except (OSError, IndexError, TypeError):
+            pass
+        finally:
+            conn.close()
 
     # -- messages ----------------------------------------------------------------------
     def _serve(self):
@@ -500,7 +554,10 @@ class AdapterReceiver:
             # copy=False: a one-piece payload is used in place.
             message = self._sock.recv_multipart(copy=False)
             peer = message.pop(0)
-            self._peers.add(message[0].get(zmq.SRCFD))  # an authenticated connection: its end is no refusal
+            fd = message[0].get(zmq.SRCFD)
+            with self._fds_lock:
+                self._peers.add(fd)  # an authenticated connection: its end is no refusal
+                self._unproven.pop(fd, None)
             reply = self._handle(message)
             if reply is not None:
                 self._sock.send_multipart([peer.bytes, json.dumps(reply).encode()])
