@@ -31,9 +31,11 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 __all__ = ["DataError", "load_rows"]
+
+READ_BATCH = 2_000  # records read, converted and checked (tokenized) at a time
 
 
 log = logging.getLogger(__name__)
@@ -44,15 +46,20 @@ class DataError(ValueError):
 
 
 def load_rows(path: str, prompt_key: str, answer_key: str, split: str = "train",
-              on_bad_row: str = "error", check: Callable[[dict], None] | None = None) -> tuple[list[dict], list[str]]:
+              on_bad_row: str = "error", check: Callable[[list[dict]], list[str | None]] | None = None,
+              limit: int = 0) -> tuple[list[dict], list[str]]:
     """Rows of a `.jsonl` / `.parquet` file or a datasets folder, and the reasons of skipped rows.
 
     `prompt_key` / `answer_key` name the source fields. Prompts must be non-empty strings;
     answers non-empty strings, ints or floats (numbers become their `str`, e.g. GSM8K-style
-    integer answers). `check(row)`, called on each row that passes these, may raise a DataError
-    of its own (a prompt too long for the model): the message gets the file and row, and the
-    row is skipped like any other bad row. Raises DataError for an unknown extension, a missing
+    integer answers). `check(rows)`, called on batches of the rows that pass these, returns for
+    each row None or what is wrong with it (a prompt too long for the model): the message gets
+    the file and row, and the row is skipped like any other bad row. Raises DataError for an unknown extension, a missing
     split, a malformed row (unless on_bad_row is "skip"), a missing column, or no rows at all.
+
+    Sources are read in batches of READ_BATCH records, each checked as it comes: memory holds
+    the rows kept and one batch, the first bad row stops the load at once, and with `limit`
+    (> 0) reading stops after that many good rows.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -63,23 +70,39 @@ def load_rows(path: str, prompt_key: str, answer_key: str, split: str = "train",
         if not files:
             raise DataError(f"{path}: no {split} files in this folder ({split}.parquet, {split}.jsonl, or {split} and "
                             f"then -, _, ., a space or a digit: {split}-00000-of-00001.parquet)")
-        records = [record for file in files for record in _read(file, prompt_key, answer_key)]
-    rows, skipped = [], []
+        records = (record for file in files for record in _read(file, prompt_key, answer_key))
+    rows, skipped, made = [], [], []  # made: (where, row) not checked yet
+
+    def bad(error: DataError):
+        if on_bad_row == "error":
+            raise error
+        skipped.append(str(error))
+
+    def checked():  # the rows made so far, checked in one batch (the first bad one raises first)
+        if not made:
+            return
+        problems = check([row for _, row in made]) if check is not None else [None] * len(made)
+        for (where, row), problem in zip(made, problems):
+            if problem is None:
+                rows.append(row)
+            else:
+                bad(DataError(f"{where}: {problem}"))
+        made.clear()
+
     for where, record in records:
+        if limit and len(rows) >= limit:
+            break
         try:
             if isinstance(record, DataError):
                 raise record
-            row = _make_row(record, where, prompt_key, answer_key)
-            if check is not None:
-                try:
-                    check(row)
-                except DataError as e:
-                    raise DataError(f"{where}: {e}") from None
-            rows.append(row)
+            made.append((where, _make_row(record, where, prompt_key, answer_key)))
         except DataError as e:
-            if on_bad_row == "error":
-                raise
-            skipped.append(str(e))
+            checked()  # the rows before it come first
+            bad(e)
+        if len(made) >= (min(READ_BATCH, limit - len(rows)) if limit else READ_BATCH):
+            checked()
+    checked()
+    rows = rows[:limit] if limit else rows
     if not rows:
         raise DataError(f"{path}: no rows" + (f" ({len(skipped)} skipped, first: {skipped[0]})" if skipped else ""))
     return rows, skipped
@@ -116,7 +139,7 @@ def _split_files(path: str, split: str) -> list[str]:
     return parquet or jsonl
 
 
-def _read(path: str, prompt_key: str, answer_key: str) -> list[tuple[str, object]]:
+def _read(path: str, prompt_key: str, answer_key: str) -> Iterator[tuple[str, object]]:
     ext = os.path.splitext(path)[1].lower()
     if ext == ".jsonl":
         return _read_jsonl(path, prompt_key, answer_key)
@@ -125,45 +148,49 @@ def _read(path: str, prompt_key: str, answer_key: str) -> list[tuple[str, object
     raise DataError(f"{path}: unknown dataset extension {ext!r}; expected .jsonl, .parquet or a datasets folder")
 
 
-def _read_jsonl(path: str, prompt_key: str, answer_key: str) -> list[tuple[str, object]]:
+def _read_jsonl(path: str, prompt_key: str, answer_key: str) -> Iterator[tuple[str, object]]:
     """Each line's record, or the DataError of a line that is not UTF-8 or not JSON (bytes are
     decoded line by line, so that a bad byte is one bad row, named, rather than the whole file)."""
-    records = []
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}: line {line_no}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                records.append((where, DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x}, byte "
-                                                 f"{e.start + 1} of the line)")))
+                yield where, DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x}, byte "
+                                       f"{e.start + 1} of the line)")
                 continue
             if not line.strip():
                 continue
             try:
-                records.append((where, json.loads(line)))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
-                records.append((where, DataError(f"{where}: invalid JSON ({e.msg}); expected an object with keys "
-                                                 f"{prompt_key!r} and {answer_key!r}")))
-    return records
+                record = DataError(f"{where}: invalid JSON ({e.msg}); expected an object with keys "
+                                   f"{prompt_key!r} and {answer_key!r}")
+            yield where, record
 
 
-def _read_parquet(path: str, prompt_key: str, answer_key: str) -> list[tuple[str, object]]:
+def _read_parquet(path: str, prompt_key: str, answer_key: str) -> Iterator[tuple[str, object]]:
+    """Each row's record, READ_BATCH rows at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
-        _check_columns(path, names, prompt_key, answer_key)
-        table = pq.read_table(path)
+        source = pq.ParquetFile(path)
+        _check_columns(path, source.schema_arrow.names, prompt_key, answer_key)
+        batches = source.iter_batches(batch_size=READ_BATCH)
+        i = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield f"{path}: row index {i} (0-based)", record
+                i += 1
     except (pa.ArrowException, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise DataError(f"{path}: not a readable parquet file: {e}") from e
-    return [(f"{path}: row index {i} (0-based)", record) for i, record in enumerate(table.to_pylist())]
 
 
-def _read_saved(path: str, split: str, prompt_key: str, answer_key: str) -> list[tuple[str, object]]:
+def _read_saved(path: str, split: str, prompt_key: str, answer_key: str) -> Iterator[tuple[str, object]]:
     """A folder written by save_to_disk: a Dataset, or a DatasetDict and the split to read."""
     import datasets
 
@@ -182,7 +209,15 @@ def _read_saved(path: str, split: str, prompt_key: str, answer_key: str) -> list
     except IndexError:  # datasets' own error for a split saved with no rows: concatenating no tables
         raise DataError(f"{where}: no rows (the split was saved empty)") from None
     _check_columns(where, data.column_names, prompt_key, answer_key)
-    return [(f"{where}: row index {i} (0-based)", record) for i, record in enumerate(data.to_list())]
+    return _saved_records(data, where)
+
+
+def _saved_records(data, where: str) -> Iterator[tuple[str, object]]:
+    i = 0
+    for batch in data.iter(batch_size=READ_BATCH):  # a dict of columns
+        for values in zip(*batch.values()):
+            yield f"{where}: row index {i} (0-based)", dict(zip(batch, values))
+            i += 1
 
 
 def _check_columns(where: str, names: list[str], prompt_key: str, answer_key: str):

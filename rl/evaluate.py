@@ -56,7 +56,7 @@ def evaluate_arms(arms: dict, samplers, rewards, sets: dict) -> dict[str, dict]:
 
     start = time.perf_counter()
     rows = [(name, row) for name, split in sets.items() for row in split.rows]
-    prompts = [row["prompt_ids"] for _, row in rows]
+    prompts = [list(row["prompt_ids"]) for _, row in rows]
     greedy = samplers.generate_many([(prompts, Sampling(1, 0.0, cfg.rollout.max_tokens, seed=0, arm=arm))
                                      for arm, cfg in arms.items()])
     sampled = samplers.generate_many([(prompts, Sampling(cfg.eval.samples, cfg.rollout.temperature,

@@ -55,7 +55,7 @@ def collect(samplers, jobs: list[tuple[ArmRun, list[tuple[int, dict]], int]]) ->
     attempt), every arm's requests in one call to the samplers, and score them with each arm's
     reward: per job, the groups and their metrics."""
     start = time.perf_counter()
-    requests = [([row["prompt_ids"] for _, row in drawn], sampling(
+    requests = [([list(row["prompt_ids"]) for _, row in drawn], sampling(
         arm.cfg, arm.name, tuple(prompt_seed(arm.cfg.run.seed, position, attempt) for position, _ in drawn)))
         for arm, drawn, attempt in jobs]
     sampled_all = samplers.generate_many(requests)

@@ -166,7 +166,7 @@ def rl_loop(cfg: Config, learner, samplers, rewards, arms: list[ArmRun], evals: 
                 checkpoint.set_aside(arm.run_dir)
     for out in ray.get(learner.publish.remote()):  # version `start` (0: the zero adapter): samplers serve it first
         next(arm for arm in arms if arm.name == out.arm).published = {start: out.digest}  # rollouts must match
-    probe_prompts = [row["prompt_ids"] for row in evals["eval"].rows[:4]]
+    probe_prompts = [list(row["prompt_ids"]) for row in evals["eval"].rows[:4]]
     best = {arm.name: BestAdapter(selection_metric(arm.cfg), arm.run_dir, arm.name) for arm in arms}
     chosen_on = selection_metric(cfg)
     print(f"best adapter: chosen on {chosen_on}" + (" (data.eval's own prompts, which also report it: set "
@@ -285,7 +285,8 @@ def training_batch(sampled: dict[str, tuple[list[Group], dict]], cfgs: dict[str,
                 tables[arm].append({"prompt": g.row["prompt"], "completion": c.text, "reward": reward,
                                     "advantage": a if ok else None})
                 if ok:
-                    batch_B.append(Datum(g.row["prompt_ids"], c.tokens, c.logprobs, a, arm, lag=step - 1 - g.version))
+                    batch_B.append(Datum(list(g.row["prompt_ids"]), c.tokens, c.logprobs, a, arm,
+                                         lag=step - 1 - g.version))
                     advantages_B.append(a)
                     tokens_B.append(len(c.tokens))
         metrics[arm] = advantage_metrics(advantages_B, tokens_B)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from array import array
 from dataclasses import dataclass, field
 
 from demo import arithmetic
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Split:
-    """Prompt rows ({"prompt", "answer", "prompt_ids", ...}) and a seeded, resumable epoch order.
+    """Prompt rows ({"prompt", "answer", "prompt_ids", ...}; prompt_ids an array of int32, a
+    list's tenth at a million rows: `list()` it where a list is needed) and a seeded,
+    resumable epoch order.
 
     Each epoch's order depends only on the seed and the epoch, so `state()` (rows handed out
     so far) is the exact position, and `restore(state)` resumes it. Row draws are numbered by
@@ -74,20 +77,19 @@ ARITHMETIC_TRAIN_SIZE = 5000  # distinct generated training problems
 
 def _rows(source: str, role: str, key: str, count: int, cfg: Config, check) -> tuple[list[dict], int]:
     """The train or eval rows: generated, or of a file or datasets folder (count 0: all of
-    it), each passed to check (which tokenizes it), and how many bad rows were skipped.
+    it), passed to check in batches (which tokenizes them), and how many bad rows were skipped.
     key: the config key that named the source, for messages."""
-    from rl.data import DataError, load_rows
+    from rl.data import load_rows
 
     if source == "arithmetic":
         rows = [{"prompt": p["prompt"], "answer": p["answer"]} for p in arithmetic.problems(role, count, cfg.run.seed)]
-        for i, row in enumerate(rows):
-            try:
-                check(row)
-            except DataError as e:  # generated rows are the config's to fit, not the data's
-                raise ConfigError(f"{key}=arithmetic, problem {i}: {e}") from None
+        for i, problem in enumerate(check(rows)):
+            if problem is not None:  # generated rows are the config's to fit, not the data's
+                raise ConfigError(f"{key}=arithmetic, problem {i}: {problem}")
         return rows, 0
     split = cfg.data.train_split if role == "train" else cfg.data.eval_split
-    rows, skipped = load_rows(source, cfg.data.prompt_key, cfg.data.answer_key, split, cfg.data.on_bad_row, check)
+    rows, skipped = load_rows(source, cfg.data.prompt_key, cfg.data.answer_key, split, cfg.data.on_bad_row, check,
+                              limit=count)  # data.eval_size bounds what is read for evaluation
     if skipped:
         log.warning("%s: skipped %d bad rows (data.on_bad_row=skip); first: %s", source, len(skipped), skipped[0])
     return (rows[:count] if count else rows), len(skipped)
@@ -95,13 +97,20 @@ def _rows(source: str, role: str, key: str, count: int, cfg: Config, check) -> t
 
 def tokenize_prompt(tokenizer, cfg: Config, prompt: str) -> list[int]:
     """The template applied, then the tokenizer's chat template around it if data.chat_template."""
-    text = cfg.data.template.format(prompt=prompt)
+    return tokenize_prompts(tokenizer, cfg, [prompt])[0]
+
+
+def tokenize_prompts(tokenizer, cfg: Config, prompts: list[str]) -> list[list[int]]:
+    """`tokenize_prompt` of each, in one call of the tokenizer (its batch path: many times
+    faster than one call per prompt)."""
+    texts = [cfg.data.template.format(prompt=prompt) for prompt in prompts]
     if not cfg.data.chat_template:
-        return tokenizer(text)["input_ids"]
+        return tokenizer(texts)["input_ids"]
     if tokenizer.chat_template is None:
         raise ConfigError("data.chat_template is true but the model's tokenizer has no chat template")
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True)["input_ids"])
+    out = tokenizer.apply_chat_template([[{"role": "user", "content": text}] for text in texts],
+                                        add_generation_prompt=True, tokenize=True)
+    return [list(ids) for ids in (out["input_ids"] if hasattr(out, "keys") else out)]
 
 
 SELECT_SEED = 0  # the selection set is the same sample of data.eval's rows in every run and arm
@@ -129,8 +138,6 @@ def load_splits(cfg: Config, model_path: str) -> tuple[Split, dict[str, Split]]:
     uses; the warning says how many of its prompts are training prompts."""
     from transformers import AutoTokenizer
 
-    from rl.data import DataError
-
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     room = cfg.model.max_model_len - cfg.rollout.max_tokens  # the most prompt tokens (config.py: >= 1)
 
@@ -139,17 +146,23 @@ def load_splits(cfg: Config, model_path: str) -> tuple[Split, dict[str, Split]]:
     specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
                       | set(tokenizer.all_special_tokens), key=len, reverse=True)
 
-    def tokenized(row: dict):
-        forged = next((token for token in specials if token in row["prompt"]), None)
-        if forged:
-            raise DataError(f"the prompt holds {forged!r}, a control token of the model's tokenizer, which would be "
-                            f"read as the token itself (a row could forge a turn of the chat template): "
-                            f"{row['prompt'][:80]!r}")
-        row["prompt_ids"] = tokenize_prompt(tokenizer, cfg, row["prompt"])
-        if len(row["prompt_ids"]) > room:
-            raise DataError(f"the prompt is {len(row['prompt_ids'])} tokens with data.template, more than "
-                            f"model.max_model_len - rollout.max_tokens ({cfg.model.max_model_len} - "
-                            f"{cfg.rollout.max_tokens}) leaves: {row['prompt'][:80]!r}")
+    def tokenized(rows: list[dict]) -> list[str | None]:
+        """Each row's prompt_ids (an int32 array: 4 bytes a token), or what is wrong with it."""
+        problems = []
+        for row, ids in zip(rows, tokenize_prompts(tokenizer, cfg, [row["prompt"] for row in rows])):
+            forged = next((token for token in specials if token in row["prompt"]), None)
+            row["prompt_ids"] = array("i", ids)
+            if forged:
+                problems.append(f"the prompt holds {forged!r}, a control token of the model's tokenizer, which would "
+                                f"be read as the token itself (a row could forge a turn of the chat template): "
+                                f"{row['prompt'][:80]!r}")
+            elif len(ids) > room:
+                problems.append(f"the prompt is {len(ids)} tokens with data.template, more than "
+                                f"model.max_model_len - rollout.max_tokens ({cfg.model.max_model_len} - "
+                                f"{cfg.rollout.max_tokens}) leaves: {row['prompt'][:80]!r}")
+            else:
+                problems.append(None)
+        return problems
 
     train_size = ARITHMETIC_TRAIN_SIZE if cfg.data.train == "arithmetic" else 0
     train, train_skipped = _rows(cfg.data.train, "train", "data.train", train_size, cfg, tokenized)

@@ -264,7 +264,7 @@ class StreamBatches:
                 self.flying[key] = (i, position, row, now)
                 # Seeded by the prompt's position: the same group whichever sampler samples it, again.
                 seeds = (prompt_seed(self.cfg.run.seed, position),)
-                out.append((key, row["prompt_ids"], sampling(self.arm.cfg, self.arm.name, seeds)))
+                out.append((key, list(row["prompt_ids"]), sampling(self.arm.cfg, self.arm.name, seeds)))
             return out
 
     def _arrived(self, i: int, streamed):

@@ -207,9 +207,8 @@ def test_an_empty_prompt_or_gold_answer_is_a_bad_row(tmp_path, bad_line, key):
 
 
 def test_a_row_check_names_file_and_row_and_is_skipped_like_any_bad_row(tmp_path):
-    def short(row):
-        if len(row["prompt"]) > 15:
-            raise DataError(f"too long: {row['prompt']!r}")
+    def short(rows):
+        return [f"too long: {row['prompt']!r}" if len(row["prompt"]) > 15 else None for row in rows]
 
     path = _write_jsonl(tmp_path / "checked.jsonl", [json.dumps(r) for r in ROWS])
     with pytest.raises(DataError, match=r"checked\.jsonl: line 3: too long: 'Natalia sold"):
@@ -350,3 +349,44 @@ def test_a_control_token_in_a_row_is_a_bad_row_not_a_control_token(tmp_path):
     _, (train, _) = _splits(tmp_path, rows, "data.on_bad_row=skip")
     assert pairs(train.rows) == [EXPECTED[0], EXPECTED[2]] and train.skipped == 1
     assert all(0 not in r["prompt_ids"] for r in train.rows)
+
+
+def test_rows_are_read_in_batches_a_bad_row_stops_at_once_and_a_limit_stops_reading(tmp_path, monkeypatch):
+    """Issue 30, item 4: the whole file became Python objects before any row was checked (a
+    million 4 KB prompts: 32 s and 10.6 GB to say that row 0 was too long). Rows are made and
+    checked a batch at a time now: counted here, the rows made before the first bad one is
+    found are one batch at most, and data.eval_size's limit stops reading at that many rows.
+    Token ids are kept as int32 arrays (a list of ints costs ~9x as much)."""
+    import array
+
+    import rl.data
+
+    n = 3 * rl.data.READ_BATCH + 7
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"question": ["Why? " + "very " * 100] + [f"What is {i} + 1?" for i in range(n - 1)],
+                             "solution": [str(i + 1) for i in range(n)]}), path)
+    made = []
+    make_row = rl.data._make_row
+    monkeypatch.setattr(rl.data, "_make_row", lambda *a: made.append(1) or make_row(*a))
+    with pytest.raises(DataError, match=r"big\.parquet: row index 0 \(0-based\): the prompt is \d+ tokens"):
+        _splits_of(tmp_path, str(path))
+    assert len(made) <= rl.data.READ_BATCH
+    made.clear()
+    rows, _ = load_rows(str(path), "question", "solution", limit=5)
+    assert len(rows) == 5 == len(made)
+    made.clear()
+    _, (train, held_out) = _splits_of(tmp_path, str(path), "data.on_bad_row=skip", "data.eval_size=16")
+    assert len(train.rows) == n - 1 and train.skipped == 1 and len(held_out["eval"].rows) == 16
+    assert len(made) == n + 17  # every training row; the eval rows up to 16 good ones (the bad one first)
+    assert all(isinstance(r["prompt_ids"], array.array) and r["prompt_ids"].typecode == "i" for r in train.rows)
+
+
+def _splits_of(tmp_path, path, *overrides):
+    from demo.tiny_model import build_tiny_model
+    from rl.config import load_config
+    from rl.splits import load_splits
+
+    cfg = load_config(None, [f"data.train={path}", f"data.eval={path}", "data.prompt_key=question",
+                             "data.answer_key=solution", "model.max_model_len=64", "rollout.max_tokens=16",
+                             *overrides])
+    return path, load_splits(cfg, build_tiny_model())
