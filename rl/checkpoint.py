@@ -192,9 +192,52 @@ def _verified(path: Path, name: str, entry: dict) -> bytes:
     return data
 
 
-def _check(path: Path, max_step: int | None = None):
-    """Raise CheckpointError unless `path` is a complete checkpoint (of a step <= max_step)
-    whose contents have their schema."""
+@dataclasses.dataclass(frozen=True)
+class Expected:
+    """What a checkpoint must hold beyond its own consistency, from the config and the model:
+    a step within run.steps, and the learner's weights with these names and shapes (as PEFT
+    saves them; None: not known here, the learner checks them as it loads)."""
+
+    max_step: int | None = None
+    weights: dict[str, list[int]] | None = None
+    full: bool = False  # full fine-tuning: the weights are some of the model's own
+
+
+def expected(cfg: Config, model_path: str | None) -> Expected:
+    """Expected of cfg's run, with the weights' names and shapes from the model's local
+    safetensors headers (none for a hub name: its actors fetch it)."""
+    return Expected(cfg.run.steps, learner_weights(cfg, model_weights(model_path)), cfg.lora.rank == 0)
+
+
+def model_weights(model_path: str | None) -> dict[str, list[int]] | None:
+    """name -> shape of a local model folder's safetensors files, from their headers; None when
+    model_path is not such a folder."""
+    folder = Path(model_path) if model_path else None
+    files = sorted(folder.glob("*.safetensors")) if folder and folder.is_dir() else []
+    shapes = {}
+    for file in files:
+        header = _safetensors_header(file, str(file), float32=False)
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes or None
+
+
+def learner_weights(cfg: Config, model: dict[str, list[int]] | None) -> dict[str, list[int]] | None:
+    """The learner's trainable weights for cfg, as PEFT saves them: each target module's
+    lora_A [rank, in] and lora_B [out, rank]; with full fine-tuning the model's own."""
+    if model is None or cfg.lora.rank == 0:
+        return model
+    r, targets, out = cfg.lora.rank, set(cfg.lora.target_modules), {}
+    for name, shape in model.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and len(shape) == 2 and module.rpartition(".")[2] in targets:
+            out[f"base_model.model.{module}.lora_A.weight"] = [r, shape[1]]
+            out[f"base_model.model.{module}.lora_B.weight"] = [shape[0], r]
+    return out
+
+
+def _check(path: Path, expect: Expected = Expected()):
+    """Raise CheckpointError unless `path` is a complete checkpoint whose contents have their
+    schema and what `expect` says."""
     manifest = _manifest(path)
     for name, entry in manifest.items():
         file = path / name
@@ -213,10 +256,10 @@ def _check(path: Path, max_step: int | None = None):
         raise CheckpointError("state.json has no integer step and config")
     if step_of(path) not in (None, state["step"]):
         raise CheckpointError(f"state.json is of step {state['step']}, not of the folder's step {step_of(path)}")
-    if max_step is not None and state["step"] > max_step:
-        raise CheckpointError(f"state.json is of step {state['step']}, beyond run.steps={max_step}: resumed, the run "
-                              "would train nothing")
-    _check_contents(path, manifest, state)
+    if expect.max_step is not None and state["step"] > expect.max_step:
+        raise CheckpointError(f"state.json is of step {state['step']}, beyond run.steps={expect.max_step}: resumed, "
+                              "the run would train nothing")
+    _check_contents(path, manifest, state, expect)
 
 
 # What the learner's arm.json holds: DeepSpeed's step counters are the only engine attributes set.
@@ -229,12 +272,13 @@ SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 
 MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
 
 
-def _check_contents(path: Path, manifest: dict, state: dict):
+def _check_contents(path: Path, manifest: dict, state: dict, expect: Expected):
     """Every value the resume reads from the checkpoint has its schema's type and range, before
     any actor starts (a forged checkpoint needs only a re-hashed manifest): state.json's data
     position and fault counters, the learner's arm.json and RNG states, and the header of each
     safetensors file (valid, within its file, float32 for the learner's state; the tensors'
-    names and shapes against the model are the learner's to check, as it loads them)."""
+    names and shapes against the model's where it is a local folder, else the learner's to
+    check as it loads them)."""
     step = state["step"]
     _int(step, "state.json: step", 0)
     _int(state.get("version", step), "state.json: version", 0)
@@ -266,7 +310,33 @@ def _check_contents(path: Path, manifest: dict, state: dict):
         if re.fullmatch(r"learner/rng-rank\d+\.json", name):
             _check_rng(name, json.loads(_verified(path, name, manifest[name])))
         if name.endswith(".safetensors"):
-            _check_safetensors(path / name, name, float32=name.startswith("learner/"))
+            header = _safetensors_header(path / name, name, float32=name.startswith("learner/"))
+            if name == "learner/arm.safetensors" and expect.weights is not None:
+                _check_weights(name, header, expect)
+
+
+def _check_weights(name: str, header: dict, expect: Expected):
+    """The learner's state against the weights it trains: weight/<name> for each (with full
+    fine-tuning, some of the model's), AdamW's exp_avg/ and exp_avg_sq/ of the same shapes,
+    step/ scalars."""
+    tensors = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    weights = {k.partition("/")[2]: v for k, v in tensors.items() if k.startswith("weight/")}
+    if expect.full:
+        wrong = sorted(n for n, shape in weights.items() if expect.weights.get(n) != shape)
+    else:
+        wrong = sorted(set(weights) ^ set(expect.weights)) or sorted(
+            n for n, shape in weights.items() if expect.weights[n] != shape)
+    if wrong:
+        shown = ", ".join(f"{n} {weights.get(n, '(absent)')} (the model's: {expect.weights.get(n, 'none')})"
+                          for n in wrong[:3])
+        raise CheckpointError(f"{name}: {len(wrong)} weights are not the model's for this config (lora.rank, "
+                              f"lora.target_modules): {shown}")
+    for key, shape in tensors.items():
+        kind, _, weight = key.partition("/")
+        ok = (kind == "weight" or (kind in ("exp_avg", "exp_avg_sq") and shape == weights.get(weight))
+              or (kind == "step" and shape == [] and weight in weights))
+        if not ok:
+            raise CheckpointError(f"{name}: tensor {key!r} {shape} is none of the learner's state")
 
 
 def _int(value, what: str, low: int | None = None, high: int | None = None):
@@ -293,9 +363,9 @@ def _check_rng(name: str, states) -> None:
         raise CheckpointError(f"{name} is not the RNG states the learner writes (python, numpy, torch, cuda)")
 
 
-def _check_safetensors(file: Path, name: str, float32: bool) -> None:
-    """A safetensors file's header: its length within the file and the library's limit, JSON,
-    and each tensor's dtype, shape and byte range consistent and inside the file."""
+def _safetensors_header(file: Path, name: str, float32: bool) -> dict:
+    """A safetensors file's header, checked: its length within the file and the library's
+    limit, JSON, and each tensor's dtype, shape and byte range consistent and inside the file."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -325,13 +395,14 @@ def _check_safetensors(file: Path, name: str, float32: bool) -> None:
         if float32 and entry["dtype"] != "F32":
             raise CheckpointError(f"{name}: tensor {key!r} is {entry['dtype']}; the learner's state is float32 "
                                   "(it would be cast silently)")
+    return header
 
 
-def problem(path: Path, max_step: int | None = None) -> str | None:
-    """Why `path` is not a complete checkpoint (of a step <= max_step), or None if it is.
+def problem(path: Path, expect: Expected = Expected()) -> str | None:
+    """Why `path` is not a complete checkpoint (holding what `expect` says), or None if it is.
     Never raises."""
     try:
-        _check(path, max_step)
+        _check(path, expect)
     except CheckpointError as e:
         return str(e)
     except (OSError, ValueError) as e:  # unreadable files, state.json not JSON
@@ -339,12 +410,12 @@ def problem(path: Path, max_step: int | None = None) -> str | None:
     return None
 
 
-def complete(root: Path, max_step: int | None = None) -> list[Path]:
-    """The complete checkpoints under `root` (of steps <= max_step), oldest first; others are
-    skipped with a warning."""
+def complete(root: Path, expect: Expected = Expected()) -> list[Path]:
+    """The complete checkpoints under `root` (holding what `expect` says), oldest first;
+    others are skipped with a warning."""
     found = []
     for path in step_folders(root):
-        why = problem(path, max_step)
+        why = problem(path, expect)
         if why:
             log.warning("ignoring checkpoint %s: %s", path, why)
         else:
@@ -352,7 +423,7 @@ def complete(root: Path, max_step: int | None = None) -> list[Path]:
     return found
 
 
-def make_run_dir(cfg: Config) -> tuple[Path, Path | None, IO]:
+def make_run_dir(cfg: Config, model_path: str | None = None) -> tuple[Path, Path | None, IO]:
     """The run directory, locked for this process (`lock_run_dir`: keep the returned file
     open while the run lives), and the checkpoint this launch resumes from (run.resume),
     whose config is checked before this launch's config.yaml is written."""
@@ -367,7 +438,7 @@ def make_run_dir(cfg: Config) -> tuple[Path, Path | None, IO]:
         raise ConfigError(f"run.output_dir={cfg.run.output_dir}: cannot write the run directory {run_dir} "
                           f"({e.strerror or e}{': ' + e.filename if e.filename else ''})") from None
     try:
-        resume = resume_point(cfg, run_dir)
+        resume = resume_point(cfg, run_dir, model_path)
         try:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         except OSError as e:
@@ -416,7 +487,8 @@ def lock_run_dir(run_dir: Path) -> IO:
     return f
 
 
-def arm_runs(cfg: Config, run_dir: Path, resume: Path | None) -> tuple[list, dict[str, Path]]:
+def arm_runs(cfg: Config, run_dir: Path, resume: Path | None, model_path: str | None = None
+             ) -> tuple[list, dict[str, Path]]:
     """The run's arms (rl/arms.py) and the checkpoint each resumes from (arm -> path).
 
     Without an arms section: one arm, "", in run_dir, from `resume`. A sweep's arms live in
@@ -440,8 +512,8 @@ def arm_runs(cfg: Config, run_dir: Path, resume: Path | None) -> tuple[list, dic
         if failed.exists():
             arm.error = json.loads(failed.read_text())["error"]
         else:
-            resume_point(arm_cfg, arm.run_dir)  # checks the arm's config against its newest checkpoint
-            found[name] = {step_of(p): p for p in complete(arm.run_dir / "checkpoints", arm_cfg.run.steps)}
+            resume_point(arm_cfg, arm.run_dir, model_path)  # checks the arm's config against its newest checkpoint
+            found[name] = {step_of(p): p for p in complete(arm.run_dir / "checkpoints", expected(arm_cfg, model_path))}
         (arm.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(arm_cfg), sort_keys=False))
         runs.append(arm)
     if not any(found.values()):
@@ -454,8 +526,10 @@ def arm_runs(cfg: Config, run_dir: Path, resume: Path | None) -> tuple[list, dic
     return runs, {name: steps[step] for name, steps in found.items()}
 
 
-def resume_point(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint this launch continues from (run.resume), checked against the config."""
+def resume_point(cfg: Config, run_dir: Path, model_path: str | None = None) -> Path | None:
+    """The checkpoint this launch continues from (run.resume), checked against the config and
+    the model at model_path (`expected`)."""
+    expect = expected(cfg, model_path)
     root = run_dir / "checkpoints"
     if root.is_symlink() and not root.is_dir():  # it would read as "no checkpoint", then refuse the first write
         raise ConfigError(f"{root} is a symbolic link to {os.readlink(root)}, which is not a folder (a storage "
@@ -466,7 +540,7 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
         log.warning("removing %s: a checkpoint whose writing was interrupted", tmp)
         shutil.rmtree(tmp, ignore_errors=True)
     if cfg.run.resume in ("auto", "never"):
-        found = complete(root, cfg.run.steps)
+        found = complete(root, expect)
         if found and cfg.run.resume == "never":
             raise ConfigError(f"run.resume=never but {run_dir} already holds checkpoints ({found[-1].name}); "
                               "choose another run.name, or resume")
@@ -477,7 +551,7 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
             raise ConfigError(f"{newer[-1]}: {why}")
     else:
         path = Path(cfg.run.resume).expanduser().resolve()
-        why = problem(path, cfg.run.steps)
+        why = problem(path, expect)
         if why:
             raise ConfigError(f"run.resume={cfg.run.resume}: not a complete checkpoint: {why}")
     if path is not None:

@@ -51,33 +51,34 @@ from rl.faults import Faults  # noqa: E402
 def main(argv: list[str]) -> Path:
     cfg = parse_args(argv)
     from rl.checkpoint import make_run_dir
+    from rl.fleet import resolve_model
 
+    model_path = resolve_model(cfg)
     try:
         # lock: run_dir is this run's while it lives (a second launch with its run.name is refused)
-        run_dir, resume, lock = make_run_dir(cfg)  # resume: the newest complete checkpoint there (run.resume)
+        run_dir, resume, lock = make_run_dir(cfg, model_path)  # resume: the newest good checkpoint (run.resume)
     except ConfigError as e:  # a changed config, run.resume pointing at no checkpoint, the run dir in use
         raise SystemExit(f"config error: {e}")
     with lock:
-        return launch(cfg, run_dir, resume)
+        return launch(cfg, run_dir, resume, model_path)
 
 
-def launch(cfg: Config, run_dir: Path, resume: Path | None) -> Path:
+def launch(cfg: Config, run_dir: Path, resume: Path | None, model_path: str) -> Path:
     """The run, in its run directory (locked by main), from `resume` or from the start."""
     import ray
 
     from rewards.pool import RewardPool
     from rl import checkpoint, report
     from rl.checkpoint import arm_runs
-    from rl.fleet import Samplers, build_actors, dead_actors, placement, resolve_model, shutdown, write_adapter
+    from rl.fleet import Samplers, build_actors, dead_actors, placement, shutdown, write_adapter
     from rl.splits import load_splits
 
     try:
-        arms, resumes = arm_runs(cfg, run_dir, resume)  # one arm, "", in run_dir without an arms section
+        arms, resumes = arm_runs(cfg, run_dir, resume, model_path)  # one arm, "", in run_dir without arms
     except ConfigError as e:  # an arm's changed config
         raise SystemExit(f"config error: {e}")
     sweep = len(arms) > 1
     print(f"run directory: {run_dir}" + (f" ({len(arms)} arms, each in arms/<name>)" if sweep else ""), flush=True)
-    model_path = resolve_model(cfg)
     splits = {}  # (data, seed) -> (train, held-out sets): arms with the same share rows, each its own position
 
     def splits_of(c: Config):

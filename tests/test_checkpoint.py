@@ -463,3 +463,60 @@ def test_a_checkpoint_of_a_step_beyond_run_steps_is_skipped(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="rl.checkpoint"):
         assert checkpoint.resume_point(cfg, tmp_path / "run") == root / "step-000010"
     assert f"ignoring checkpoint {far}: state.json is of step 1000000000, beyond run.steps=100" in caplog.text
+
+
+def test_the_learner_weights_expected_from_the_model_are_the_ones_peft_makes():
+    """The driver's expectation of a checkpoint's weights (rl/checkpoint.py `learner_weights`,
+    from the model's safetensors headers alone, before any actor) against the names and shapes
+    PEFT gives the learner's trainable weights on the same model (learner/learner.py's
+    LoraConfig; names as PEFT saves them)."""
+    import torch  # noqa: F401  (PEFT's import needs it first)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from demo.tiny_model import build_tiny_model
+
+    path = build_tiny_model()
+    for rank, targets in ((1, None), (4, ["q_proj", "down_proj"])):
+        cfg = load_config(None, [f"lora.rank={rank}"] + ([f"lora.target_modules={targets}"] if targets else []))
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(
+            r=rank, lora_alpha=32, target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+        made = {n.replace(".default.", "."): list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        assert checkpoint.learner_weights(cfg, checkpoint.model_weights(path)) == made
+    # Full fine-tuning (lora.rank 0): every parameter of the model, some of its saved tensors.
+    full = checkpoint.learner_weights(load_config(None, ["lora.rank=0"]), checkpoint.model_weights(path))
+    params = {n: list(p.shape) for n, p in AutoModelForCausalLM.from_pretrained(path).named_parameters()}
+    assert params.items() <= full.items()
+
+
+def safetensors_of(tensors: dict[str, list[int]]) -> bytes:
+    """A float32 safetensors file of zeros with these names and shapes."""
+    import math
+
+    header, offset = {}, 0
+    for name, shape in tensors.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + bytes(offset)
+
+
+def test_a_checkpoint_whose_weights_are_not_the_models_is_skipped_before_any_actor(tmp_path, caplog):
+    """Issue 30, item 5: the weights' names and shapes against the model (its local
+    safetensors headers), before any actor starts: a checkpoint of another rank is skipped
+    like a torn one, and the previous good one resumes."""
+    from demo.tiny_model import build_tiny_model
+
+    model = build_tiny_model()
+    cfg = load_config(None, ["lora.rank=1"])
+    root = tmp_path / "run" / "checkpoints"
+    for step, rank in ((10, 1), (20, 2)):
+        weights = checkpoint.learner_weights(load_config(None, [f"lora.rank={rank}"]), checkpoint.model_weights(model))
+        tensors = {f"{kind}/{n}": shape for n, shape in weights.items() for kind in ("weight", "exp_avg")}
+        checkpoint.write(root, step, {**files(step), MODEL: safetensors_of(tensors)}, state(cfg, step), keep=3)
+    assert checkpoint.resume_point(cfg, tmp_path / "run") == root / "step-000020"  # no model given: not checked
+    with caplog.at_level(logging.WARNING, logger="rl.checkpoint"):
+        assert checkpoint.resume_point(cfg, tmp_path / "run", model) == root / "step-000010"
+    assert ("step-000020: learner/arm.safetensors: 56 weights are not the model's for this config" in caplog.text
+            and "lora_A.weight [2, 512] (the model's: [1, 512])" in caplog.text)  # 4 layers x 7 modules x A, B
