@@ -12,8 +12,8 @@ Folders: one written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (rea
 `datasets.load_from_disk`, the split chosen by `split` for a DatasetDict), or a downloaded
 dataset snapshot whose files for the split are named `<split>.parquet` / `<split>.jsonl`, or
 the split's name and a separator (`-._ ` or a digit) first, anywhere below it
-(`data/train-00000-of-00001.parquet`; `train` does not read `training_notes.jsonl`). Hidden files and folders (`.cache/`,
-`.git/`) are not data; a split found in both formats is read from its parquet files alone
+(`data/train-00000-of-00001.parquet`; `train` does not read `training_notes.jsonl`).
+Hidden files and folders (`.cache/`, `.git/`) are not data; a split found in both formats is read from its parquet files alone
 (`_split_files` says why), with a warning naming the jsonl files left out.
 
 Row numbers in messages: jsonl rows are 1-based *line numbers* (what an editor shows, blank
@@ -54,8 +54,9 @@ def load_rows(path: str, prompt_key: str, answer_key: str, split: str = "train",
     answers non-empty strings, ints or floats (numbers become their `str`, e.g. GSM8K-style
     integer answers). `check(rows)`, called on batches of the rows that pass these, returns for
     each row None or what is wrong with it (a prompt too long for the model): the message gets
-    the file and row, and the row is skipped like any other bad row. Raises DataError for an unknown extension, a missing
-    split, a malformed row (unless on_bad_row is "skip"), a missing column, or no rows at all.
+    the file and row, and the row is skipped like any other bad row. Raises DataError for an
+    unknown extension, a missing split, a malformed row (unless on_bad_row is "skip"), a
+    missing column, or no rows at all.
 
     Sources are read in batches of READ_BATCH records, each checked as it comes: memory holds
     the rows kept and one batch, the first bad row stops the load at once, and with `limit`
