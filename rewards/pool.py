@@ -329,8 +329,8 @@ class RewardPool:
                 raise RuntimeError(f"reward worker cannot load {self.fn!r}:\n{detail}")
             w.ready = True
             return
-        task_id, ok, value = message
-        if not (w.task and w.task[2] == task_id):
+        task_id, ok, value = message if isinstance(message, tuple) and len(message) == 3 else (None, False, None)
+        if not (w.task and w.task[2] == task_id):  # task ids are ints: a malformed message is stray too
             self._strays += 1
             logger.warning("reward fn %s: a stray answer on a worker's pipe (task %r, none such in flight: a process "
                            "it forked answering?); the worker and its process group are replaced", self.fn, task_id)
