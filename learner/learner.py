@@ -28,7 +28,7 @@ from common.records import Datum, Published
 from common.specs import AdapterSpec, LearnerSpec
 from learner.flops import Shape
 from learner.logprobs import micro_batches, output_head, sequence_logprobs
-from learner.loss import STAT_KEYS, denominator, policy_gradient_loss
+from learner.loss import STAT_KEYS, denominator, k3, policy_gradient_loss
 from rollout.channel import AdapterSender, Unacknowledged, encode, version_digest
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -619,7 +619,7 @@ class Learner:
                 totals["entropy_sum"] += (entropy * mask).sum().item()
                 with torch.no_grad():
                     log_ratio = (lp.detach() - old) * mask
-                    kl_B = ((log_ratio.exp() - 1 - log_ratio) * mask).sum(1)
+                    kl_B = (k3(log_ratio) * mask).sum(1)
                     current = torch.tensor([s.lag == 0 for s in chunk])
                     for part, rows in (("current", current), ("stale", ~current)):
                         totals[f"kl_{part}_sum"] += kl_B[rows].sum().item()
@@ -642,7 +642,7 @@ class Learner:
         with torch.no_grad(), arm.model.disable_adapter():
             base, _, _ = sequence_logprobs(arm.model, chunk, arm.spec.temperature, self.spec.logprob_chunk)
         log_rho = (base - lp_B_T) * mask_B_T
-        return ((log_rho.exp() - 1 - log_rho) * mask_B_T).sum().item()
+        return (k3(log_rho) * mask_B_T).sum().item()
 
     def _non_finite(self, values: dict[str, tuple[float, float | None]]) -> dict[str, bool]:
         """Per arm, whether any rank's loss or the (already averaged) gradient is NaN or infinite."""

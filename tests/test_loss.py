@@ -219,3 +219,20 @@ def test_denominators():
     assert denominator("sequence_mean", 64, 900) == 64
     assert denominator("tokens", 64, 900) == 900
     assert denominator("none", 64, 900) == 1
+
+
+def test_the_k3_kl_estimate_is_never_negative_and_accurate_near_on_policy():
+    """exp(x) - 1 - x >= 0, but in float32 exp(x) rounds to 1 for |x| below half an ulp
+    (6e-8) and the sum came out negative (-4.9e-9 on an async job's first, on-policy step).
+    k3 = expm1(x) - x, clamped at 0: never negative, and within float32's rounding of the
+    float64 value: expm1's relative error (a few 2**-24) times |expm1(x)| ~ |x|, so
+    |error| <= 2**-21 |x| (the clamp moves values of at most x**2 / 2 <= that for
+    |x| <= 2**-20, where it can act)."""
+    from learner.loss import k3
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.rand(10_000) * 2e-7 - 1e-7, torch.rand(10_000) * 2e-3 - 1e-3, torch.tensor([0.0, 2.0, -3.0])])
+    assert (torch.exp(x) - 1 - x).min() < 0  # the old formula, on the same values
+    got, ref = k3(x), torch.expm1(x.double()) - x.double()
+    assert (got >= 0).all()
+    assert ((got.double() - ref).abs() <= 2**-21 * x.abs().double() + 1e-12 * ref).all()

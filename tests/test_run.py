@@ -155,7 +155,8 @@ def test_async_job_learns_within_the_staleness_bound(tmp_path):
     assert all(s - 2 <= r["rollout/adapter_version"] <= s - 1 for s, r in enumerate(rows[1:], start=1))
     assert all(r["rollout/staleness_max"] <= 1 and r["rollout/refused_groups"] == 0 for r in rows[1:])
     assert sum(r["rollout/staleness_hist"][1] for r in rows[1:]) > 0  # sampling did run ahead
-    assert all(r["learner/ratio_ess"] > 0.5 and r["learner/mismatch_kl"] >= 0 for r in rows[1:])
+    assert all(r["learner/ratio_ess"] > 0.5 and r["learner/mismatch_kl"] >= 0 for r in rows[1:]), [
+        (r["step"], r["learner/ratio_ess"], r["learner/mismatch_kl"], r["rollout/staleness_hist"]) for r in rows[1:]]
     # The mismatch split by cause: a lag part exactly where some groups were a version behind.
     for part, lag in (("current", 0), ("stale", 1)):
         assert all((f"learner/mismatch_kl_{part}" in r) == (r["rollout/staleness_hist"][lag] > 0) for r in rows[1:])
