@@ -1,6 +1,6 @@
 """Pure advantage and loss functions.
 
-The objective (DESIGN.md) is the importance-corrected policy gradient
+The objective (docs/objective.md) is the importance-corrected policy gradient
 
     maximise  sum_t  (p_learner(t) / p_sampler(t)) * A_t,     A = r - mean(r of its group)
 

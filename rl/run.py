@@ -16,7 +16,7 @@ checkpoint is written (rl/checkpoint.py); launching the same command again resum
 newest one. Metrics go to metrics.jsonl and the enabled loggers (rl/loggers.py); the end of
 the run writes plots and report.md (rl/report.py).
 
-Departures from GRPO, as DESIGN.md says: the advantage is not divided by the group std,
+Departures from GRPO (docs/objective.md): the advantage is not divided by the group std,
 there is no KL penalty and no ratio clipping by default, and the importance ratio uses the
 sampler's own log-probs (not a recomputed "old" policy), which also corrects the
 sampler/learner numeric mismatch and the lag of stale samples.
