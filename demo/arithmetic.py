@@ -9,7 +9,7 @@ there; the final `\\boxed{c}` that the grader requires is given with a probabili
 depends on the template (`BOX_PROB`). The warm-started model thus knows the arithmetic but
 boxes its answer for some question types and not others: its first greedy accuracy is well
 above zero and far from perfect, and RL has a real signal to learn from (format compliance
-and sharpening, as in early real math RL; README.md's "Two commands" shows the curve).
+and sharpening, as in early real math RL; README.md's "What the default job shows" has the curve).
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from rl.metrics import check
+
 COLUMNS = ("prompt", "completion", "reward", "advantage")
 
 
@@ -129,6 +131,7 @@ class Loggers:
             logger.config(config)
 
     def log(self, step: int, metrics: dict):
+        check(metrics)  # every name in rl/metrics.py's registry, with its meaning
         for logger in self.all:
             logger.log(step, metrics)
 

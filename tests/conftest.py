@@ -1,9 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# A metric logged without its line in rl/metrics.py's registry fails the test that logs it
+# (in this process and in the `python rl/run.py` processes the tests start).
+os.environ["RL_STRICT_METRICS"] = "1"
 
 TIERS = ("unit", "integration", "e2e")
 
