@@ -50,7 +50,8 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("learner", "The learner's step: the objective, the importance ratios p_learner / p_sampler over "
                 "the completion tokens, and the cost. docs/objective.md explains the options these "
                 "count.", [
-        ("learner/loss", "The objective's value on the batch (its gradient is the policy gradient)."),
+        ("learner/loss", "The loss minimised: minus the objective on the batch (its gradient is minus the policy "
+                          "gradient)."),
         ("learner/grad_norm", "Global gradient norm before clipping (`learner.grad_clip`)."),
         ("learner/ratio_mean", "Mean importance ratio per token; 1 when the sampler served exactly the "
                                "learner's weights."),
@@ -120,14 +121,15 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str]]]] = [
         ("async/queue_depth", "Async mode: scored batches waiting for the learner."),
     ]),
     ("sync", "The adapter channel: the learner's new weights to every sampler.", [
-        ("sync/bytes", "Bytes of the version sent (one message; full fine-tuning: every chunk)."),
+        ("sync/bytes", "Bytes the learner sent in this publish: in a sweep every arm's adapter (each arm logs the "
+                        "total); full fine-tuning: every chunk of the version."),
         ("sync/latency_ms", "Milliseconds from \"the learner has new weights\" to \"every sampler serves "
                             "them\" (acknowledged after loading)."),
         ("sync/load_ms", "Milliseconds the samplers took to load the version (the slowest)."),
         ("sync/chunks", "Full fine-tuning: messages per version (`sync.chunk_mb`)."),
         ("sync/version", "The adapter version published."),
         ("sync/refused_messages", "Messages the samplers refused so far (MAC, incarnation, stale, malformed, "
-                                  "oversize, load), summed over samplers."),
+                                  "oversize; not valid versions that failed to load), summed over samplers."),
         ("sync/refused_connections", "Connections refused at the CURVE handshake or dropped unauthenticated "
                                      "so far, summed over samplers."),
         ("sync/probe_gap_mean", "When the log-prob probe ran: mean |sampler - learner| log-prob gap, nats."),
