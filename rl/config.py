@@ -185,7 +185,7 @@ class LearnerConfig:
     world_size: int = doc(1, "Data-parallel learner ranks (one DeepSpeed group); the batch is split across them.", ge=1)
     resources: dict[str, float] = doc({}, "Custom Ray resources per learner rank, to place them.", free=True, ge=0)
     cpu_cores: str = doc("", 'CPU ids the learner is pinned to, e.g. "1" or "4-7", one torch thread each; "" = every '
-                             "core it may use (split with the samplers in async mode).", free=True)
+                             "core it may use (split with the samplers in async and stream mode on CPUs).", free=True)
     kl_base_every: int = doc(0, "Every N steps, the KL of the policy to the base model (learner/kl_base), from one "
                                 "more forward pass of the batch with the adapter disabled; 0: never. LoRA only.",
                              free=True, ge=0)
