@@ -75,7 +75,7 @@ class FakeLearner:
         for arm in dict.fromkeys([d.arm for d in batch] + list(arms or ())):
             bad = arm == self.nan_arm and self.version in self.nan_steps
             out[arm] = {"learner/loss": math.nan if bad else 0.1, "learner/grad_norm": math.nan if bad else 1.0,
-                        "learner/skipped": int(bad), "time/learn": 0.0, "batch": sum(d.arm == arm for d in batch)}
+                        "learner/skipped": int(bad), "time/learn": 0.0}
         return out
 
     def state_files(self, arm=""):
