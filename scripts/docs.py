@@ -14,6 +14,7 @@ and `<!-- END GENERATED: NAME -->`; only the blocks are rewritten:
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 import typing
@@ -34,7 +35,9 @@ def cell(text: str) -> str:
 def type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return " \\| ".join(map(str, typing.get_args(tp)))
-    return cell(getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp).replace("typing.", ""))
+    name = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+    name = re.sub(r"tuple\[(.*), \.\.\.\]", r"list[\1]", name)  # YAML lists
+    return cell(name.replace("None", "null"))
 
 
 def default_text(value) -> str:
@@ -42,6 +45,8 @@ def default_text(value) -> str:
         value = list(value)
     if isinstance(value, str):
         return f'`"{value}"`'.replace("\n", "\\n")
+    if isinstance(value, (list, dict)):
+        return "`" + cell(json.dumps(value)) + "`"
     return "`" + cell({None: "null", True: "true", False: "false"}.get(value, value)
                       if isinstance(value, (bool, type(None))) else value) + "`"
 
