@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -227,10 +228,13 @@ class Hosts:
     def alive_nodes(self) -> int:
         """How many nodes the head's GCS counts alive (asked from the head's namespace)."""
         out = self.exec("head", [str(PYTHON), "-c", "import ray; ray.init(address='auto', logging_level='ERROR'); "
-                                 "print(sum(n['Alive'] for n in ray.nodes()))"],
+                                 "print('alive nodes:', sum(n['Alive'] for n in ray.nodes()))"],
                         capture_output=True, text=True, timeout=120,
                         env={**self.env(), "RAY_ADDRESS": f"{self.ip['head']}:{GCS_PORT}"})
-        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+        # Ray's daemons may print their own lines into the same stream (a raylet's memory monitor
+        # warning, say), before or after ours.
+        counts = re.findall(r"^alive nodes: (\d+)$", out.stdout, re.M)
+        return int(counts[-1]) if out.returncode == 0 and counts else 0
 
     def submit(self, args: list[str], **kw) -> subprocess.Popen:
         """`ray job submit --working-dir <repo> -- args` from the head's namespace (it waits for the job)."""
