@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench docs clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/sync.py
+
+# The generated parts of docs/ (configuration, metrics, recipes); tests/test_docs.py checks them.
+docs: $(STAMP)
+	$(PY) scripts/docs.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -41,14 +41,8 @@ def type_name(tp) -> str:
 
 
 def default_text(value) -> str:
-    if isinstance(value, tuple):
-        value = list(value)
-    if isinstance(value, str):
-        return f'`"{value}"`'.replace("\n", "\\n")
-    if isinstance(value, (list, dict)):
-        return "`" + cell(json.dumps(value)) + "`"
-    return "`" + cell({None: "null", True: "true", False: "false"}.get(value, value)
-                      if isinstance(value, (bool, type(None))) else value) + "`"
+    """A default as YAML reads it (JSON is YAML): null, true, "text", [..], {..}."""
+    return "`" + cell(json.dumps(list(value) if isinstance(value, tuple) else value)) + "`"
 
 
 def config_block() -> str:
