@@ -20,7 +20,7 @@ class Faults:
     skipped_in_row: int = 0
     resumes: int = 0
     sampler_restarts: int = 0
-    samplers_lost: int = 0  # dropped with their node (rl/fleet.py Samplers); a resume places them again
+    samplers_lost: int = 0  # dropped with their node (rl/samplers.py); a resume places them again
     resampled_groups: int = 0
 
     def learner_step(self, skipped: bool):

@@ -70,7 +70,8 @@ def launch(cfg: Config, run_dir: Path, resume: Path | None, model_path: str) -> 
     from rewards.pool import RewardPool
     from rl import checkpoint, report
     from rl.checkpoint import arm_runs
-    from rl.fleet import Samplers, build_actors, dead_actors, placement, shutdown, write_adapter
+    from rl.fleet import build_actors, dead_actors, placement, shutdown, write_adapter
+    from rl.samplers import Samplers
     from rl.splits import load_splits
 
     try:

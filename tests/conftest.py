@@ -19,3 +19,14 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if not any(item.get_closest_marker(tier) for tier in TIERS):
             item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(scope="module")
+def local_ray(request):
+    """A local Ray instance for the module's tests, with the module's RAY_CPUS CPUs (2 unless
+    it says), shut down after them."""
+    import ray
+
+    ray.init(num_cpus=getattr(request.module, "RAY_CPUS", 2), include_dashboard=False)
+    yield
+    ray.shutdown()

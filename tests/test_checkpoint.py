@@ -312,7 +312,7 @@ def test_a_relaunch_without_a_checkpoint_logs_each_step_once(tmp_path):
 
     from rl.arms import ArmRun
     from rl.faults import Faults
-    from rl.fleet import Samplers
+    from rl.samplers import Samplers
     from rl.run import rl_loop
     from rl.splits import Split
     from tests.fakes import FakeLearner, FakeRewards, FakeSampler

@@ -13,8 +13,8 @@ import ray
 from rl.arms import ArmRun
 from rl.config import load_config
 from rl.faults import Faults
-from rl.fleet import Samplers
 from rl.run import rl_loop
+from rl.samplers import Samplers
 from rl.splits import Split
 from tests.fakes import FakeLearner, FakeRewards, FakeSampler
 
@@ -36,13 +36,6 @@ class StopAfter:
 
 class NoSignal:
     signal = None
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def setup(nan_steps=(), steps=10, mode="sync"):

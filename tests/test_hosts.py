@@ -243,18 +243,12 @@ class RecordingLearner(FakeLearner):
         return self.disconnected
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+RAY_CPUS = 4  # the local_ray fixture's (tests/conftest.py)
 
 
 def node_lost(monkeypatch, index: int):
     """Ray declares sampler `index`'s node dead (the real declaration: the namespace test above)."""
-    from rl.fleet import Samplers
+    from rl.samplers import Samplers
 
     monkeypatch.setattr(Samplers, "node_gone", lambda self, i: i == index)
     monkeypatch.setattr(Samplers, "POLL_S", 0.05)
@@ -270,7 +264,8 @@ def test_a_sampler_lost_with_its_node_is_dropped_and_its_share_sampled_on_the_ot
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
     from common.records import Sampling
-    from rl.fleet import Samplers, _in_bundle
+    from rl.fleet import _in_bundle
+    from rl.samplers import Samplers
 
     held = [placement_group([{"CPU": 0.1}]) for _ in range(3)]
     ray.get([g.ready() for g in held], timeout=60)
@@ -307,7 +302,7 @@ def test_the_last_sampler_of_an_arm_is_not_dropped(local_ray, monkeypatch):
     import ray
 
     from common.records import Sampling
-    from rl.fleet import Samplers
+    from rl.samplers import Samplers
 
     actors = [ray.remote(HostSampler).remote(0)]
     samplers = Samplers(actors, ray.remote(RecordingLearner).remote(actors))
@@ -328,7 +323,7 @@ def test_async_and_stream_rollouts_go_on_without_a_lost_sampler(local_ray, monke
 
     from rl.arms import ArmRun
     from rl.config import load_config
-    from rl.fleet import Samplers
+    from rl.samplers import Samplers
     from rl.rollouts import AsyncBatches
     from rl.splits import Split
     from rl.stream import StreamBatches

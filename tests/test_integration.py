@@ -93,7 +93,7 @@ def test_every_prompt_of_a_step_draws_its_own_completions(stack):
     choices), while with one shared seed every group is the same, token for token. The same
     run.seed draws the same again: what exact resume relies on."""
     from rl.arms import ArmRun
-    from rl.fleet import Samplers
+    from rl.samplers import Samplers
     from rl.rollouts import Source
     from rl.splits import Split
     from tests.fakes import FakeRewards

@@ -15,8 +15,8 @@ import ray
 
 from rl.config import load_config
 from rl.evaluate import evaluate, pass_at_k
-from rl.fleet import Samplers
 from rl.loggers import Loggers
+from rl.samplers import Samplers
 from rl.splits import Split
 from tests.fakes import FakeSampler
 
@@ -45,13 +45,6 @@ class ScriptedRewards:
     def score(self, items):
         assert len(items) == len(self.scores)
         return list(self.scores), {}
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_evaluate_reports_accuracy_pass_at_k_and_mean_at_n_per_set(local_ray):

@@ -16,7 +16,7 @@ import ray
 
 from rl.arms import ArmRun
 from rl.config import load_config
-from rl.fleet import Samplers
+from rl.samplers import Samplers
 from rl.splits import Split
 from rl.stream import StreamBatches
 from tests.fakes import FakeLearner, FakeRewards, FakeStreamSampler, FlatRewards
@@ -24,13 +24,7 @@ from tests.fakes import FakeLearner, FakeRewards, FakeStreamSampler, FlatRewards
 pytestmark = pytest.mark.integration
 
 PER_STEP = 4
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+RAY_CPUS = 4  # the local_ray fixture's (tests/conftest.py)
 
 
 def drive(samplers, max_staleness=1, steps=12, rewards=None, rows=None, extra=(), seed=0, on_step=None, learner=None):

@@ -15,8 +15,8 @@ import ray
 from common.records import Group
 from rl.arms import ArmRun
 from rl.config import load_config
-from rl.fleet import Samplers
 from rl.rollouts import AsyncBatches, Batches, Window, keep_in_window
+from rl.samplers import Samplers
 from rl.splits import Split
 from tests.fakes import FakeRewards, FakeSampler
 
@@ -59,13 +59,6 @@ def test_the_record_of_published_versions_stays_small():
 def test_sync_window_keeps_only_the_newest():
     kept, refused = keep_in_window(groups([5, 4], ["d5", "d4"]), PUBLISHED, newest=5, max_staleness=0)
     assert [g.version for g in kept] == [5] and len(refused) == 1
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def drive(mode, max_staleness, steps=12, on_stale="drop", digest_prefix="d", lag=None):
