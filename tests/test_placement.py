@@ -6,7 +6,8 @@ import pytest
 import ray
 
 from rl.config import ConfigError, load_config
-from rl.fleet import _own_group, actor_cores, bundles, place, place_actors, split_cores
+from rl.fleet import actor_cores, bundles, place, place_actors, split_cores
+from rl.samplers import _own_group
 
 pytestmark = pytest.mark.integration
 
