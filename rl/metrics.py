@@ -160,8 +160,7 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str]]]] = [
 ]
 
 METRICS: dict[str, str] = {name: meaning for _, _, rows in SECTIONS for name, meaning in rows}
-_FAMILIES = [re.compile(re.sub(r"<[a-z_]+>", "[^/]+", re.escape(name).replace(r"\<", "<").replace(r"\>", ">")) + "$")
-             for name in METRICS if "<" in name]
+_FAMILIES = [re.compile(re.sub(r"<[a-z_]+>", "[^/]+", re.escape(name)) + "$") for name in METRICS if "<" in name]
 
 
 def known(name: str) -> bool:

@@ -71,25 +71,17 @@ def metrics_block() -> str:
     return "\n".join(lines[1:])
 
 
-def gpu_recipes() -> list[Path]:
-    """The configs that name GPUs, in name order."""
-    out = []
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        cfg = load_config(path)
-        if cfg.rollout.num_gpus or cfg.learner.num_gpus:
-            out.append(path)
-    return out
-
-
 def recipes_block() -> str:
     lines = []
-    for path in gpu_recipes():
+    configs = ((path, load_config(path)) for path in sorted((ROOT / "configs").glob("*.yaml")))
+    for path, cfg in configs:
+        if not (cfg.rollout.num_gpus or cfg.learner.num_gpus):  # a GPU recipe names GPUs
+            continue
         header = []
         for line in path.read_text().splitlines():
             if not line.startswith("#"):
                 break
             header.append(line[2:] if line.startswith("# ") else line[1:])
-        cfg = load_config(path)
         r, learner = cfg.rollout, cfg.learner
         gpus = r.num_samplers * r.num_gpus + learner.world_size * learner.num_gpus
         lines += ["", f"### {path.relative_to(ROOT)}", "",

@@ -37,27 +37,49 @@ def anchors(page: Path) -> set[str]:
     return out
 
 
-def test_the_slug_rule_matches_githubs():
-    page = ROOT / "docs" / "operations.md"
-    assert {"resuming", "what-listens-where", "separate-hosts-tested", "the-security-model"} <= anchors(page)
+def broken_links(page: Path) -> list[str]:
+    """The page's relative links whose file, or whose #anchor in that file, does not exist."""
+    broken = []
+    for target in re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", prose(page.read_text())):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        where = (page.parent / path).resolve() if path else page
+        if not where.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and (where.suffix != ".md" or anchor not in anchors(where)):
+            broken.append(f"{target}: no heading #{anchor} in {where.name}")
+    return broken
+
+
+def undocumented(cls, prefix: str = "") -> list[str]:
+    """The dotted keys of a config tree whose field has no doc line."""
+    missing, hints = [], typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            missing += undocumented(hints[f.name], prefix + f.name + ".")
+        if not f.metadata.get("doc", "").strip():
+            missing.append(prefix + f.name)
+    return missing
+
+
+def test_the_slug_rule_matches_githubs(tmp_path):
+    page = tmp_path / "a.md"
+    page.write_text("# Top\n\n## Full fine-tuning (`lora.rank: 0`)\n\n```\n# not a heading\n```\n\n## Top\n\n"
+                    "### What's `learner/*`?\n")
+    assert anchors(page) == {"top", "full-fine-tuning-lorarank-0", "top-1", "whats-learner"}
 
 
 def test_generated_pages_are_current():
-    assert not docs.stale(), (f"stale: {sorted(docs.stale())}; run python scripts/docs.py")
+    stale = docs.stale()
+    assert not stale, f"stale: {sorted(stale)}; run python scripts/docs.py"
 
 
 def test_every_config_field_has_a_doc_line():
-    def fields(cls, prefix=""):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                yield from fields(hints[f.name], prefix + f.name + ".")
-            yield prefix + f.name, f.metadata.get("doc", "")
-
-    missing = [key for key, text in fields(Config) if not text.strip()]
-    assert not missing, f"config fields without a doc line (rl/config.py doc(...)): {missing}"
+    assert not undocumented(Config), f"config fields without a doc line (rl/config.py doc(...)): {undocumented(Config)}"
     page = (ROOT / "docs" / "configuration.md").read_text()
-    assert all(f"`{key}`" in page for key, _ in fields(Config) if "." in key)
+    keys = [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default)]
+    assert all(f"`{key}`" in page for key in keys)
 
 
 def test_a_field_without_a_doc_line_is_caught():
@@ -66,28 +88,22 @@ def test_a_field_without_a_doc_line_is_caught():
         documented: int = dataclasses.field(default=1, metadata={"doc": "A key."})
         bare: int = 2
 
-    assert [f.name for f in dataclasses.fields(Section) if not f.metadata.get("doc")] == ["bare"]
+    @dataclasses.dataclass(frozen=True)
+    class Tree:
+        section: Section = dataclasses.field(default=Section(), metadata={"doc": "A section."})
+
+    assert undocumented(Tree) == ["section.bare"]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_links_and_anchors_resolve(page):
-    broken = []
-    for target in re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", prose(page.read_text())):
-        if re.match(r"[a-z]+:", target):  # https:, mailto:
-            continue
-        path, _, anchor = target.partition("#")
-        where = (page.parent / path).resolve() if path else page
-        if not where.exists():
-            broken.append(f"{target}: no {where.relative_to(ROOT) if ROOT in where.parents else where}")
-        elif anchor and (where.suffix != ".md" or anchor not in anchors(where)):
-            broken.append(f"{target}: no heading #{anchor} in {where.relative_to(ROOT)}")
+    broken = broken_links(page)
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
 
 
 def test_the_link_check_can_fail(tmp_path):
-    (tmp_path / "a.md").write_text("# Top\n\n[ok](#top) [bad](#nowhere) [gone](b.md)\n")
-    found = re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", prose((tmp_path / "a.md").read_text()))
-    assert found == ["#top", "#nowhere", "b.md"] and anchors(tmp_path / "a.md") == {"top"}
+    (tmp_path / "a.md").write_text("# Top\n\n[ok](#top) [bad](#nowhere) [gone](b.md) `[code](c.md)`\n")
+    assert broken_links(tmp_path / "a.md") == ["#nowhere: no heading #nowhere in a.md", "b.md: no such file"]
 
 
 METRIC = re.compile(r"`((?:reward|eval|learner|advantage|rollout|async|sync|time|fault|data)/[A-Za-z0-9_@<>/*-]+)`")
@@ -104,7 +120,7 @@ def test_metrics_named_in_the_docs_exist(page):
         if "*" in name:
             ok = any(m.startswith(name.split("*")[0]) for m in metrics.METRICS)
         else:
-            ok = metrics.known(name) or name in metrics.METRICS
+            ok = metrics.known(name)
         if not ok:
             unknown.append(name)
     assert not unknown, f"{page.relative_to(ROOT)} names metrics that rl/metrics.py does not: {unknown}"
@@ -137,10 +153,10 @@ def test_documents_the_code_cites_exist():
     """A docstring or comment that points to a document points to one in the repository."""
     cited = re.compile(r"(?<![\w/.-])((?:docs|docker)/[\w.-]+\.md|[A-Z][A-Z_]+\.md)")
     missing = []
-    for path in ROOT.glob("**/*"):
+    folders = ("benchmarks", "common", "configs", "demo", "docker", "learner", "rewards", "rl", "rollout", "scripts", "tests")
+    files = [ROOT / "Makefile", ROOT / "pyproject.toml", *(p for d in folders for p in (ROOT / d).rglob("*"))]
+    for path in files:
         if path.suffix not in (".py", ".yaml", ".toml") and path.name not in ("Makefile", "Dockerfile"):
-            continue
-        if {".venv", "runs", ".git"} & set(path.relative_to(ROOT).parts) or "egg-info" in str(path):
             continue
         for name in cited.findall(path.read_text()):
             if not (ROOT / name).exists():
